@@ -1,0 +1,3 @@
+"""callbridge: a Twilio phone number to Deepgram Voice Agent bridge."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,238 @@
+"""Runs one phone call: the Twilio pump, the agent pump and the core ``Call`` between them.
+
+All decisions are the core's. This module only moves frames: it parses what arrives, feeds
+the core, and performs the returned actions synchronously and in order. Sends go through one
+bounded queue per socket, drained by one writer task each, so the order the core chose is
+the order on the wire even when events from both sockets interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from app.agent.client import run_session
+from app.core.actions import (
+    Action,
+    BindLogContext,
+    ClearTwilio,
+    ConnectAgent,
+    EndCall,
+    Log,
+    SendToAgent,
+    SendToTwilio,
+)
+from app.core.call import Call, CallOptions
+from app.core.events import BridgeStopping, Event, Tick, TwilioClosed, TwilioInvalid, TwilioStart
+from app.observability.logging import get_logger
+from app.twilio import messages as twilio_msg
+from app.twilio.stream_token import TOKEN_PARAMETER, StreamTokens
+
+TWILIO_QUEUE_LIMIT = 4000  # messages; agent audio arrives faster than real time in bursts
+AGENT_QUEUE_LIMIT = 1500  # 30 s of 20 ms caller frames, more than the pre-buffer flush
+START_TIMEOUT = 10.0
+TICK_SECONDS = 0.5
+POLICY_VIOLATION = 1008
+MEDIA_PREFIX = '{"event":"media"'
+
+
+class QueueOverflow(Exception):
+    pass
+
+
+class CallSession:
+    def __init__(
+        self,
+        ws: WebSocket,
+        options: CallOptions,
+        tokens: StreamTokens,
+        agent_url: str,
+        agent_api_key: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ws = ws
+        self.options = options
+        self.tokens = tokens
+        self.agent_url = agent_url
+        self.agent_api_key = agent_api_key
+        self.clock = clock
+        self.log: Any = get_logger()
+        self.call = Call(options, now=clock())
+        self.twilio_out: asyncio.Queue[str] = asyncio.Queue(TWILIO_QUEUE_LIMIT)
+        self.agent_out: asyncio.Queue[bytes | str] = asyncio.Queue(AGENT_QUEUE_LIMIT)
+        self.agent_ws: ClientConnection | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.done = asyncio.Event()
+        self.end: EndCall | None = None
+        self._event_at = 0.0
+        self._clear_text: str | None = None
+        self._clear_requested_at = 0.0
+        self.clear_latencies_ms: list[float] = []
+        self.twilio_dropped_on_clear = 0
+
+    # --- feeding the core and performing its actions ---------------------------------------
+
+    def feed(self, event: Event) -> None:
+        self._event_at = now = self.clock()
+        try:
+            self.perform(self.call.handle(event, now))
+        except QueueOverflow as exc:
+            self.log.error("send_queue_overflow", queue=str(exc))
+            self.feed(BridgeStopping(f"{exc} send queue overflow: peer not reading"))
+
+    def perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is SendToAgent:
+                self._put(self.agent_out, action.data, "agent")  # type: ignore[union-attr]
+            elif kind is SendToTwilio:
+                self._put(self.twilio_out, action.text, "twilio")  # type: ignore[union-attr]
+            elif kind is ClearTwilio:
+                self._clear(action.text)  # type: ignore[union-attr]
+            elif kind is Log:
+                getattr(self.log, action.level)(action.event, **action.fields)  # type: ignore[union-attr]
+            elif kind is BindLogContext:
+                self.log = self.log.bind(**action.fields)  # type: ignore[union-attr]
+            elif kind is ConnectAgent:
+                self._spawn(run_session(self.agent_url, self.agent_api_key, self.feed, self._agent_opened))
+            elif kind is EndCall:
+                self.end = action  # type: ignore[assignment]
+                self.done.set()
+
+    @staticmethod
+    def _put(queue: asyncio.Queue[Any], item: Any, name: str) -> None:
+        try:
+            queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise QueueOverflow(name) from None
+
+    def _clear(self, text: str) -> None:
+        """Barge-in: drop media still queued here, then make ``clear`` the next frame out."""
+        kept: list[str] = []
+        while not self.twilio_out.empty():
+            item = self.twilio_out.get_nowait()
+            if item.startswith(MEDIA_PREFIX):
+                self.twilio_dropped_on_clear += 1
+            elif not item.startswith('{"event":"mark"'):
+                kept.append(item)
+        self.twilio_out.put_nowait(text)
+        for item in kept:
+            self.twilio_out.put_nowait(item)
+        self._clear_text = text
+        self._clear_requested_at = self._event_at
+
+    def _spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.create_task(coro))
+
+    def _agent_opened(self, ws: ClientConnection) -> None:
+        self.agent_ws = ws
+        self._spawn(self._agent_writer(ws))
+
+    # --- tasks -----------------------------------------------------------------------------
+
+    async def _twilio_reader(self) -> None:
+        parse = twilio_msg.parse
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self.feed(TwilioClosed(message.get("code")))
+                return
+            text = message.get("text")
+            if text is None:
+                self.feed(TwilioInvalid("binary_frame", f"{len(message.get('bytes') or b'')} bytes"))
+            else:
+                self.feed(parse(text))
+
+    async def _twilio_writer(self) -> None:
+        queue = self.twilio_out
+        try:
+            while True:
+                text = await queue.get()
+                await self.ws.send_text(text)
+                if text is self._clear_text:
+                    self._clear_text = None
+                    latency_ms = (self.clock() - self._clear_requested_at) * 1000
+                    self.clear_latencies_ms.append(latency_ms)
+                    self.log.info("barge_in_clear_sent", latency_ms=round(latency_ms, 3))
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.feed(TwilioClosed(None))
+
+    async def _agent_writer(self, ws: ClientConnection) -> None:
+        queue = self.agent_out
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.send(await queue.get())
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.feed(Tick())
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _await_start(self) -> TwilioStart | None:
+        """Read frames up to ``start``; earlier media is fed to the core, which buffers it."""
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            text = message.get("text")
+            event = twilio_msg.parse(text) if text is not None else TwilioInvalid("binary_frame")
+            if isinstance(event, TwilioStart):
+                return event
+            if isinstance(event, TwilioInvalid) and event.kind == "bad_start":
+                self.log.warning("twilio_start_rejected", detail=event.detail)
+                return None
+            self.feed(event)
+
+    async def run(self) -> None:
+        try:
+            start = await asyncio.wait_for(self._await_start(), START_TIMEOUT)
+        except (TimeoutError, WebSocketDisconnect):
+            start = None
+        if start is None:
+            self.log.warning("twilio_stream_without_start")
+            await self._close_twilio(POLICY_VIOLATION)
+            return
+        self.log = self.log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        problem = self.tokens.redeem(start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid)
+        if problem is not None:
+            self.log.warning("stream_token_rejected", reason=problem)
+            await self._close_twilio(POLICY_VIOLATION)
+            return
+        self.feed(start)
+        self._spawn(self._twilio_writer())
+        self._spawn(self._twilio_reader())
+        self._spawn(self._ticker())
+        try:
+            await self.done.wait()
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self.end is None:  # cancelled from outside (server shutdown)
+            self.feed(BridgeStopping("bridge shutting down", "bridge_shutdown"))
+        if self.agent_ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.agent_ws.close(), 1.0)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self._close_twilio(1000)
+        summary = self.call.summary(self.clock())
+        if self.clear_latencies_ms:
+            summary["clear_latency_ms_max"] = round(max(self.clear_latencies_ms), 3)
+        summary["twilio_media_dropped_on_clear"] = self.twilio_dropped_on_clear
+        self.log.info("call_ended", **summary)
+
+    async def _close_twilio(self, code: int) -> None:
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code)

@@ -1,0 +1,263 @@
+"""Service configuration (environment) and agent profiles (JSON or YAML files).
+
+Everything is checked at start-up: a bad value stops the service with a message that names
+the variable or the profile field, instead of failing the first phone call.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
+from app.core.call import CallOptions
+
+DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
+DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
+# Used only when no Twilio auth token is configured AND the local agent runs (no Deepgram key):
+# lets `callbridge simulate-call` sign its webhook request on a machine with no secrets at all.
+OFFLINE_TWILIO_AUTH_TOKEN = "callbridge-offline-development-token"
+PROMPT_LIMIT = 25_000
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    deepgram_api_key: SecretStr | None = None
+    agent_url: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_validate_signature: bool = True
+    public_url: str | None = None
+    agent_profile: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_transcripts: bool = False
+    stream_token_secret: SecretStr | None = None
+    stream_token_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
+    require_deepgram: bool = False
+    local_agent_port: int = Field(default=0, ge=0, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("agent_url")
+    @classmethod
+    def _ws_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL, e.g. https://bridge.example.com")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        return value.rstrip("/")
+
+    @field_validator("stream_token_secret")
+    @classmethod
+    def _secret_len(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+
+# --- agent profile -------------------------------------------------------------------------
+
+
+class AudioFormatModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    encoding: str = "mulaw"
+    sample_rate: int = Field(default=8000, ge=8000, le=48000)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in SUPPORTED_ENCODINGS:
+            raise ValueError(f"must be one of {', '.join(SUPPORTED_ENCODINGS)}")
+        return value
+
+    def to_format(self) -> AudioFormat:
+        return AudioFormat(self.encoding, self.sample_rate)  # type: ignore[arg-type]
+
+
+class AgentAudioModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: AudioFormatModel = AudioFormatModel()
+    output: AudioFormatModel = AudioFormatModel()
+
+
+class BridgeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent_audio: AgentAudioModel = AgentAudioModel()
+    tags: list[str] = []
+    keepalive_after_seconds: float = Field(default=5.0, gt=0, le=8)
+    agent_ready_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    max_prebuffer_seconds: float = Field(default=10.0, gt=0, le=60)
+
+
+class AgentBlock(BaseModel):
+    """The parts of Deepgram's ``agent`` object the bridge relies on; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    language: str | None = None
+    listen: dict[str, Any]
+    think: dict[str, Any] | list[dict[str, Any]]
+    speak: dict[str, Any] | list[dict[str, Any]]
+    greeting: str | None = None
+
+
+class AgentProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent: AgentBlock | str
+    bridge: BridgeOptions = BridgeOptions()
+
+    def agent_payload(self) -> dict[str, Any] | str:
+        if isinstance(self.agent, str):
+            return self.agent
+        return self.agent.model_dump(exclude_none=True)
+
+    def prompt_length(self) -> int:
+        if isinstance(self.agent, str):
+            return 0
+        thinks = self.agent.think if isinstance(self.agent.think, list) else [self.agent.think]
+        return max((len(str(t.get("prompt", ""))) for t in thinks), default=0)
+
+
+def load_profile(path: Path) -> AgentProfile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"AGENT_PROFILE: cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"AGENT_PROFILE: {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from exc
+    try:
+        profile = AgentProfile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"AGENT_PROFILE {path}: {_describe(exc)}") from exc
+    if profile.prompt_length() > PROMPT_LIMIT:
+        raise ConfigError(f"AGENT_PROFILE {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
+    return profile
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors())
+
+
+# --- the resolved configuration the service runs with -----------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    settings: Settings
+    profile: AgentProfile
+    use_local_agent: bool
+    agent_url: str | None  # None until the local agent has a port
+    twilio_auth_token: str | None
+    stream_token_secret: bytes
+    warnings: tuple[str, ...]
+
+    @property
+    def deepgram_api_key(self) -> str | None:
+        key = self.settings.deepgram_api_key
+        return key.get_secret_value() if key else None
+
+    def secrets(self) -> list[str]:
+        values = [self.deepgram_api_key, self.twilio_auth_token, self.stream_token_secret.decode()]
+        return [v for v in values if v]
+
+    def call_options(self) -> CallOptions:
+        bridge = self.profile.bridge
+        return CallOptions(
+            agent=self.profile.agent_payload(),
+            agent_input=bridge.agent_audio.input.to_format(),
+            agent_output=bridge.agent_audio.output.to_format(),
+            tags=tuple(bridge.tags),
+            keepalive_after=bridge.keepalive_after_seconds,
+            agent_ready_timeout=bridge.agent_ready_timeout_seconds,
+            max_prebuffer_seconds=bridge.max_prebuffer_seconds,
+            log_transcripts=self.settings.log_transcripts,
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError("invalid environment: " + _describe_env(exc)) from exc
+
+
+def _describe_env(exc: ValidationError) -> str:
+    return "; ".join(f"{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors())
+
+
+def resolve(settings: Settings) -> RuntimeConfig:
+    warnings: list[str] = []
+    key = settings.deepgram_api_key.get_secret_value() if settings.deepgram_api_key else ""
+    use_local = not key and not settings.agent_url
+    if use_local and settings.require_deepgram:
+        raise ConfigError(
+            "REQUIRE_DEEPGRAM is set but neither DEEPGRAM_API_KEY nor AGENT_URL is: "
+            "refusing to start with the local agent"
+        )
+    agent_url = None if use_local else (settings.agent_url or DEFAULT_AGENT_URL)
+    if not use_local and not key:
+        warnings.append("AGENT_URL is set without DEEPGRAM_API_KEY: connecting without credentials")
+
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    if token is None and settings.twilio_validate_signature:
+        if not use_local:
+            raise ConfigError(
+                "TWILIO_AUTH_TOKEN is required to validate Twilio's webhook signatures "
+                "(or set TWILIO_VALIDATE_SIGNATURE=false, which is unsafe)"
+            )
+        token = OFFLINE_TWILIO_AUTH_TOKEN
+        warnings.append("no TWILIO_AUTH_TOKEN: using the offline development token (local agent mode only)")
+
+    if settings.stream_token_secret is not None:
+        secret = settings.stream_token_secret.get_secret_value().encode()
+    else:
+        secret = secrets.token_urlsafe(32).encode()
+        warnings.append(
+            "STREAM_TOKEN_SECRET not set: generated one for this process; "
+            "multi-replica deployments must set the same secret on every replica"
+        )
+    if settings.public_url and not settings.public_url.startswith("https://") and not use_local:
+        warnings.append("PUBLIC_URL is not https: Twilio requires https webhooks and wss streams")
+
+    profile = load_profile(settings.agent_profile or DEFAULT_PROFILE)
+    return RuntimeConfig(
+        settings=settings,
+        profile=profile,
+        use_local_agent=use_local,
+        agent_url=agent_url,
+        twilio_auth_token=token,
+        stream_token_secret=secret,
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,416 @@
+"""Plays Twilio for a whole call against a running bridge, the way Twilio really behaves.
+
+It POSTs the voice webhook with a valid signature, follows the TwiML's ``<Connect><Stream>``,
+streams the caller's audio in real time (or as fast as possible), and plays what comes back
+like Twilio's media buffer: audio in real time, a ``mark`` returned once the audio before it
+has played, ``clear`` dropping the buffer and returning pending marks at once. It records what
+the caller heard, every frame received, and a timeline of who spoke when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import xml.etree.ElementTree as ET
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from app.codecs import TWILIO_FRAME_BYTES, rms_linear16, to_linear16
+
+FRAME_S = 0.02
+SILENCE = b"\xff"  # mu-law zero
+SPEECH_RMS = 400
+
+
+class SimulationError(Exception):
+    pass
+
+
+@dataclass
+class TimelineEntry:
+    t: float
+    who: str
+    text: str
+
+
+@dataclass
+class CallResult:
+    call_sid: str
+    twiml: str
+    stream_url: str
+    parameters: dict[str, str]
+    sent: bytes = b""
+    received: bytearray = field(default_factory=bytearray)
+    heard: bytearray = field(default_factory=bytearray)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    marks_played: list[str] = field(default_factory=list)
+    marks_cleared: list[str] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    bytes_dropped_by_clear: int = 0
+    violations: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+    ended_by: str = ""
+
+    def transcript(self) -> str:
+        return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
+
+
+def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
+    root = ET.fromstring(twiml)
+    stream = root.find("./Connect/Stream")
+    if stream is None or not stream.get("url"):
+        raise SimulationError(f"TwiML has no <Connect><Stream url>: {twiml[:200]}")
+    params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+    return stream.get("url", ""), params
+
+
+class Player:
+    """Twilio's outbound buffer: audio plays at 8000 bytes/s, marks fire in order."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+        self.marks: deque[tuple[int, str]] = deque()  # (position in enqueued bytes, name)
+        self.enqueued = 0
+        self.played = 0
+
+    def add_media(self, audio: bytes) -> None:
+        self.pending += audio
+        self.enqueued += len(audio)
+
+    def add_mark(self, name: str) -> None:
+        self.marks.append((self.enqueued, name))
+
+    @property
+    def idle(self) -> bool:
+        return not self.pending and not self.marks
+
+    def tick(self) -> tuple[bytes, list[str]]:
+        chunk = bytes(self.pending[:TWILIO_FRAME_BYTES])
+        del self.pending[:TWILIO_FRAME_BYTES]
+        self.played += len(chunk)
+        due = []
+        while self.marks and self.marks[0][0] <= self.played:
+            due.append(self.marks.popleft()[1])
+        return chunk, due
+
+    def clear(self) -> tuple[int, list[str]]:
+        dropped = len(self.pending)
+        self.pending.clear()
+        self.played = self.enqueued
+        names = [name for _, name in self.marks]
+        self.marks.clear()
+        return dropped, names
+
+
+class SimulatedCaller:
+    def __init__(
+        self,
+        base_url: str,
+        auth_token: str,
+        *,
+        caller: str = "+15550000001",
+        callee: str = "+15550000002",
+        fast: bool = False,
+        tail: float = 3.0,
+        max_tail: float = 30.0,
+        sign_upgrade: bool = True,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.validator = RequestValidator(auth_token)
+        self.caller = caller
+        self.callee = callee
+        self.fast = fast
+        self.tail = tail
+        self.max_tail = max_tail
+        self.sign_upgrade = sign_upgrade
+        self.call_sid = "CA" + uuid.uuid4().hex
+        self.stream_sid = "MZ" + uuid.uuid4().hex
+        self.account_sid = "AC" + uuid.uuid4().hex
+
+    # --- the webhook -------------------------------------------------------------------------
+
+    def webhook_params(self) -> dict[str, str]:
+        return {
+            "CallSid": self.call_sid,
+            "AccountSid": self.account_sid,
+            "From": self.caller,
+            "To": self.callee,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            "ApiVersion": "2010-04-01",
+        }
+
+    def post_webhook(self, params: dict[str, str] | None = None, signature: str | None = None) -> tuple[int, str]:
+        """Blocking POST, as Twilio sends it; returns (status, body)."""
+        url = f"{self.base_url}/twilio/voice"
+        params = self.webhook_params() if params is None else params
+        if signature is None:
+            signature = self.validator.compute_signature(url, params)
+        request = urllib.request.Request(
+            url,
+            data=urllib.parse.urlencode(params).encode(),
+            headers={"X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"},
+            method="POST",
+        )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    # --- the stream --------------------------------------------------------------------------
+
+    async def open_stream(self, url: str) -> ClientConnection:
+        headers = {}
+        if self.sign_upgrade:
+            headers["X-Twilio-Signature"] = self.validator.compute_signature(url, {})
+        host = urlsplit(url).hostname or ""
+        return await connect(
+            url,
+            additional_headers=headers,
+            compression=None,
+            proxy=None if host in ("127.0.0.1", "localhost", "::1") else True,
+            open_timeout=10,
+            close_timeout=2,
+        )
+
+    def start_message(self, parameters: dict[str, str]) -> str:
+        return json.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "streamSid": self.stream_sid,
+                "start": {
+                    "accountSid": self.account_sid,
+                    "streamSid": self.stream_sid,
+                    "callSid": self.call_sid,
+                    "tracks": ["inbound"],
+                    "customParameters": parameters,
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        )
+
+    async def run(self, audio: bytes) -> CallResult:
+        status, body = await asyncio.to_thread(self.post_webhook)
+        if status != 200:
+            raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
+        url, parameters = parse_twiml(body)
+        result = CallResult(self.call_sid, body, url, parameters, sent=audio)
+        ws = await self.open_stream(url)
+        try:
+            await _Stream(self, ws, result).run(audio, parameters)
+        finally:
+            await ws.close()
+            result.close_code = ws.close_code
+        return result
+
+
+class _Stream:
+    def __init__(self, caller: SimulatedCaller, ws: ClientConnection, result: CallResult) -> None:
+        self.caller = caller
+        self.ws = ws
+        self.result = result
+        self.player = Player()
+        self.t0 = time.monotonic()
+        self.seq = 1
+        self.agent_talking_since: float | None = None
+        self.caller_loud = 0
+        self.caller_quiet = 0
+        self.caller_talking = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def note(self, who: str, text: str) -> None:
+        self.result.timeline.append(TimelineEntry(round(self.now(), 3), who, text))
+
+    async def send_json(self, msg: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(msg))
+
+    async def run(self, audio: bytes, parameters: dict[str, str]) -> None:
+        await self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await self.ws.send(self.caller.start_message(parameters))
+        self.t0 = time.monotonic()
+        self.note("twilio", "stream started")
+        receiver = asyncio.create_task(self.receive())
+        player = asyncio.create_task(self.play())
+        sender = asyncio.create_task(self.send_audio(audio))
+        done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (receiver, player, sender):
+            task.cancel()
+        for task in (receiver, player, sender):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await task
+        self.result.ended_by = "caller" if sender in done else "bridge"
+        self.note("twilio", f"call ended by {self.result.ended_by}")
+
+    async def send_audio(self, audio: bytes) -> None:
+        frames = [audio[i : i + TWILIO_FRAME_BYTES] for i in range(0, len(audio), TWILIO_FRAME_BYTES)]
+        for i, frame in enumerate(frames):
+            await self.send_frame(frame, i)
+            if self.caller.fast:
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(max(0.0, (i + 1) * FRAME_S - self.now()))
+        # Twilio keeps streaming (silence) while the line is open: wait for the agent's reply
+        i = len(frames)
+        tail_start = self.now()
+        while True:
+            waited = self.now() - tail_start
+            if waited >= self.caller.max_tail or (waited >= self.caller.tail and self.player.idle):
+                break
+            await self.send_frame(SILENCE * TWILIO_FRAME_BYTES, i)
+            i += 1
+            await asyncio.sleep(max(0.0, tail_start + (i - len(frames) + 1) * FRAME_S - self.now()))
+        self.seq += 1
+        await self.send_json(
+            {
+                "event": "stop",
+                "sequenceNumber": str(self.seq),
+                "streamSid": self.caller.stream_sid,
+                "stop": {"accountSid": self.caller.account_sid, "callSid": self.caller.call_sid},
+            }
+        )
+
+    async def send_frame(self, frame: bytes, index: int) -> None:
+        self.seq += 1
+        await self.send_json(
+            {
+                "event": "media",
+                "sequenceNumber": str(self.seq),
+                "streamSid": self.caller.stream_sid,
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(index + 1),
+                    "timestamp": str(index * 20),
+                    "payload": base64.b64encode(frame).decode(),
+                },
+            }
+        )
+        self.track_caller(frame)
+
+    def track_caller(self, frame: bytes) -> None:
+        loud = rms_linear16(to_linear16(frame, "mulaw")) >= SPEECH_RMS
+        self.caller_loud = self.caller_loud + 1 if loud else 0
+        self.caller_quiet = 0 if loud else self.caller_quiet + 1
+        if not self.caller_talking and self.caller_loud >= 3:
+            self.caller_talking = True
+            self.note("caller", "starts speaking")
+        elif self.caller_talking and self.caller_quiet >= 20:
+            self.caller_talking = False
+            self.note("caller", "stops speaking")
+
+    async def play(self) -> None:
+        tick = 0
+        while True:
+            tick += 1
+            await asyncio.sleep(max(0.0, tick * FRAME_S - self.now()))
+            chunk, due = self.player.tick()
+            self.result.heard += chunk + SILENCE * (TWILIO_FRAME_BYTES - len(chunk))
+            if chunk and self.agent_talking_since is None:
+                self.agent_talking_since = self.now()
+                self.note("agent", "audio starts playing")
+            elif not chunk and self.agent_talking_since is not None:
+                self.note("agent", f"audio finished ({self.now() - self.agent_talking_since:.2f} s heard)")
+                self.agent_talking_since = None
+            for name in due:
+                self.result.marks_played.append(name)
+                await self.send_mark(name)
+
+    async def send_mark(self, name: str) -> None:
+        self.seq += 1
+        await self.send_json(
+            {
+                "event": "mark",
+                "sequenceNumber": str(self.seq),
+                "streamSid": self.caller.stream_sid,
+                "mark": {"name": name},
+            }
+        )
+
+    async def receive(self) -> None:
+        async for raw in self.ws:
+            if isinstance(raw, bytes):
+                self.result.violations.append("binary frame (Twilio error 31950)")
+                continue
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                self.result.violations.append(f"bad JSON (31951): {raw[:60]}")
+                continue
+            self.result.messages.append(msg)
+            problem = self.check_shape(msg)
+            if problem:
+                self.result.violations.append(problem)
+                continue
+            event = msg["event"]
+            if event == "media":
+                audio = base64.b64decode(msg["media"]["payload"])
+                self.result.received += audio
+                self.player.add_media(audio)
+            elif event == "mark":
+                self.player.add_mark(msg["mark"]["name"])
+            elif event == "clear":
+                dropped, names = self.player.clear()
+                self.result.clears.append(self.now())
+                self.result.bytes_dropped_by_clear += dropped
+                self.note("twilio", f"clear: {dropped / 8000:.2f} s of agent audio dropped")
+                if self.agent_talking_since is not None:
+                    self.note("agent", f"audio cut off ({self.now() - self.agent_talking_since:.2f} s heard)")
+                    self.agent_talking_since = None
+                for name in names:
+                    self.result.marks_cleared.append(name)
+                    await self.send_mark(name)
+
+    def check_shape(self, msg: Any) -> str | None:
+        """Exactly the documented fields, as Twilio enforces (else error 31951/31924)."""
+        if not isinstance(msg, dict):
+            return "not a JSON object"
+        event = msg.get("event")
+        sid_ok = msg.get("streamSid") == self.caller.stream_sid
+        if event == "media":
+            media = msg.get("media")
+            ok = (
+                set(msg) == {"event", "streamSid", "media"}
+                and isinstance(media, dict)
+                and set(media) == {"payload"}
+                and isinstance(media["payload"], str)
+            )
+            if ok and isinstance(media, dict):
+                try:
+                    base64.b64decode(media["payload"], validate=True)
+                except ValueError:
+                    ok = False
+        elif event == "mark":
+            mark = msg.get("mark")
+            ok = (
+                set(msg) == {"event", "streamSid", "mark"}
+                and isinstance(mark, dict)
+                and set(mark) == {"name"}
+                and isinstance(mark["name"], str)
+            )
+        elif event == "clear":
+            ok = set(msg) == {"event", "streamSid"}
+        else:
+            return f"unknown event {event!r} (31924)"
+        if not ok:
+            return f"malformed {event} message (31951): {json.dumps(msg)[:120]}"
+        if not sid_ok:
+            return f"wrong streamSid in {event} (31951)"
+        return None

@@ -1,0 +1,60 @@
+"""One-time stream tokens: proof that a Media Streams connection follows our own TwiML.
+
+The webhook (which checked Twilio's signature) mints a token bound to the CallSid and an
+expiry; Twilio hands it back in ``start.customParameters``. The media socket opens an agent
+session (which costs money) only for a valid, unexpired, unused token for that very call.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+
+TOKEN_PARAMETER = "stream_token"
+
+
+class StreamTokens:
+    def __init__(self, secret: bytes, ttl_seconds: float = 60.0, max_remembered: int = 100_000) -> None:
+        if len(secret) < 16:
+            raise ValueError("stream token secret must be at least 16 bytes")
+        self._secret = secret
+        self.ttl = ttl_seconds
+        self._used: dict[str, float] = {}  # nonce -> expiry, to refuse replays until expiry
+        self._max_remembered = max_remembered
+
+    def _sign(self, call_sid: str, expires: int, nonce: str) -> str:
+        mac = hmac.new(self._secret, f"{call_sid}|{expires}|{nonce}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+    def mint(self, call_sid: str, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        expires = int(now + self.ttl)
+        nonce = secrets.token_urlsafe(12)
+        return f"{expires}.{nonce}.{self._sign(call_sid, expires, nonce)}"
+
+    def redeem(self, token: str, call_sid: str, now: float | None = None) -> str | None:
+        """Consume ``token`` for ``call_sid``. Returns None when accepted, else the reason."""
+        now = time.time() if now is None else now
+        parts = token.split(".") if isinstance(token, str) else []
+        if len(parts) != 3 or not parts[0].isdigit():
+            return "malformed"
+        expires, nonce, signature = int(parts[0]), parts[1], parts[2]
+        if not hmac.compare_digest(signature, self._sign(call_sid, expires, nonce)):
+            return "bad signature or wrong call"
+        if expires < now:
+            return "expired"
+        self._forget_expired(now)
+        if nonce in self._used:
+            return "already used"
+        if len(self._used) >= self._max_remembered:
+            return "too many outstanding tokens"
+        self._used[nonce] = float(expires)
+        return None
+
+    def _forget_expired(self, now: float) -> None:
+        # one redeem per call, and only unexpired nonces are kept: this stays small
+        for nonce in [n for n, exp in self._used.items() if exp < now]:
+            del self._used[nonce]

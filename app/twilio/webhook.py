@@ -1,0 +1,54 @@
+"""The voice webhook's pieces: which URL Twilio signed, the signature check, the TwiML."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from starlette.requests import HTTPConnection
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+from app.twilio.stream_token import TOKEN_PARAMETER
+
+MEDIA_PATH = "/twilio/media"
+VOICE_PATH = "/twilio/voice"
+MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
+
+
+def public_base_url(conn: HTTPConnection, configured: str | None) -> str:
+    """The base URL Twilio used: PUBLIC_URL when set, else what the request says (which,
+    behind a trusted proxy with proxy headers enabled, reflects X-Forwarded-Proto/Host)."""
+    if configured:
+        return configured
+    scheme = conn.url.scheme
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    return f"{scheme}://{conn.url.netloc}"
+
+
+def signed_url(conn: HTTPConnection, configured: str | None) -> str:
+    url = public_base_url(conn, configured) + conn.url.path
+    return f"{url}?{conn.url.query}" if conn.url.query else url
+
+
+def stream_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{MEDIA_PATH}"
+
+
+def signature_ok(validator: RequestValidator, url: str, params: Mapping[str, str], signature: str) -> bool:
+    if not signature:
+        return False
+    return bool(validator.validate(url, dict(params), signature))
+
+
+def connect_twiml(media_url: str, token: str, caller: str, callee: str) -> str:
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=media_url)
+    stream.parameter(name=TOKEN_PARAMETER, value=token)
+    stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
+    stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
+    response.append(connect)
+    return str(response)
