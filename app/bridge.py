@@ -17,6 +17,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from app.agent.client import run_session
 from app.core.actions import (
@@ -39,6 +40,7 @@ TWILIO_QUEUE_LIMIT = 4000  # messages; agent audio arrives faster than real time
 AGENT_QUEUE_LIMIT = 1500  # 30 s of 20 ms caller frames, more than the pre-buffer flush
 START_TIMEOUT = 10.0
 TICK_SECONDS = 0.5
+DRAIN_SECONDS = 0.25
 POLICY_VIOLATION = 1008
 MEDIA_PREFIX = '{"event":"media"'
 
@@ -118,6 +120,7 @@ class CallSession:
         kept: list[str] = []
         while not self.twilio_out.empty():
             item = self.twilio_out.get_nowait()
+            self.twilio_out.task_done()
             if item.startswith(MEDIA_PREFIX):
                 self.twilio_dropped_on_clear += 1
             elif not item.startswith('{"event":"mark"'):
@@ -129,7 +132,17 @@ class CallSession:
         self._clear_requested_at = self._event_at
 
     def _spawn(self, coro: Any) -> None:
-        self.tasks.append(asyncio.create_task(coro))
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._task_finished)
+        self.tasks.append(task)
+
+    def _task_finished(self, task: asyncio.Task[Any]) -> None:
+        """A pump that dies of a bug must end the call loudly, never leave it hanging."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.log.error("call_task_crashed", task=task.get_coro().__qualname__, exc_info=exc)  # type: ignore[union-attr]
+        self.feed(BridgeStopping(f"internal error: {type(exc).__name__}"))
 
     def _agent_opened(self, ws: ClientConnection) -> None:
         self.agent_ws = ws
@@ -156,6 +169,7 @@ class CallSession:
             while True:
                 text = await queue.get()
                 await self.ws.send_text(text)
+                queue.task_done()
                 if text is self._clear_text:
                     self._clear_text = None
                     latency_ms = (self.clock() - self._clear_requested_at) * 1000
@@ -169,6 +183,7 @@ class CallSession:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await ws.send(await queue.get())
+                queue.task_done()
 
     async def _ticker(self) -> None:
         while True:
@@ -220,8 +235,12 @@ class CallSession:
         if self.end is None:  # cancelled from outside (server shutdown)
             self.feed(BridgeStopping("bridge shutting down", "bridge_shutdown"))
         if self.agent_ws is not None:
+            # caller audio already queued still reaches the agent (briefly bounded), then close
+            if self.agent_ws.state is State.OPEN:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.agent_out.join(), DRAIN_SECONDS)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.agent_ws.close(), 1.0)
+                await asyncio.wait_for(self.agent_ws.close(), 1.0 - DRAIN_SECONDS)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -294,7 +294,7 @@ class Call:
 
     def _wrong_stream(self, what: str, got: str) -> list[Action]:
         if self._count_invalid("wrong_stream_sid"):
-            return [Log("warning", "twilio_wrong_stream_sid", {"event": what, "got": got[:64]})]
+            return [Log("warning", "twilio_wrong_stream_sid", {"message": what, "got": got[:64]})]
         return []
 
     # --- agent events --------------------------------------------------------------------

@@ -50,7 +50,8 @@ UPDATE_REPLIES = {
 
 @dataclass
 class ScriptStep:
-    """One scripted misbehaviour. ``on`` is "settings_applied" or "utterance" (with ``n``).
+    """One scripted misbehaviour. ``on`` is "settings" (before SettingsApplied is sent),
+    "settings_applied" (after it) or "utterance" (before the reply to utterance ``n``).
 
     ``do``: function_call (``name``, ``arguments``), error/warning (``code``, ``description``),
     close (abrupt, no close frame), delay (``seconds`` before the reply), unknown (a message
@@ -185,6 +186,9 @@ class _Session:
                 await self.error("INVALID_SETTINGS", problem)
                 await self.ws.close(1008, "invalid settings")
                 return False
+            for step in self.steps("settings"):
+                if not await self.perform(step):
+                    return False
             await self.send_json({"type": "SettingsApplied"})
             return await self.after_settings()
         if kind not in CLIENT_MESSAGE_TYPES:

@@ -52,7 +52,7 @@ class CallResult:
     twiml: str
     stream_url: str
     parameters: dict[str, str]
-    sent: bytes = b""
+    sent: bytearray = field(default_factory=bytearray)  # every caller byte streamed, tail included
     received: bytearray = field(default_factory=bytearray)
     heard: bytearray = field(default_factory=bytearray)
     timeline: list[TimelineEntry] = field(default_factory=list)
@@ -211,7 +211,7 @@ class SimulatedCaller:
         if status != 200:
             raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
         url, parameters = parse_twiml(body)
-        result = CallResult(self.call_sid, body, url, parameters, sent=audio)
+        result = CallResult(self.call_sid, body, url, parameters)
         ws = await self.open_stream(url)
         try:
             await _Stream(self, ws, result).run(audio, parameters)
@@ -303,6 +303,7 @@ class _Stream:
                 },
             }
         )
+        self.result.sent += frame
         self.track_caller(frame)
 
     def track_caller(self, frame: bytes) -> None:

@@ -46,22 +46,42 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
 
 
 def configure(level: str = "info", stream: Any = None) -> None:
+    """JSON lines on stdout for our logs and for uvicorn's and websockets' stdlib logs alike."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
-    logging.basicConfig(stream=stream or sys.stdout, level=numeric, format="%(message)s", force=True)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             redact_secrets,
             structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
-        cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True
+    # one line per WebSocket open/close is noise at info level
+    logging.getLogger("websockets").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("uvicorn.error").setLevel(numeric)
 
 
 def get_logger(**fields: Any) -> Any:
-    return structlog.get_logger("callbridge").bind(**fields)
+    """A lazy logger: safe at import time, it takes the configuration in force when used."""
+    return structlog.get_logger("callbridge", **fields)

@@ -1,0 +1,137 @@
+"""Shared fixtures: a real local agent and a real uvicorn bridge, each on its own loop/thread,
+both on 127.0.0.1 with ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.config import RuntimeConfig, Settings, resolve
+from app.devtools.local_agent import LocalAgent, LocalAgentConfig
+from app.observability import logging as logs
+from app.server import create_app
+
+TWILIO_TOKEN = "test-twilio-auth-token-0123456789"
+STREAM_SECRET = "test-stream-token-secret-0123456789"
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, to host servers while the test thread is the client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class AgentHandle:
+    agent: LocalAgent
+    url: str
+
+
+@pytest.fixture
+def start_agent() -> Iterator[Callable[..., AgentHandle]]:
+    threads: list[tuple[LoopThread, LocalAgent]] = []
+
+    def start(config: LocalAgentConfig | None = None) -> AgentHandle:
+        loop = LoopThread()
+        agent = LocalAgent(config or LocalAgentConfig())
+        loop.run(agent.start("127.0.0.1", 0))
+        threads.append((loop, agent))
+        return AgentHandle(agent, agent.url)
+
+    yield start
+    for loop, agent in threads:
+        loop.run(agent.stop())
+        loop.close()
+
+
+@dataclass
+class BridgeHandle:
+    base_url: str
+    config: RuntimeConfig
+    log_buffer: io.StringIO
+
+    def log_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_buffer.getvalue().splitlines() if line.startswith("{")]
+
+    def records(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.log_records() if r.get("event") == event]
+
+    def wait_for(self, event: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.records(event)
+            if found:
+                return found[-1]
+            time.sleep(0.02)
+        raise AssertionError(f"no {event!r} log record within {timeout} s")
+
+
+@pytest.fixture
+def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(agent_url: str | None, profile: dict[str, Any] | None = None, **env: Any) -> BridgeHandle:
+        fields: dict[str, Any] = {
+            "agent_url": agent_url,
+            "twilio_auth_token": TWILIO_TOKEN,
+            "stream_token_secret": STREAM_SECRET,
+            "log_level": "info",
+        }
+        if profile is not None:
+            path = tmp_path / f"profile-{len(servers)}.json"
+            path.write_text(json.dumps(profile))
+            fields["agent_profile"] = path
+        fields.update(env)
+        config = resolve(Settings(_env_file=None, **fields))  # type: ignore[call-arg]
+        buffer = io.StringIO()
+        logs.configure("info", stream=buffer)
+        logs.register_secrets(config.secrets())
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config),
+                host="127.0.0.1",
+                port=0,
+                log_config=None,
+                ws_max_size=64 * 1024,
+                ws_per_message_deflate=False,
+                lifespan="on",
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        servers.append((server, thread))
+        return BridgeHandle(f"http://127.0.0.1:{port}", config, buffer)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)

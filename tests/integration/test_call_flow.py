@@ -1,0 +1,355 @@
+"""Whole calls on 127.0.0.1: real uvicorn bridge, real local agent, simulated Twilio caller."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from app.codecs import TWILIO_FORMAT
+from app.devtools import synth
+from app.devtools.local_agent import LocalAgentConfig, ScriptStep
+from app.devtools.simulated_caller import CallResult, SimulatedCaller, parse_twiml
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle
+
+pytestmark = pytest.mark.timeout(60)
+
+GREETING = "Hello! Thanks for calling. How can I help you today?"
+SILENCE_BYTE = 0xFF
+
+
+def caller_audio(*parts: tuple[str, float]) -> bytes:
+    """("silence", seconds) or ("speech", words...) pieces, as mu-law 8 kHz."""
+    pcm = b""
+    for kind, value in parts:
+        pcm += synth.silence(float(value)) if kind == "silence" else synth.speech_like(str(value))
+    return synth.encode(pcm, TWILIO_FORMAT)
+
+
+def place_call(bridge: BridgeHandle, audio: bytes, **kwargs: Any) -> CallResult:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN, **kwargs)
+    return asyncio.run(caller.run(audio))
+
+
+@pytest.fixture
+def agent(start_agent: Callable[..., AgentHandle]) -> AgentHandle:
+    return start_agent()
+
+
+@pytest.fixture
+def bridge(start_bridge: Callable[..., BridgeHandle], agent: AgentHandle) -> BridgeHandle:
+    return start_bridge(agent.url)
+
+
+def greeting_audio() -> bytes:
+    return synth.encode(synth.speech_like(GREETING), TWILIO_FORMAT)
+
+
+def test_offline_call_relays_audio_byte_exact_both_ways(agent: AgentHandle, bridge: BridgeHandle) -> None:
+    audio = caller_audio(("silence", 3.6), ("speech", "one two three four"), ("silence", 0.6))
+    result = place_call(bridge, audio, tail=0.5)
+
+    assert result.violations == []
+    assert result.ended_by == "caller"
+    session = agent.agent.sessions[0]
+    # caller -> agent: every byte, in order, nothing lost or added
+    assert bytes(session.audio_in) == bytes(result.sent)
+    # agent -> caller: every byte the agent spoke arrived, as Twilio media
+    assert bytes(result.received) == bytes(session.audio_out)
+    # the greeting came first and was heard in full, then the echo of the utterance
+    assert bytes(result.received).startswith(greeting_audio())
+    assert session.utterances == 1
+    assert len(result.received) > len(greeting_audio())
+    heard = bytes(result.heard)
+    assert greeting_audio() in heard
+    # each AgentAudioDone became a mark that came back once the audio had played
+    assert result.marks_played == ["agent-audio-1", "agent-audio-2"]
+    # UserStartedSpeaking always sends clear; here nothing was playing, so nothing was lost
+    assert result.bytes_dropped_by_clear == 0 and result.marks_cleared == []
+    ended = bridge.wait_for("call_ended")
+    assert ended["outcome"] == "caller_hangup"
+    assert ended["turns"] == 2
+    assert ended["caller_bytes_dropped"] == 0 and ended["agent_bytes_dropped"] == 0
+
+
+def test_barge_in_clears_twilio_and_caller_hears_agent_stop(agent: AgentHandle, bridge: BridgeHandle) -> None:
+    # the caller talks over the greeting one second in
+    audio = caller_audio(("silence", 1.0), ("speech", "wait wait"), ("silence", 0.6))
+    result = place_call(bridge, audio, tail=0.3)
+
+    assert result.violations == []
+    assert len(result.clears) >= 1
+    assert result.bytes_dropped_by_clear > 0  # Twilio's buffer still held greeting audio
+    assert "agent-audio-1" in result.marks_cleared  # the greeting's mark: never played
+    assert "agent-audio-1" not in result.marks_played
+    heard = bytes(result.heard)
+    cut = int(result.clears[0] / 0.02)
+    after = heard[(cut + 3) * 160 : (cut + 15) * 160]
+    assert after and set(after) == {SILENCE_BYTE}, "agent audio kept playing after the clear"
+    assert greeting_audio() not in heard  # the greeting was cut short
+    barge = bridge.wait_for("barge_in_clear_sent")
+    assert barge["latency_ms"] < 50
+    ended = bridge.wait_for("call_ended")
+    assert ended["barge_ins"] >= 1
+
+
+def test_caller_audio_before_settings_applied_arrives_intact(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    agent = start_agent(LocalAgentConfig(script=[ScriptStep(on="settings", do="delay", seconds=1.0)]))
+    bridge = start_bridge(agent.url)
+    audio = caller_audio(("speech", "early words here"), ("silence", 0.5))
+    result = place_call(bridge, audio, fast=True, tail=2.0)
+
+    session = agent.agent.sessions[0]
+    assert bytes(session.audio_in) == bytes(result.sent)
+    ready = bridge.wait_for("agent_ready")
+    assert ready["buffered_caller_bytes"] >= len(audio)
+
+
+def test_bad_webhook_signature_is_rejected(bridge: BridgeHandle, agent: AgentHandle) -> None:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    status, _ = caller.post_webhook(signature="bm90IGEgc2lnbmF0dXJl")
+    assert status == 403
+    status, _ = caller.post_webhook(signature="")
+    assert status == 403
+    # a valid signature over different parameters is still wrong
+    params = caller.webhook_params()
+    signature = caller.validator.compute_signature(f"{bridge.base_url}/twilio/voice", params)
+    status, _ = caller.post_webhook({**params, "From": "+19995550000"}, signature=signature)
+    assert status == 403
+    assert agent.agent.sessions == []
+
+
+async def _stream_with(url: str, caller: SimulatedCaller, params: dict[str, str], **kw: Any) -> int | None:
+    """Open a media stream, send connected+start, return the close code the bridge used."""
+    async with await caller.open_stream(url) as ws:
+        await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await ws.send(caller.start_message(params))
+        payload = base64.b64encode(b"\xff" * 160).decode()
+        try:
+            for _ in range(10):
+                await ws.send(
+                    json.dumps({"event": "media", "streamSid": caller.stream_sid, "media": {"payload": payload}})
+                )
+            await asyncio.wait_for(ws.recv(), 5)
+        except ConnectionClosed:
+            pass
+        await drain_until_closed(ws)
+        return ws.close_code
+
+
+@pytest.mark.parametrize("tamper", ["missing", "garbage", "other_call", "reused"])
+def test_bad_stream_token_closes_without_agent_session(tamper: str, agent: AgentHandle, bridge: BridgeHandle) -> None:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    status, twiml = caller.post_webhook()
+    assert status == 200
+    url, params = parse_twiml(twiml)
+    if tamper == "missing":
+        params.pop("stream_token")
+    elif tamper == "garbage":
+        params["stream_token"] = "123.abc.def"
+    elif tamper == "other_call":
+        other = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+        params["stream_token"] = parse_twiml(other.post_webhook()[1])[1]["stream_token"]
+    elif tamper == "reused":
+        result = place_call_with(caller, url, params)
+        assert result == 1000
+        assert len(agent.agent.sessions) == 1
+    before = len(agent.agent.sessions)
+    code = asyncio.run(_stream_with(url, caller, params))
+    assert code == 1008
+    time.sleep(0.2)
+    assert len(agent.agent.sessions) == before
+
+
+async def drain_until_closed(ws: Any, timeout: float = 5.0) -> None:
+    """Read (and discard) until the bridge closes; an unread socket would never see the close."""
+
+    async def drain() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    await asyncio.wait_for(drain(), timeout)
+
+
+def place_call_with(caller: SimulatedCaller, url: str, params: dict[str, str]) -> int | None:
+    async def run() -> int | None:
+        async with await caller.open_stream(url) as ws:
+            await ws.send(caller.start_message(params))
+            await asyncio.sleep(0.3)
+            await ws.send(json.dumps({"event": "stop", "streamSid": caller.stream_sid, "stop": {}}))
+            await drain_until_closed(ws)
+            return ws.close_code
+
+    return asyncio.run(run())
+
+
+def test_bad_upgrade_signature_is_refused(agent: AgentHandle, bridge: BridgeHandle) -> None:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url, _ = parse_twiml(caller.post_webhook()[1])
+
+    async def run() -> None:
+        async with connect(url, additional_headers={"X-Twilio-Signature": "Zm9yZ2Vk"}, proxy=None):
+            pass
+
+    with pytest.raises(InvalidStatus) as info:
+        asyncio.run(run())
+    assert info.value.response.status_code == 403
+    assert agent.agent.sessions == []
+
+
+@pytest.mark.parametrize("how", ["close", "error"])
+def test_agent_failure_mid_call_ends_call_cleanly(
+    how: str, start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    agent = start_agent(LocalAgentConfig(script=[ScriptStep(on="utterance", n=1, do=how)]))
+    bridge = start_bridge(agent.url)
+    audio = caller_audio(("speech", "hello"), ("silence", 1.0))
+    started = time.monotonic()
+    result = place_call(bridge, audio, fast=True, tail=10)
+    assert result.ended_by == "bridge"
+    assert result.close_code == 1000
+    assert time.monotonic() - started < 8
+    ended = bridge.wait_for("call_ended")
+    assert ended["outcome"] == ("agent_closed" if how == "close" else "agent_error")
+
+
+def test_caller_hangup_closes_agent_session_within_a_second(agent: AgentHandle, bridge: BridgeHandle) -> None:
+    result = place_call(bridge, caller_audio(("silence", 0.5)), tail=0.2, max_tail=0.5)
+    hung_up = time.monotonic()
+    assert result.ended_by == "caller"
+    session = agent.agent.sessions[0]
+    deadline = hung_up + 1.0
+    while not session.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.closed, "agent session still open a second after the caller hung up"
+    assert session.close_code == 1000
+    ended = bridge.wait_for("call_ended")
+    assert ended["outcome"] == "caller_hangup"
+
+
+def test_agent_warning_unknown_message_and_function_call_keep_call_up(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    script = [
+        ScriptStep(on="settings_applied", do="warning", code="THINK_REQUEST_FAILED"),
+        ScriptStep(on="settings_applied", do="unknown"),
+        ScriptStep(on="utterance", n=1, do="function_call", name="get_weather", arguments='{"city":"Paris"}'),
+    ]
+    agent = start_agent(LocalAgentConfig(script=script))
+    bridge = start_bridge(agent.url)
+    audio = caller_audio(("silence", 0.2), ("speech", "weather please"), ("silence", 0.6))
+    result = place_call(bridge, audio, fast=True, tail=1.0)
+    assert result.ended_by == "caller"
+    session = agent.agent.sessions[0]
+    responses = [m for m in session.messages if m["type"] == "FunctionCallResponse"]
+    assert len(responses) == 1
+    assert responses[0]["name"] == "get_weather"
+    assert "not available" in json.loads(responses[0]["content"])["error"]
+    assert bridge.records("agent_warning")[0]["code"] == "THINK_REQUEST_FAILED"
+    assert bridge.records("agent_message_unknown_ignored")[0]["type"] == "SomethingNewFromTheFuture"
+    assert bridge.wait_for("call_ended")["outcome"] == "caller_hangup"
+
+
+def test_untrusted_twilio_frames_are_rejected_and_call_goes_on(agent: AgentHandle, bridge: BridgeHandle) -> None:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url, params = parse_twiml(caller.post_webhook()[1])
+    good = b"\x01\x02\x03" * 50
+
+    async def run() -> None:
+        async with await caller.open_stream(url) as ws:
+            await ws.send(caller.start_message(params))
+            for bad in [
+                "{not json",
+                "[]",
+                json.dumps({"event": "teleport"}),
+                json.dumps({"event": "media", "streamSid": caller.stream_sid, "media": {"payload": "***"}}),
+                json.dumps({"event": "media", "streamSid": "MZother", "media": {"payload": "AAAA"}}),
+                json.dumps({"event": "mark", "streamSid": caller.stream_sid, "mark": {"name": "never-sent"}}),
+            ]:
+                await ws.send(bad)
+            await ws.send(b"\x00binary")
+            media = {
+                "event": "media",
+                "streamSid": caller.stream_sid,
+                "media": {"payload": base64.b64encode(good).decode()},
+            }
+            await ws.send(json.dumps(media))
+            await asyncio.sleep(0.5)
+            await ws.send(json.dumps({"event": "stop", "streamSid": caller.stream_sid, "stop": {}}))
+            await drain_until_closed(ws)
+
+    asyncio.run(run())
+    session = agent.agent.sessions[0]
+    assert bytes(session.audio_in) == good
+    kinds = {r["kind"] for r in bridge.records("twilio_frame_rejected")}
+    assert {"bad_json", "not_object", "unknown_event", "bad_base64", "binary_frame"} <= kinds
+    assert bridge.records("twilio_wrong_stream_sid")
+    assert bridge.records("twilio_unknown_mark")
+    ended = bridge.wait_for("call_ended")
+    assert ended["outcome"] == "caller_hangup"
+    assert ended["invalid_inputs"]["wrong_stream_sid"] == 1
+
+
+def test_keepalive_sent_when_caller_audio_stops(
+    agent: AgentHandle, start_bridge: Callable[..., BridgeHandle], tmp_path: Any
+) -> None:
+    profile = json.loads((__import__("app.config").config.DEFAULT_PROFILE).read_text())
+    profile["bridge"]["keepalive_after_seconds"] = 0.5
+    bridge = start_bridge(agent.url, profile=profile)
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url, params = parse_twiml(caller.post_webhook()[1])
+
+    async def run() -> None:
+        async with await caller.open_stream(url) as ws:
+            await ws.send(caller.start_message(params))
+            await asyncio.sleep(1.8)
+            await ws.send(json.dumps({"event": "stop", "streamSid": caller.stream_sid, "stop": {}}))
+            await drain_until_closed(ws)
+
+    asyncio.run(run())
+    assert agent.agent.sessions[0].keepalives >= 2
+
+
+def test_call_logs_carry_ids_and_never_secrets(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    key = "dg-secret-key-1234567890abcdef"
+    agent = start_agent(LocalAgentConfig(require_key=key))
+    bridge = start_bridge(agent.url, deepgram_api_key=key, log_transcripts=False)
+    result = place_call(bridge, caller_audio(("speech", "my card number"), ("silence", 0.6)), fast=True, tail=1.0)
+    assert result.ended_by == "caller"
+    assert agent.agent.sessions[0].headers["authorization-present"] == "True"
+    text = bridge.log_buffer.getvalue()
+    for secret in (key, TWILIO_TOKEN, "test-stream-token-secret"):
+        assert secret not in text
+    call_lines = [
+        r for r in bridge.log_records() if r.get("event") in ("agent_ready", "conversation_text", "call_ended")
+    ]
+    assert call_lines
+    for record in call_lines:
+        assert record["call_sid"] == result.call_sid
+        assert record["stream_sid"].startswith("MZ")
+        assert record["request_id"] == agent.agent.sessions[0].request_id
+        assert "content" not in record  # transcripts are PII: off by default
+
+
+def test_bad_agent_key_ends_call_with_clear_reason(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    agent = start_agent(LocalAgentConfig(require_key="the-right-key-123456"))
+    bridge = start_bridge(agent.url, deepgram_api_key="the-wrong-key-123456")
+    result = place_call(bridge, caller_audio(("silence", 0.3)), fast=True, tail=5)
+    assert result.ended_by == "bridge"
+    failed = bridge.wait_for("agent_connect_failed")
+    assert "401" in failed["reason"]
