@@ -171,7 +171,7 @@ def test_bad_stream_token_closes_without_agent_session(tamper: str, agent: Agent
     assert len(agent.agent.sessions) == before
 
 
-async def drain_until_closed(ws: Any, timeout: float = 5.0) -> None:
+async def drain_until_closed(ws: Any, limit_s: float = 5.0) -> None:
     """Read (and discard) until the bridge closes; an unread socket would never see the close."""
 
     async def drain() -> None:
@@ -179,7 +179,7 @@ async def drain_until_closed(ws: Any, timeout: float = 5.0) -> None:
             async for _ in ws:
                 pass
 
-    await asyncio.wait_for(drain(), timeout)
+    await asyncio.wait_for(drain(), limit_s)
 
 
 def place_call_with(caller: SimulatedCaller, url: str, params: dict[str, str]) -> int | None:

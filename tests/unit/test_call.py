@@ -1,0 +1,362 @@
+"""The call state machine, event by event, including the odd orders real peers produce."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from app.agent import messages as agent_msg
+from app.codecs import AudioFormat
+from app.core.actions import (
+    Action,
+    BindLogContext,
+    ClearTwilio,
+    ConnectAgent,
+    EndCall,
+    Log,
+    SendToAgent,
+    SendToTwilio,
+)
+from app.core.call import Call, CallOptions
+from app.core.events import (
+    AgentAudio,
+    AgentAudioDone,
+    AgentClosed,
+    AgentConnected,
+    AgentConnectFailed,
+    AgentConversationText,
+    AgentError,
+    AgentFunctionCallRequest,
+    AgentInfo,
+    AgentInvalid,
+    AgentSettingsApplied,
+    AgentStartedSpeaking,
+    AgentThinking,
+    AgentUnknown,
+    AgentUserStartedSpeaking,
+    AgentWarning,
+    AgentWelcome,
+    BridgeStopping,
+    Event,
+    FunctionCall,
+    Tick,
+    TwilioClosed,
+    TwilioConnected,
+    TwilioDtmf,
+    TwilioInvalid,
+    TwilioMark,
+    TwilioMedia,
+    TwilioStart,
+    TwilioStop,
+)
+
+AGENT = {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}}, "greeting": "hi"}
+SID = "MZ" + "a" * 32
+CALL = "CA" + "b" * 32
+RESERVED_LOG_KEYS = {"event", "level", "timestamp", "logger"}
+
+
+def make_call(**options: Any) -> Call:
+    return Call(CallOptions(agent=AGENT, **options), now=0.0)
+
+
+def feed(call: Call, *events: Event, now: float = 1.0) -> list[Action]:
+    out: list[Action] = []
+    for event in events:
+        actions = call.handle(event, now)
+        for action in actions:
+            if isinstance(action, Log):  # a Log field named like a structlog key would crash the pump
+                assert not RESERVED_LOG_KEYS & set(action.fields), action
+        out += actions
+    return out
+
+
+def of(actions: list[Action], kind: type) -> list[Any]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def ready_call(**options: Any) -> Call:
+    call = make_call(**options)
+    feed(
+        call, TwilioConnected(), TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("req-1"), AgentSettingsApplied()
+    )
+    return call
+
+
+def test_start_opens_agent_session_and_binds_ids() -> None:
+    call = make_call()
+    actions = feed(call, TwilioConnected(), TwilioStart(SID, CALL, custom_parameters={"from": "+1"}))
+    assert of(actions, ConnectAgent) == [ConnectAgent()]
+    assert BindLogContext({"call_sid": CALL, "stream_sid": SID}) in actions
+    assert call.custom_parameters == {"from": "+1"}
+
+
+def test_welcome_sends_settings_once_with_bridge_audio_block() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL), AgentConnected())
+    actions = feed(call, AgentWelcome("req-9"))
+    sends = of(actions, SendToAgent)
+    assert len(sends) == 1
+    settings = json.loads(sends[0].data)
+    assert settings["type"] == "Settings"
+    assert settings["audio"] == {
+        "input": {"encoding": "mulaw", "sample_rate": 8000},
+        "output": {"encoding": "mulaw", "sample_rate": 8000, "container": "none"},
+    }
+    assert settings["agent"] == AGENT
+    assert BindLogContext({"request_id": "req-9"}) in actions
+    # a second Welcome must not send a second Settings (SETTINGS_ALREADY_APPLIED)
+    assert of(feed(call, AgentWelcome("again")), SendToAgent) == []
+
+
+def test_media_before_settings_applied_is_buffered_then_delivered_in_order() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    frames = [bytes([i]) * 160 for i in range(5)]
+    for frame in frames:
+        assert feed(call, TwilioMedia(frame, SID)) == []
+    assert call.buffered_caller_bytes == 800
+    actions = feed(call, AgentSettingsApplied())
+    assert [a.data for a in of(actions, SendToAgent)] == frames
+    assert call.buffered_caller_bytes == 0
+    # then live audio flows straight through
+    assert feed(call, TwilioMedia(b"x" * 160, SID)) == [SendToAgent(b"x" * 160)]
+
+
+def test_media_before_start_is_buffered_not_dropped() -> None:
+    call = make_call()
+    assert feed(call, TwilioMedia(b"\x01" * 160)) == []
+    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    actions = feed(call, AgentSettingsApplied())
+    assert of(actions, SendToAgent) == [SendToAgent(b"\x01" * 160)]
+
+
+def test_prebuffer_is_bounded_and_drops_oldest_with_one_log() -> None:
+    call = make_call(max_prebuffer_seconds=0.1)  # 800 bytes of mu-law
+    feed(call, TwilioStart(SID, CALL))
+    logs = []
+    for i in range(10):
+        logs += of(feed(call, TwilioMedia(bytes([i]) * 160, SID)), Log)
+    assert [log.event for log in logs] == ["caller_audio_dropped"]
+    assert call.stats.caller_bytes_dropped == 800
+    feed(call, AgentConnected(), AgentWelcome("r"))
+    delivered = [a.data for a in of(feed(call, AgentSettingsApplied()), SendToAgent)]
+    assert delivered == [bytes([i]) * 160 for i in range(5, 10)]  # the newest 100 ms
+
+
+def test_agent_audio_becomes_twilio_media_with_stream_sid() -> None:
+    call = ready_call()
+    actions = feed(call, AgentAudio(b"\x00\x01\x02"))
+    assert actions == [SendToTwilio('{"event":"media","streamSid":"%s","media":{"payload":"AAEC"}}' % SID)]
+
+
+def test_agent_audio_before_start_is_held_then_played() -> None:
+    call = make_call()
+    assert feed(call, AgentAudio(b"\x07" * 10)) == []
+    actions = feed(call, TwilioStart(SID, CALL))
+    media = of(actions, SendToTwilio)
+    assert len(media) == 1 and '"streamSid":"%s"' % SID in media[0].text
+
+
+def test_barge_in_clears_twilio_and_forgets_outstanding_marks() -> None:
+    call = ready_call()
+    feed(call, AgentStartedSpeaking(total_latency=1.0), AgentAudio(b"a" * 800))
+    mark = of(feed(call, AgentAudioDone()), SendToTwilio)[0]
+    assert json.loads(mark.text) == {"event": "mark", "streamSid": SID, "mark": {"name": "agent-audio-1"}}
+    actions = feed(call, AgentUserStartedSpeaking())
+    assert actions[0] == ClearTwilio('{"event":"clear","streamSid":"%s"}' % SID)  # first, before anything
+    assert call.stats.barge_ins == 1
+    # Twilio returns the cleared mark: that audio was never heard
+    assert feed(call, TwilioMark("agent-audio-1", SID)) == []
+    assert call.stats.marks_cleared == 1 and call.stats.marks_played == 0
+
+
+def test_user_speaking_without_agent_audio_still_clears_but_is_not_a_barge_in() -> None:
+    call = ready_call()
+    actions = feed(call, AgentUserStartedSpeaking())
+    assert of(actions, ClearTwilio) and call.stats.barge_ins == 0
+
+
+def test_mark_played_is_counted_and_unknown_mark_logged_once() -> None:
+    call = ready_call()
+    feed(call, AgentStartedSpeaking(), AgentAudio(b"a"), AgentAudioDone())
+    feed(call, TwilioMark("agent-audio-1", SID))
+    assert call.stats.marks_played == 1
+    first = feed(call, TwilioMark("nope", SID))
+    second = feed(call, TwilioMark("nope2", SID))
+    assert [log.event for log in of(first, Log)] == ["twilio_unknown_mark"]
+    assert second == []
+
+
+def test_wrong_stream_sid_is_dropped_and_logged_once() -> None:
+    call = ready_call()
+    first = feed(call, TwilioMedia(b"x" * 160, "MZother"))
+    again = feed(call, TwilioMedia(b"x" * 160, "MZother"))
+    assert [log.event for log in of(first, Log)] == ["twilio_wrong_stream_sid"] and again == []
+    assert of(first, SendToAgent) == []
+    assert call.stats.invalid["wrong_stream_sid"] == 2
+    feed(call, TwilioStop("MZother"))
+    assert not call.ended  # a stop for another stream is ignored
+
+
+def test_stop_ends_call_once() -> None:
+    call = ready_call()
+    actions = feed(call, TwilioStop(SID))
+    assert of(actions, EndCall) == [EndCall("caller hung up (stop)", "caller_hangup")]
+    assert feed(call, TwilioStop(SID)) == []
+    assert feed(call, TwilioClosed(1000)) == []
+    assert feed(call, AgentAudio(b"late")) == []  # nothing leaks out after the end
+
+
+def test_twilio_socket_closed_without_stop_ends_call() -> None:
+    call = ready_call()
+    assert of(feed(call, TwilioClosed(1006)), EndCall)[0].outcome == "caller_hangup"
+
+
+def test_keepalive_after_quiet_period_only() -> None:
+    call = ready_call(keepalive_after=5.0)
+    assert call.handle(Tick(), 4.0) == []
+    assert call.handle(Tick(), 6.1) == [SendToAgent(agent_msg.KEEP_ALIVE)]
+    assert call.handle(Tick(), 7.0) == []  # the clock restarts at each send
+    call.handle(TwilioMedia(b"x", SID), 10.0)
+    assert call.handle(Tick(), 14.0) == []  # audio counts as traffic
+    assert call.handle(Tick(), 15.5) == [SendToAgent(agent_msg.KEEP_ALIVE)]
+
+
+def test_no_keepalive_before_settings_applied() -> None:
+    call = make_call(agent_ready_timeout=100)
+    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    assert call.handle(Tick(), 50.0) == []
+
+
+def test_agent_not_ready_in_time_ends_call() -> None:
+    call = make_call(agent_ready_timeout=10)
+    feed(call, TwilioStart(SID, CALL), now=0.0)
+    assert call.handle(Tick(), 9.0) == []
+    actions = call.handle(Tick(), 10.5)
+    assert of(actions, EndCall)[0].outcome == "agent_error"
+
+
+def test_agent_error_is_logged_and_ends_call() -> None:
+    call = ready_call()
+    actions = feed(call, AgentError("INTERNAL_SERVER_ERROR", "boom"))
+    assert of(actions, Log)[0].fields == {"code": "INTERNAL_SERVER_ERROR", "description": "boom"}
+    assert of(actions, EndCall)[0].outcome == "agent_error"
+
+
+def test_agent_connect_failure_and_close_end_call() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL))
+    assert of(feed(call, AgentConnectFailed("HTTP 401")), EndCall)[0].outcome == "agent_error"
+    other = ready_call()
+    assert of(feed(other, AgentClosed(1011, "bye")), EndCall)[0].outcome == "agent_closed"
+
+
+def test_warning_unknown_info_and_invalid_messages_never_end_the_call() -> None:
+    call = ready_call()
+    actions = feed(
+        call,
+        AgentWarning("SPEAK_REQUEST_FAILED", "x"),
+        AgentUnknown("Brand new"),
+        AgentUnknown("Brand new"),
+        AgentInfo("History", {}),
+        AgentInvalid("bad JSON"),
+        AgentThinking("hmm"),
+    )
+    assert not call.ended and of(actions, EndCall) == []
+    assert [log.event for log in of(actions, Log)].count("agent_message_unknown_ignored") == 1
+
+
+def test_transcripts_are_logged_only_when_enabled() -> None:
+    quiet = ready_call()
+    log = of(feed(quiet, AgentConversationText("user", "my PIN is 1234")), Log)[0]
+    assert "content" not in log.fields and log.fields["chars"] == 14
+    loud = ready_call(log_transcripts=True)
+    assert of(feed(loud, AgentConversationText("user", "hello")), Log)[0].fields["content"] == "hello"
+    assert quiet.transcript[0][1:] == ("user", "my PIN is 1234")  # kept for the call record
+
+
+def test_dtmf_digit_is_pii() -> None:
+    assert of(feed(ready_call(), TwilioDtmf("5", SID)), Log)[0].fields == {}
+    assert of(feed(ready_call(log_transcripts=True), TwilioDtmf("5", SID)), Log)[0].fields == {"digit": "5"}
+
+
+def test_client_function_calls_are_answered_not_left_hanging() -> None:
+    call = ready_call()
+    request = AgentFunctionCallRequest(
+        (FunctionCall("id-1", "lookup", "{}", True), FunctionCall("id-2", "server_fn", "{}", False))
+    )
+    sends = of(feed(call, request), SendToAgent)
+    assert len(sends) == 1
+    reply = json.loads(sends[0].data)
+    assert reply["type"] == "FunctionCallResponse" and reply["id"] == "id-1" and reply["name"] == "lookup"
+
+
+def test_bad_start_ends_call_but_other_bad_frames_do_not() -> None:
+    call = make_call()
+    assert of(feed(call, TwilioInvalid("bad_json", "{")), EndCall) == []
+    assert of(feed(call, TwilioInvalid("bad_start", "no callSid")), EndCall)[0].outcome == "bridge_error"
+
+
+def test_start_twice_is_ignored() -> None:
+    call = ready_call()
+    actions = feed(call, TwilioStart("MZ" + "c" * 32, CALL))
+    assert [log.event for log in of(actions, Log)] == ["twilio_start_repeated"]
+    assert call.stream_sid == SID
+
+
+def test_settings_applied_out_of_order_is_ignored() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL))
+    actions = feed(call, AgentSettingsApplied())
+    assert [log.event for log in of(actions, Log)] == ["agent_settings_applied_unexpected"]
+    assert not call.agent_ready
+
+
+def test_bridge_stopping_ends_call() -> None:
+    call = ready_call()
+    assert of(feed(call, BridgeStopping("shutdown", "bridge_shutdown")), EndCall)[0].outcome == "bridge_shutdown"
+
+
+def test_linear16_agent_formats_are_transcoded_both_ways() -> None:
+    call = ready_call(agent_input=AudioFormat("linear16", 16000), agent_output=AudioFormat("linear16", 16000))
+    sent = of(feed(call, *[TwilioMedia(b"\xff" * 160, SID)] * 50), SendToAgent)
+    assert abs(sum(len(a.data) for a in sent) - 32000) <= 4  # 1 s at 16 kHz, 2 bytes a sample
+    media = of(feed(call, *[AgentAudio(b"\x00\x00" * 320)] * 50), SendToTwilio)
+    heard = sum(len(base64.b64decode(json.loads(m.text)["media"]["payload"])) for m in media)
+    assert abs(heard - 8000) <= 2  # 1 s of mu-law at 8 kHz
+
+
+def test_summary_reports_the_call() -> None:
+    call = ready_call()
+    feed(call, AgentStartedSpeaking(total_latency=0.8), AgentAudio(b"a" * 160), AgentAudioDone())
+    feed(call, TwilioMedia(b"b" * 160, SID), TwilioStop(SID), now=3.0)
+    summary = call.summary(3.0)
+    assert summary["outcome"] == "caller_hangup"
+    assert summary["turns"] == 1 and summary["agent_bytes"] == 160 and summary["caller_bytes"] == 160
+    assert summary["agent_latency_avg_s"] == 0.8
+    assert summary["duration_s"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        TwilioMark("x"),
+        TwilioDtmf("1"),
+        TwilioStop(),
+        AgentAudioDone(),
+        AgentUserStartedSpeaking(),
+        AgentSettingsApplied(),
+        AgentWelcome("r"),
+        AgentClosed(),
+        Tick(),
+    ],
+)
+def test_any_event_before_start_is_safe(event: Event) -> None:
+    call = make_call()
+    feed(call, event)  # must not raise
+    if not call.ended:
+        assert of(feed(call, TwilioStart(SID, CALL)), ConnectAgent) or call.agent_state != "idle"

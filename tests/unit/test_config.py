@@ -1,0 +1,120 @@
+"""Configuration: good defaults, and a bad value stops start-up naming the culprit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.codecs import AudioFormat
+from app.config import (
+    DEFAULT_AGENT_URL,
+    OFFLINE_TWILIO_AUTH_TOKEN,
+    ConfigError,
+    Settings,
+    load_profile,
+    load_settings,
+    resolve,
+)
+
+
+def settings(**fields: Any) -> Settings:
+    return Settings(_env_file=None, **fields)  # type: ignore[call-arg]
+
+
+def test_no_keys_means_local_agent_with_offline_token() -> None:
+    config = resolve(settings())
+    assert config.use_local_agent and config.agent_url is None
+    assert config.twilio_auth_token == OFFLINE_TWILIO_AUTH_TOKEN
+    assert any("STREAM_TOKEN_SECRET" in w for w in config.warnings)
+    assert len(config.stream_token_secret) >= 32
+
+
+def test_require_deepgram_refuses_local_agent() -> None:
+    with pytest.raises(ConfigError, match="REQUIRE_DEEPGRAM"):
+        resolve(settings(require_deepgram=True))
+
+
+def test_deepgram_key_uses_real_agent_and_needs_twilio_token() -> None:
+    with pytest.raises(ConfigError, match="TWILIO_AUTH_TOKEN"):
+        resolve(settings(deepgram_api_key="k" * 40))
+    config = resolve(settings(deepgram_api_key="k" * 40, twilio_auth_token="t" * 32, stream_token_secret="s" * 32))
+    assert not config.use_local_agent and config.agent_url == DEFAULT_AGENT_URL
+    assert config.deepgram_api_key == "k" * 40
+    assert config.warnings == ()
+    assert "k" * 40 in config.secrets()
+
+
+def test_default_profile_loads_with_expected_models() -> None:
+    profile = resolve(settings()).profile
+    agent = profile.agent_payload()
+    assert isinstance(agent, dict)
+    assert agent["listen"]["provider"]["model"] == "nova-3"
+    assert agent["think"]["provider"]["model"] == "gpt-4o-mini"
+    assert agent["speak"]["provider"]["model"] == "aura-2-thalia-en"
+    assert agent["greeting"]
+    options = resolve(settings()).call_options()
+    assert options.agent_input == AudioFormat("mulaw", 8000) and options.agent_output == AudioFormat("mulaw", 8000)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"port": 0}, "PORT"),
+        ({"agent_url": "https://agent.example.com"}, "AGENT_URL"),
+        ({"public_url": "ftp://x"}, "PUBLIC_URL"),
+        ({"public_url": "https://x.example.com/?a=1"}, "PUBLIC_URL"),
+        ({"log_level": "loud"}, "LOG_LEVEL"),
+        ({"stream_token_secret": "short"}, "STREAM_TOKEN_SECRET"),
+    ],
+)
+def test_bad_environment_names_the_variable(env: dict[str, Any], names: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key.upper(), str(value))
+    with pytest.raises(ConfigError, match=names):
+        load_settings(_env_file=None)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_profile_and_bad_profiles(tmp_path: Path) -> None:
+    good = write(
+        tmp_path,
+        "p.yaml",
+        "agent:\n  listen: {provider: {type: deepgram, model: nova-3}}\n"
+        "  think: {provider: {type: open_ai, model: gpt-4o-mini}, prompt: hi}\n"
+        "  speak: {provider: {type: deepgram, model: aura-2-thalia-en}}\n"
+        "bridge:\n  agent_audio: {output: {encoding: linear16, sample_rate: 16000}}\n",
+    )
+    profile = load_profile(good)
+    assert profile.bridge.agent_audio.output.to_format() == AudioFormat("linear16", 16000)
+    with pytest.raises(ConfigError, match="agent_audio.input.encoding"):
+        load_profile(
+            write(
+                tmp_path,
+                "a.json",
+                json.dumps({"agent": "id", "bridge": {"agent_audio": {"input": {"encoding": "mp3"}}}}),
+            )
+        )
+    with pytest.raises(ConfigError, match="agent.AgentBlock.listen"):
+        load_profile(write(tmp_path, "b.json", json.dumps({"agent": {"think": {}, "speak": {}}})))
+    with pytest.raises(ConfigError, match="not valid"):
+        load_profile(write(tmp_path, "c.json", "{"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_profile(write(tmp_path, "d.json", json.dumps({"agent": "id", "bogus": 1})))
+    long_prompt = {"agent": {"listen": {}, "think": {"prompt": "x" * 25001}, "speak": {}}}
+    with pytest.raises(ConfigError, match="25000"):
+        load_profile(write(tmp_path, "e.json", json.dumps(long_prompt)))
+
+
+def test_stored_agent_id_profile(tmp_path: Path) -> None:
+    profile = load_profile(write(tmp_path, "id.json", json.dumps({"agent": "agent-config-123"})))
+    assert profile.agent_payload() == "agent-config-123"
