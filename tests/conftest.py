@@ -26,6 +26,16 @@ TWILIO_TOKEN = "test-twilio-auth-token-0123456789"
 STREAM_SECRET = "test-stream-token-secret-0123456789"
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    """Poll a condition another thread makes true; True if it did within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class LoopThread:
     """An asyncio loop in a daemon thread, to host servers while the test thread is the client."""
 

@@ -18,7 +18,7 @@ from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
 from app.devtools.simulated_caller import CallResult, SimulatedCaller, parse_twiml
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,6 +60,7 @@ def test_offline_call_relays_audio_byte_exact_both_ways(agent: AgentHandle, brid
     assert result.violations == []
     assert result.ended_by == "caller"
     session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)  # the agent has consumed everything it was sent
     # caller -> agent: every byte, in order, nothing lost or added
     assert bytes(session.audio_in) == bytes(result.sent)
     # agent -> caller: every byte the agent spoke arrived, as Twilio media
@@ -110,6 +111,7 @@ def test_caller_audio_before_settings_applied_arrives_intact(
     result = place_call(bridge, audio, fast=True, tail=2.0)
 
     session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)
     assert bytes(session.audio_in) == bytes(result.sent)
     ready = bridge.wait_for("agent_ready")
     assert ready["buffered_caller_bytes"] >= len(audio)
@@ -252,6 +254,7 @@ def test_agent_warning_unknown_message_and_function_call_keep_call_up(
     result = place_call(bridge, audio, fast=True, tail=1.0)
     assert result.ended_by == "caller"
     session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)
     responses = [m for m in session.messages if m["type"] == "FunctionCallResponse"]
     assert len(responses) == 1
     assert responses[0]["name"] == "get_weather"
@@ -291,6 +294,7 @@ def test_untrusted_twilio_frames_are_rejected_and_call_goes_on(agent: AgentHandl
 
     asyncio.run(run())
     session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)
     assert bytes(session.audio_in) == good
     kinds = {r["kind"] for r in bridge.records("twilio_frame_rejected")}
     assert {"bad_json", "not_object", "unknown_event", "bad_base64", "binary_frame"} <= kinds
@@ -313,12 +317,12 @@ def test_keepalive_sent_when_caller_audio_stops(
     async def run() -> None:
         async with await caller.open_stream(url) as ws:
             await ws.send(caller.start_message(params))
-            await asyncio.sleep(1.8)
+            await asyncio.sleep(2.6)
             await ws.send(json.dumps({"event": "stop", "streamSid": caller.stream_sid, "stop": {}}))
             await drain_until_closed(ws)
 
     asyncio.run(run())
-    assert agent.agent.sessions[0].keepalives >= 2
+    assert wait_until(lambda: agent.agent.sessions[0].keepalives >= 2)
 
 
 def test_call_logs_carry_ids_and_never_secrets(

@@ -150,7 +150,7 @@ def test_prebuffer_is_bounded_and_drops_oldest_with_one_log() -> None:
 def test_agent_audio_becomes_twilio_media_with_stream_sid() -> None:
     call = ready_call()
     actions = feed(call, AgentAudio(b"\x00\x01\x02"))
-    assert actions == [SendToTwilio('{"event":"media","streamSid":"%s","media":{"payload":"AAEC"}}' % SID)]
+    assert actions == [SendToTwilio('{"event":"media","streamSid":"' + SID + '","media":{"payload":"AAEC"}}')]
 
 
 def test_agent_audio_before_start_is_held_then_played() -> None:
@@ -158,7 +158,7 @@ def test_agent_audio_before_start_is_held_then_played() -> None:
     assert feed(call, AgentAudio(b"\x07" * 10)) == []
     actions = feed(call, TwilioStart(SID, CALL))
     media = of(actions, SendToTwilio)
-    assert len(media) == 1 and '"streamSid":"%s"' % SID in media[0].text
+    assert len(media) == 1 and f'"streamSid":"{SID}"' in media[0].text
 
 
 def test_barge_in_clears_twilio_and_forgets_outstanding_marks() -> None:
@@ -167,7 +167,7 @@ def test_barge_in_clears_twilio_and_forgets_outstanding_marks() -> None:
     mark = of(feed(call, AgentAudioDone()), SendToTwilio)[0]
     assert json.loads(mark.text) == {"event": "mark", "streamSid": SID, "mark": {"name": "agent-audio-1"}}
     actions = feed(call, AgentUserStartedSpeaking())
-    assert actions[0] == ClearTwilio('{"event":"clear","streamSid":"%s"}' % SID)  # first, before anything
+    assert actions[0] == ClearTwilio('{"event":"clear","streamSid":"' + SID + '"}')  # first, before anything
     assert call.stats.barge_ins == 1
     # Twilio returns the cleared mark: that audio was never heard
     assert feed(call, TwilioMark("agent-audio-1", SID)) == []

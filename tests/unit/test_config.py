@@ -94,7 +94,7 @@ def test_yaml_profile_and_bad_profiles(tmp_path: Path) -> None:
     )
     profile = load_profile(good)
     assert profile.bridge.agent_audio.output.to_format() == AudioFormat("linear16", 16000)
-    with pytest.raises(ConfigError, match="agent_audio.input.encoding"):
+    with pytest.raises(ConfigError, match=r"agent_audio\.input\.encoding"):
         load_profile(
             write(
                 tmp_path,
@@ -102,7 +102,7 @@ def test_yaml_profile_and_bad_profiles(tmp_path: Path) -> None:
                 json.dumps({"agent": "id", "bridge": {"agent_audio": {"input": {"encoding": "mp3"}}}}),
             )
         )
-    with pytest.raises(ConfigError, match="agent.AgentBlock.listen"):
+    with pytest.raises(ConfigError, match=r"agent\.AgentBlock\.listen"):
         load_profile(write(tmp_path, "b.json", json.dumps({"agent": {"think": {}, "speak": {}}})))
     with pytest.raises(ConfigError, match="not valid"):
         load_profile(write(tmp_path, "c.json", "{"))

@@ -1,0 +1,55 @@
+"""Pieces of the pumps that hold state: the bridge's Twilio send queue on barge-in, and the
+simulated caller's model of Twilio's playback buffer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.bridge import CallSession
+from app.core.call import CallOptions
+from app.devtools.simulated_caller import Player
+from app.twilio import messages as tm
+from app.twilio.stream_token import StreamTokens
+
+SID = "MZ" + "1" * 32
+
+
+def test_clear_drops_queued_media_and_goes_first() -> None:
+    async def run() -> list[str]:
+        session = CallSession(
+            ws=Any,  # type: ignore[arg-type]  # the queue logic never touches the socket
+            options=CallOptions(agent="id"),
+            tokens=StreamTokens(b"x" * 16),
+            agent_url="ws://127.0.0.1:1/",
+            agent_api_key=None,
+        )
+        for item in [tm.media(SID, b"a"), tm.mark(SID, "m1"), tm.media(SID, b"b")]:
+            session.twilio_out.put_nowait(item)
+        session._clear(tm.clear(SID))
+        assert session.twilio_dropped_on_clear == 2
+        return [session.twilio_out.get_nowait() for _ in range(session.twilio_out.qsize())]
+
+    assert asyncio.run(run()) == [tm.clear(SID)]
+
+
+def test_player_plays_in_real_time_order_and_fires_marks_after_audio() -> None:
+    player = Player()
+    player.add_media(b"a" * 200)
+    player.add_mark("m1")
+    player.add_media(b"b" * 100)
+    player.add_mark("m2")
+    assert player.tick() == (b"a" * 160, [])
+    assert player.tick() == (b"a" * 40 + b"b" * 100, ["m1", "m2"])
+    assert player.idle
+    player.add_mark("m3")  # a mark with no audio before it returns on the next tick
+    assert player.tick() == (b"", ["m3"])
+
+
+def test_player_clear_drops_audio_and_returns_pending_marks() -> None:
+    player = Player()
+    player.add_media(b"a" * 400)
+    player.add_mark("m1")
+    player.tick()
+    assert player.clear() == (240, ["m1"])
+    assert player.idle and player.tick() == (b"", [])
