@@ -121,6 +121,14 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from app.devtools import loadtest
+
+    report = loadtest.run(args.calls, args.seconds, args.ramp, args.url, args.auth_token)
+    print(report.render())
+    return 1 if report.failures or any(r.violations for r in report.results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callbridge", description="A Twilio phone number to Deepgram Voice Agent bridge."
@@ -150,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tail", type=float, default=3.0, help="seconds to stay on the line after the audio")
     sim.add_argument("--auth-token", help="Twilio auth token to sign with (default TWILIO_AUTH_TOKEN)")
     sim.set_defaults(func=cmd_simulate_call)
+
+    load = sub.add_parser("loadtest", help="benchmark: concurrent simulated calls; prints latency, CPU, memory")
+    load.add_argument("--calls", type=int, default=20, help="concurrent calls")
+    load.add_argument("--seconds", type=float, default=20.0, help="caller audio per call")
+    load.add_argument("--ramp", type=float, default=2.0, help="seconds over which calls start")
+    load.add_argument("--url", help="test an already running bridge instead of starting one (no CPU/RSS)")
+    load.add_argument("--auth-token", help="with --url: the bridge's TWILIO_AUTH_TOKEN")
+    load.set_defaults(func=cmd_loadtest)
     return parser
 
 

@@ -64,6 +64,9 @@ class CallResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
     ended_by: str = ""
+    webhook_s: float = 0.0  # POST to TwiML
+    connect_s: float = 0.0  # WebSocket open
+    first_media_s: float | None = None  # from `start` to the first agent audio received
 
     def transcript(self) -> str:
         return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
@@ -140,6 +143,7 @@ class SimulatedCaller:
         self.call_sid = "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = "AC" + uuid.uuid4().hex
+        self.webhook_s = 0.0
 
     # --- the webhook -------------------------------------------------------------------------
 
@@ -167,11 +171,14 @@ class SimulatedCaller:
             method="POST",
         )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        began = time.monotonic()
         try:
             with opener.open(request, timeout=10) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")
+        finally:
+            self.webhook_s = time.monotonic() - began
 
     # --- the stream --------------------------------------------------------------------------
 
@@ -212,7 +219,10 @@ class SimulatedCaller:
             raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
         url, parameters = parse_twiml(body)
         result = CallResult(self.call_sid, body, url, parameters)
+        result.webhook_s = self.webhook_s
+        began = time.monotonic()
         ws = await self.open_stream(url)
+        result.connect_s = time.monotonic() - began
         try:
             await _Stream(self, ws, result).run(audio, parameters)
         finally:
@@ -363,6 +373,8 @@ class _Stream:
             event = msg["event"]
             if event == "media":
                 audio = base64.b64decode(msg["media"]["payload"])
+                if self.result.first_media_s is None:
+                    self.result.first_media_s = self.now()
                 self.result.received += audio
                 self.player.add_media(audio)
             elif event == "mark":
