@@ -82,6 +82,16 @@ class BridgeHandle:
     base_url: str
     config: RuntimeConfig
     log_buffer: io.StringIO
+    server: uvicorn.Server
+
+    def task_count(self) -> int:
+        """Tasks alive on the server's loop (excluding the one counting)."""
+        loop = self.server.servers[0].get_loop()
+
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1
+
+        return asyncio.run_coroutine_threadsafe(count(), loop).result(5)
 
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_buffer.getvalue().splitlines() if line.startswith("{")]
@@ -139,7 +149,7 @@ def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
             time.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         servers.append((server, thread))
-        return BridgeHandle(f"http://127.0.0.1:{port}", config, buffer)
+        return BridgeHandle(f"http://127.0.0.1:{port}", config, buffer, server)
 
     yield start
     for server, thread in servers:

@@ -357,3 +357,20 @@ def test_bad_agent_key_ends_call_with_clear_reason(
     assert result.ended_by == "bridge"
     failed = bridge.wait_for("agent_connect_failed")
     assert "401" in failed["reason"]
+
+
+def test_calls_leave_no_tasks_behind(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    agent = start_agent(LocalAgentConfig(script=[ScriptStep(on="utterance", n=1, do="error")]))
+    bridge = start_bridge(agent.url)
+    baseline = bridge.task_count()
+    # a normal hang-up, an agent error mid-call, and a refused stream
+    place_call(bridge, caller_audio(("silence", 0.3)), fast=True, tail=0.3)
+    place_call(bridge, caller_audio(("speech", "hello"), ("silence", 0.6)), fast=True, tail=5)
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url, params = parse_twiml(caller.post_webhook()[1])
+    params["stream_token"] = "1.2.3"
+    assert asyncio.run(_stream_with(url, caller, params)) == 1008
+    assert wait_until(lambda: bridge.task_count() <= baseline), f"{bridge.task_count()} tasks, baseline {baseline}"
+    assert len(bridge.records("call_ended")) == 2
