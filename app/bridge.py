@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -27,12 +29,15 @@ from app.core.actions import (
     ConnectAgent,
     EndCall,
     Log,
+    Measure,
     SendToAgent,
     SendToTwilio,
 )
 from app.core.call import Call, CallOptions
 from app.core.events import BridgeStopping, Event, Tick, TwilioClosed, TwilioInvalid, TwilioStart
+from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
+from app.observability.metrics import Metrics
 from app.twilio import messages as twilio_msg
 from app.twilio.stream_token import TOKEN_PARAMETER, StreamTokens
 
@@ -45,8 +50,38 @@ POLICY_VIOLATION = 1008
 MEDIA_PREFIX = '{"event":"media"'
 
 
+def _media_bytes(message: str) -> int:
+    """Audio bytes in one of our own media messages, without decoding it."""
+    payload = message[message.index('"payload":"') + 11 : -3]
+    return len(payload) * 3 // 4 - payload.count("=")
+
+
+@dataclass
+class _Flushed:
+    caller_frames: int = 0
+    agent_frames: int = 0
+    caller_bytes: int = 0
+    agent_bytes: int = 0
+    caller_bytes_dropped: int = 0
+    agent_bytes_dropped: int = 0
+    cleared_bytes: int = 0
+    invalid: dict[str, int] = field(default_factory=dict)
+
+
 class QueueOverflow(Exception):
     pass
+
+
+@dataclass
+class CallDeps:
+    """What every call shares with the service."""
+
+    tokens: StreamTokens
+    agent_url: str
+    agent_api_key: str | None
+    metrics: Metrics = field(default_factory=Metrics)
+    records: CallRecordSender | None = None
+    record_transcript: bool = False
 
 
 class CallSession:
@@ -54,17 +89,18 @@ class CallSession:
         self,
         ws: WebSocket,
         options: CallOptions,
-        tokens: StreamTokens,
-        agent_url: str,
-        agent_api_key: str | None,
+        deps: CallDeps,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ws = ws
         self.options = options
-        self.tokens = tokens
-        self.agent_url = agent_url
-        self.agent_api_key = agent_api_key
+        self.deps = deps
+        self.tokens = deps.tokens
+        self.agent_url = deps.agent_url
+        self.agent_api_key = deps.agent_api_key
+        self.metrics = deps.metrics
         self.clock = clock
+        self.wall_started = time.time()
         self.log: Any = get_logger()
         self.call = Call(options, now=clock())
         self.twilio_out: asyncio.Queue[str] = asyncio.Queue(TWILIO_QUEUE_LIMIT)
@@ -78,6 +114,8 @@ class CallSession:
         self._clear_requested_at = 0.0
         self.clear_latencies_ms: list[float] = []
         self.twilio_dropped_on_clear = 0
+        self.twilio_bytes_dropped_on_clear = 0
+        self._flushed = _Flushed()
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -104,6 +142,8 @@ class CallSession:
                 self.log = self.log.bind(**action.fields)  # type: ignore[union-attr]
             elif kind is ConnectAgent:
                 self._spawn(run_session(self.agent_url, self.agent_api_key, self.feed, self._agent_opened))
+            elif kind is Measure:
+                self.metrics.record(action.metric, action.value, action.label)  # type: ignore[union-attr]
             elif kind is EndCall:
                 self.end = action  # type: ignore[assignment]
                 self.done.set()
@@ -123,6 +163,7 @@ class CallSession:
             self.twilio_out.task_done()
             if item.startswith(MEDIA_PREFIX):
                 self.twilio_dropped_on_clear += 1
+                self.twilio_bytes_dropped_on_clear += _media_bytes(item)
             elif not item.startswith('{"event":"mark"'):
                 kept.append(item)
         self.twilio_out.put_nowait(text)
@@ -172,9 +213,10 @@ class CallSession:
                 queue.task_done()
                 if text is self._clear_text:
                     self._clear_text = None
-                    latency_ms = (self.clock() - self._clear_requested_at) * 1000
-                    self.clear_latencies_ms.append(latency_ms)
-                    self.log.info("barge_in_clear_sent", latency_ms=round(latency_ms, 3))
+                    latency = self.clock() - self._clear_requested_at
+                    self.clear_latencies_ms.append(latency * 1000)
+                    self.metrics.clear_latency.observe(latency)
+                    self.log.info("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.feed(TwilioClosed(None))
 
@@ -189,6 +231,39 @@ class CallSession:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self.feed(Tick())
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        """Move the call's own counters into Prometheus: per tick, not per frame."""
+        stats, seen, m = self.call.stats, self._flushed, self.metrics
+        for counter, direction, now, before in (
+            (m.frames, "caller_to_agent", stats.caller_frames, seen.caller_frames),
+            (m.frames, "agent_to_caller", stats.agent_frames, seen.agent_frames),
+            (m.bytes, "caller_to_agent", stats.caller_bytes, seen.caller_bytes),
+            (m.bytes, "agent_to_caller", stats.agent_bytes, seen.agent_bytes),
+        ):
+            if now > before:
+                counter.labels(direction).inc(now - before)
+        for reason, direction, now, before in (
+            ("agent_not_ready", "caller_to_agent", stats.caller_bytes_dropped, seen.caller_bytes_dropped),
+            ("no_stream_or_barge_in", "agent_to_caller", stats.agent_bytes_dropped, seen.agent_bytes_dropped),
+            ("barge_in", "agent_to_caller", self.twilio_bytes_dropped_on_clear, seen.cleared_bytes),
+        ):
+            if now > before:
+                m.dropped.labels(direction, reason).inc(now - before)
+        for kind, count in stats.invalid.items():
+            if count > seen.invalid.get(kind, 0):
+                m.invalid_inputs.labels(kind).inc(count - seen.invalid.get(kind, 0))
+        self._flushed = _Flushed(
+            stats.caller_frames,
+            stats.agent_frames,
+            stats.caller_bytes,
+            stats.agent_bytes,
+            stats.caller_bytes_dropped,
+            stats.agent_bytes_dropped,
+            self.twilio_bytes_dropped_on_clear,
+            dict(stats.invalid),
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -214,14 +289,17 @@ class CallSession:
             start = None
         if start is None:
             self.log.warning("twilio_stream_without_start")
+            self.metrics.streams_rejected.labels("no_start").inc()
             await self._close_twilio(POLICY_VIOLATION)
             return
         self.log = self.log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
         problem = self.tokens.redeem(start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid)
         if problem is not None:
             self.log.warning("stream_token_rejected", reason=problem)
+            self.metrics.streams_rejected.labels("bad_token").inc()
             await self._close_twilio(POLICY_VIOLATION)
             return
+        self.metrics.active_calls.inc()
         self.feed(start)
         self._spawn(self._twilio_writer())
         self._spawn(self._twilio_reader())
@@ -245,11 +323,33 @@ class CallSession:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self._close_twilio(1000)
+        self.metrics.active_calls.dec()
+        self._flush_metrics()
         summary = self.call.summary(self.clock())
+        self.metrics.calls.labels(summary["outcome"]).inc()
         if self.clear_latencies_ms:
             summary["clear_latency_ms_max"] = round(max(self.clear_latencies_ms), 3)
-        summary["twilio_media_dropped_on_clear"] = self.twilio_dropped_on_clear
+        summary["agent_bytes_dropped_on_clear"] = self.twilio_bytes_dropped_on_clear
         self.log.info("call_ended", **summary)
+        if self.deps.records is not None:
+            self.deps.records.submit(self.record(summary))
+
+    def record(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The call record for CALL_EVENTS_URL: ids, parties, the summary, maybe the transcript."""
+        call = self.call
+        record: dict[str, Any] = {
+            "type": "call.ended",
+            "call_sid": call.call_sid,
+            "stream_sid": call.stream_sid,
+            "agent_request_id": call.request_id,
+            "from": call.custom_parameters.get("from", ""),
+            "to": call.custom_parameters.get("to", ""),
+            "started_at": datetime.fromtimestamp(self.wall_started, UTC).isoformat(),
+            **summary,
+        }
+        if self.deps.record_transcript:
+            record["transcript"] = [{"t": t, "role": role, "content": text} for t, role, text in call.transcript]
+        return record
 
     async def _close_twilio(self, code: int) -> None:
         if self.ws.application_state != WebSocketState.DISCONNECTED:

@@ -50,6 +50,28 @@ class Settings(BaseSettings):
     stream_token_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
     require_deepgram: bool = False
     local_agent_port: int = Field(default=0, ge=0, le=65535)
+    call_events_url: str | None = None
+    call_events_transcript: bool = False
+    webhook_signing_secret: SecretStr | None = None
+    drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
+    readiness_check_agent: bool = False
+
+    @field_validator("call_events_url")
+    @classmethod
+    def _events_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_signing_secret")
+    @classmethod
+    def _signing_len(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -188,8 +210,19 @@ class RuntimeConfig:
         key = self.settings.deepgram_api_key
         return key.get_secret_value() if key else None
 
+    @property
+    def webhook_signing_secret(self) -> bytes | None:
+        secret = self.settings.webhook_signing_secret
+        return secret.get_secret_value().encode() if secret else None
+
     def secrets(self) -> list[str]:
-        values = [self.deepgram_api_key, self.twilio_auth_token, self.stream_token_secret.decode()]
+        signing = self.webhook_signing_secret
+        values = [
+            self.deepgram_api_key,
+            self.twilio_auth_token,
+            self.stream_token_secret.decode(),
+            signing.decode() if signing else None,
+        ]
         return [v for v in values if v]
 
     def call_options(self) -> CallOptions:
@@ -248,6 +281,8 @@ def resolve(settings: Settings) -> RuntimeConfig:
             "STREAM_TOKEN_SECRET not set: generated one for this process; "
             "multi-replica deployments must set the same secret on every replica"
         )
+    if settings.call_events_url and settings.webhook_signing_secret is None:
+        warnings.append("CALL_EVENTS_URL is set without WEBHOOK_SIGNING_SECRET: call records are sent unsigned")
     if settings.public_url and not settings.public_url.startswith("https://") and not use_local:
         warnings.append("PUBLIC_URL is not https: Twilio requires https webhooks and wss streams")
 

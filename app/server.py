@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twilio.request_validator import RequestValidator
 
-from app.bridge import POLICY_VIOLATION, CallSession
+from app.bridge import POLICY_VIOLATION, CallDeps, CallSession
 from app.config import RuntimeConfig
 from app.devtools.local_agent import LocalAgent
+from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
+from app.observability.metrics import Metrics
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
 from app.twilio.stream_token import StreamTokens
@@ -21,27 +27,66 @@ from app.twilio.stream_token import StreamTokens
 log = get_logger(component="server")
 
 
+AGENT_CHECK_TTL = 30.0
+
+
 @dataclass
 class AppState:
     config: RuntimeConfig
     tokens: StreamTokens
     validator: RequestValidator | None
+    metrics: Metrics
+    records: CallRecordSender
     agent_url: str = ""
     local_agent: LocalAgent | None = None
     calls: set[asyncio.Task[None]] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress
+    draining: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+    agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
+
+    async def agent_problem(self) -> str | None:
+        """Can this pod reach the agent host? A TCP connect, cached: no session is opened."""
+        checked_at, problem = self.agent_check
+        if time.monotonic() - checked_at < AGENT_CHECK_TTL:
+            return problem
+        parts = urlsplit(self.agent_url)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        problem = None
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), 2.0)
+            writer.close()
+            await writer.wait_closed()
+        except (OSError, TimeoutError) as exc:
+            problem = f"agent host {parts.hostname}:{port} unreachable: {type(exc).__name__}"
+        self.agent_check = (time.monotonic(), problem)
+        return problem
+
+    async def drain(self, limit_s: float) -> None:
+        """Stop being ready, then wait (bounded) for the calls in progress to end."""
+        self.draining = True
+        log.info("drain_started", active_calls=len(self.calls), timeout_s=limit_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), limit_s)
+        log.info("drain_finished", calls_left=len(self.calls))
 
 
 def create_app(config: RuntimeConfig) -> FastAPI:
     settings = config.settings
+    metrics = Metrics()
     state = AppState(
         config=config,
         tokens=StreamTokens(config.stream_token_secret, settings.stream_token_ttl_seconds),
         validator=RequestValidator(config.twilio_auth_token) if config.twilio_auth_token else None,
+        metrics=metrics,
+        records=CallRecordSender(settings.call_events_url, config.webhook_signing_secret, metrics),
         agent_url=config.agent_url or "",
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
+        state.idle.set()
         for warning in config.warnings:
             log.warning("config_warning", detail=warning)
         if config.use_local_agent:
@@ -61,12 +106,37 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             for task in list(state.calls):
                 task.cancel()
             await asyncio.gather(*state.calls, return_exceptions=True)
+            await state.records.close()
             if state.local_agent is not None:
                 await state.local_agent.stop()
             log.info("service_stopped")
 
     app = FastAPI(title="callbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bridge = state
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        problems = []
+        if state.draining:
+            problems.append("draining: finishing calls before shutdown")
+        if not state.agent_url:
+            problems.append("agent not configured yet")
+        elif settings.readiness_check_agent and not config.use_local_agent:
+            problem = await state.agent_problem()
+            if problem:
+                problems.append(problem)
+        body: dict[str, object] = {"status": "ready" if not problems else "not ready", "active_calls": len(state.calls)}
+        if problems:
+            body["problems"] = problems
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(webhook.VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:
@@ -77,12 +147,14 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             signature = request.headers.get("X-Twilio-Signature", "")
             if not webhook.signature_ok(state.validator, url, params, signature):
                 log.warning("webhook_signature_invalid", url=url, has_signature=bool(signature))
+                metrics.webhooks.labels("bad_signature").inc()
                 return Response("invalid signature\n", status_code=403, media_type="text/plain")
         else:
             log.warning("webhook_signature_not_checked", detail="TWILIO_VALIDATE_SIGNATURE is off")
         call_sid = params.get("CallSid", "")
         if not SID_PATTERN.fullmatch(call_sid):
             log.warning("webhook_without_call_sid")
+            metrics.webhooks.labels("bad_request").inc()
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
         twiml = webhook.connect_twiml(
@@ -92,6 +164,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             params.get("To", ""),
         )
         log.info("call_answered", call_sid=call_sid, direction=params.get("Direction", ""))
+        metrics.webhooks.labels("answered").inc()
         return Response(twiml, media_type="application/xml")
 
     @app.websocket(webhook.MEDIA_PATH)
@@ -101,22 +174,28 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             url = webhook.stream_url(webhook.public_base_url(ws, settings.public_url))
             if not webhook.signature_ok(state.validator, url, {}, signature):
                 log.warning("media_stream_signature_invalid", url=url)
+                metrics.streams_rejected.labels("bad_signature").inc()
                 await ws.close(POLICY_VIOLATION)
                 return
         await ws.accept()
-        session = CallSession(
-            ws,
-            config.call_options(),
-            state.tokens,
-            state.agent_url,
-            config.deepgram_api_key,
+        deps = CallDeps(
+            tokens=state.tokens,
+            agent_url=state.agent_url,
+            agent_api_key=config.deepgram_api_key,
+            metrics=metrics,
+            records=state.records,
+            record_transcript=settings.call_events_transcript,
         )
+        session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
         assert task is not None
         state.calls.add(task)
+        state.idle.clear()
         try:
             await session.run()
         finally:
             state.calls.discard(task)
+            if not state.calls:
+                state.idle.set()
 
     return app

@@ -55,4 +55,13 @@ class BindLogContext:
     fields: dict[str, str]
 
 
-Action = SendToTwilio | ClearTwilio | SendToAgent | ConnectAgent | EndCall | Log | BindLogContext
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """Record ``value`` on the metric called ``metric`` (see observability/metrics.py)."""
+
+    metric: str
+    value: float = 1.0
+    label: str = ""
+
+
+Action = SendToTwilio | ClearTwilio | SendToAgent | ConnectAgent | EndCall | Log | BindLogContext | Measure

@@ -23,6 +23,7 @@ from app.core.actions import (
     ConnectAgent,
     EndCall,
     Log,
+    Measure,
     SendToAgent,
     SendToTwilio,
 )
@@ -116,6 +117,7 @@ class Call:
         self.agent_state = IDLE
         self.agent_connect_started = 0.0
         self.agent_ready_at: float | None = None
+        self.stream_started_at: float | None = None
         self.first_agent_audio_at: float | None = None
         self.transcript: list[tuple[float, str, str]] = []
         self._last_sent_to_agent = now
@@ -203,6 +205,7 @@ class Call:
         if self.streaming or self.stream_sid:
             return [Log("warning", "twilio_start_repeated", {"stream_sid": event.stream_sid})]
         self.streaming = True
+        self.stream_started_at = now
         self.stream_sid = event.stream_sid
         self.call_sid = event.call_sid
         self.custom_parameters = dict(event.custom_parameters)
@@ -328,6 +331,7 @@ class Call:
         self.agent_state = READY
         self.agent_ready_at = now
         actions: list[Action] = [
+            Measure("agent_connect", now - self.agent_connect_started),
             Log(
                 "info",
                 "agent_ready",
@@ -335,7 +339,7 @@ class Call:
                     "ready_s": round(now - self.agent_connect_started, 3),
                     "buffered_caller_bytes": self._prebuffer_bytes,
                 },
-            )
+            ),
         ]
         while self._prebuffer:
             actions.append(SendToAgent(self._prebuffer.popleft()))
@@ -352,11 +356,13 @@ class Call:
         stats = self.stats
         stats.agent_frames += 1
         stats.agent_bytes += len(data)
-        if self.first_agent_audio_at is None:
-            self.first_agent_audio_at = now
         if not self.streaming:
             return self._hold_agent_audio(data)
-        return [SendToTwilio(twilio_msg.media(self.stream_sid, data))]
+        send = SendToTwilio(twilio_msg.media(self.stream_sid, data))
+        if self.first_agent_audio_at is None and self.stream_started_at is not None:
+            self.first_agent_audio_at = now
+            return [send, Measure("first_agent_audio", now - self.stream_started_at)]
+        return [send]
 
     def _hold_agent_audio(self, data: bytes) -> list[Action]:
         if self._held_agent_bytes + len(data) > self._held_agent_limit:
@@ -385,14 +391,20 @@ class Call:
         if interrupted:
             self.stats.barge_ins += 1
             actions.append(Log("info", "barge_in", {"turn": self.stats.turns}))
+            actions.append(Measure("barge_ins"))
         return actions
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
         self._agent_speaking = True
         self.stats.turns += 1
+        actions: list[Action] = []
+        for kind, value in (("total", event.total_latency), ("ttt", event.ttt_latency), ("tts", event.tts_latency)):
+            if value is not None:
+                actions.append(Measure("agent_latency", value, kind))
         if event.total_latency is not None:
             self.stats.agent_latencies.append(event.total_latency)
         return [
+            *actions,
             Log(
                 "info",
                 "agent_started_speaking",
@@ -402,7 +414,7 @@ class Call:
                     "tts_latency": event.tts_latency,
                     "ttt_latency": event.ttt_latency,
                 },
-            )
+            ),
         ]
 
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
@@ -439,11 +451,15 @@ class Call:
         return actions
 
     def _on_warning(self, event: AgentWarning, now: float) -> list[Action]:
-        return [Log("warning", "agent_warning", {"code": event.code, "description": event.description})]
+        return [
+            Log("warning", "agent_warning", {"code": event.code, "description": event.description}),
+            Measure("agent_warnings", 1, event.code),
+        ]
 
     def _on_error(self, event: AgentError, now: float) -> list[Action]:
         return [
             Log("error", "agent_error", {"code": event.code, "description": event.description}),
+            Measure("agent_errors", 1, event.code),
             self._end(f"agent error {event.code}", "agent_error"),
         ]
 
@@ -520,5 +536,6 @@ class Call:
         if self.agent_ready_at is not None:
             record["agent_ready_s"] = round(self.agent_ready_at - self.agent_connect_started, 3)
         if self.first_agent_audio_at is not None:
-            record["first_agent_audio_s"] = round(self.first_agent_audio_at - self.started_at, 3)
+            since = self.stream_started_at if self.stream_started_at is not None else self.started_at
+            record["first_agent_audio_s"] = round(self.first_agent_audio_at - since, 3)
         return record

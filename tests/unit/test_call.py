@@ -17,6 +17,7 @@ from app.core.actions import (
     ConnectAgent,
     EndCall,
     Log,
+    Measure,
     SendToAgent,
     SendToTwilio,
 )
@@ -150,7 +151,11 @@ def test_prebuffer_is_bounded_and_drops_oldest_with_one_log() -> None:
 def test_agent_audio_becomes_twilio_media_with_stream_sid() -> None:
     call = ready_call()
     actions = feed(call, AgentAudio(b"\x00\x01\x02"))
-    assert actions == [SendToTwilio('{"event":"media","streamSid":"' + SID + '","media":{"payload":"AAEC"}}')]
+    assert [a.metric for a in of(actions, Measure)] == ["first_agent_audio"]
+    assert feed(call, AgentAudio(b"\x00\x01\x02")) == of(actions, SendToTwilio)  # measured once
+    assert of(actions, SendToTwilio) == [
+        SendToTwilio('{"event":"media","streamSid":"' + SID + '","media":{"payload":"AAEC"}}')
+    ]
 
 
 def test_agent_audio_before_start_is_held_then_played() -> None:
@@ -360,3 +365,15 @@ def test_any_event_before_start_is_safe(event: Event) -> None:
     feed(call, event)  # must not raise
     if not call.ended:
         assert of(feed(call, TwilioStart(SID, CALL)), ConnectAgent) or call.agent_state != "idle"
+
+
+def test_measurements_for_metrics() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"), now=1.0)
+    ready = feed(call, AgentSettingsApplied(), now=1.25)
+    assert Measure("agent_connect", 0.25) in ready
+    latencies = feed(call, AgentStartedSpeaking(total_latency=0.9, tts_latency=0.2, ttt_latency=0.7))
+    assert {(m.label, m.value) for m in of(latencies, Measure)} == {("total", 0.9), ("tts", 0.2), ("ttt", 0.7)}
+    assert Measure("barge_ins") in feed(call, AgentUserStartedSpeaking())
+    assert Measure("agent_warnings", 1, "W1") in feed(call, AgentWarning("W1", ""))
+    assert Measure("agent_errors", 1, "E1") in feed(call, AgentError("E1", ""))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from app.bridge import CallSession
+from app.bridge import CallDeps, CallSession
 from app.core.call import CallOptions
 from app.devtools.simulated_caller import Player
 from app.twilio import messages as tm
@@ -20,14 +20,13 @@ def test_clear_drops_queued_media_and_goes_first() -> None:
         session = CallSession(
             ws=Any,  # type: ignore[arg-type]  # the queue logic never touches the socket
             options=CallOptions(agent="id"),
-            tokens=StreamTokens(b"x" * 16),
-            agent_url="ws://127.0.0.1:1/",
-            agent_api_key=None,
+            deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
         )
         for item in [tm.media(SID, b"a"), tm.mark(SID, "m1"), tm.media(SID, b"b")]:
             session.twilio_out.put_nowait(item)
         session._clear(tm.clear(SID))
         assert session.twilio_dropped_on_clear == 2
+        assert session.twilio_bytes_dropped_on_clear == 2
         return [session.twilio_out.get_nowait() for _ in range(session.twilio_out.qsize())]
 
     assert asyncio.run(run()) == [tm.clear(SID)]

@@ -1,0 +1,121 @@
+"""Prometheus metrics. One line per metric in ``Metrics.__init__``; label values are small
+fixed sets (never a call id), so cardinality stays bounded whatever the peers send.
+
+Hot-path counters (frames, bytes) are not touched per frame: the call adds its own counts
+and the pump flushes the difference here every tick and at the end of the call.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+
+AGENT_CODES = frozenset(
+    {
+        "CLIENT_MESSAGE_TIMEOUT",
+        "UNPARSABLE_CLIENT_MESSAGE",
+        "NON_SETTINGS_MESSAGE_BEFORE_SETTINGS",
+        "SETTINGS_ALREADY_APPLIED",
+        "INVALID_SETTINGS",
+        "FAILED_TO_START_LISTENING",
+        "ASR_CONNECTION_CLOSED",
+        "INTERNAL_SERVER_ERROR",
+        "THINK_REQUEST_FAILED",
+        "SPEAK_REQUEST_FAILED",
+        "FUNCTION_CALL_FAILED",
+        "PROMPT_TOO_LONG",
+    }
+)
+
+
+def bounded(value: str, allowed: frozenset[str]) -> str:
+    """A label value from a peer, folded to "other" unless it is one we know."""
+    return value if value in allowed else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.active_calls = Gauge("callbridge_active_calls", "Calls with an open media stream.", registry=r)
+        self.calls = Counter("callbridge_calls_total", "Calls ended, by outcome.", ["outcome"], registry=r)
+        self.webhooks = Counter(
+            "callbridge_webhook_requests_total", "Voice webhook requests, by result.", ["result"], registry=r
+        )
+        self.streams_rejected = Counter(
+            "callbridge_streams_rejected_total",
+            "Media streams refused before any agent session, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.agent_connect = Histogram(
+            "callbridge_agent_connect_seconds",
+            "Agent session start to SettingsApplied (connect, Welcome, Settings).",
+            buckets=SLOW,
+            registry=r,
+        )
+        self.first_agent_audio = Histogram(
+            "callbridge_first_agent_audio_seconds",
+            "Stream start to the first agent audio (usually the greeting).",
+            buckets=SLOW,
+            registry=r,
+        )
+        self.barge_ins = Counter("callbridge_barge_ins_total", "Times the caller interrupted the agent.", registry=r)
+        self.clear_latency = Histogram(
+            "callbridge_barge_in_clear_seconds",
+            "Bridge-side time from UserStartedSpeaking received to Twilio clear sent.",
+            buckets=FAST,
+            registry=r,
+        )
+        self.agent_latency = Histogram(
+            "callbridge_agent_latency_seconds",
+            "Agent-reported latency from AgentStartedSpeaking, by kind (total, ttt, tts).",
+            ["kind"],
+            buckets=SLOW,
+            registry=r,
+        )
+        self.frames = Counter(
+            "callbridge_audio_frames_total", "Audio frames relayed, by direction.", ["direction"], registry=r
+        )
+        self.bytes = Counter(
+            "callbridge_audio_bytes_total",
+            "Audio bytes relayed (Twilio-side mu-law), by direction.",
+            ["direction"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "callbridge_audio_dropped_bytes_total",
+            "Audio bytes dropped, by direction and reason.",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.agent_errors = Counter(
+            "callbridge_agent_errors_total", "Error messages from the agent, by code.", ["code"], registry=r
+        )
+        self.agent_warnings = Counter(
+            "callbridge_agent_warnings_total", "Warning messages from the agent, by code.", ["code"], registry=r
+        )
+        self.invalid_inputs = Counter(
+            "callbridge_invalid_inputs_total", "Frames rejected from the network, by kind.", ["kind"], registry=r
+        )
+        self.call_records = Counter(
+            "callbridge_call_records_total",
+            "Call records POSTed to CALL_EVENTS_URL, by result.",
+            ["result"],
+            registry=r,
+        )
+
+    def record(self, name: str, value: float = 1.0, label: str = "") -> None:
+        """Apply a core ``Measure``: counters add, histograms observe, gauges set."""
+        metric: MetricWrapperBase = getattr(self, name)
+        if name in ("agent_errors", "agent_warnings"):
+            label = bounded(label, AGENT_CODES)
+        target = metric.labels(label) if label else metric
+        if isinstance(metric, Counter):
+            target.inc(value)  # type: ignore[attr-defined]
+        elif isinstance(metric, Histogram):
+            target.observe(value)  # type: ignore[attr-defined]
+        elif isinstance(metric, Gauge):
+            target.set(value)  # type: ignore[attr-defined]
