@@ -13,13 +13,9 @@ from pathlib import Path
 from app.config import OFFLINE_TWILIO_AUTH_TOKEN, ConfigError, load_settings, resolve
 from app.observability import logging as logs
 
-WS_MAX_SIZE = 64 * 1024  # Twilio frames are ~250 bytes; refuse anything absurd at the socket
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.server import create_app
+    from app.serving import serve
 
     try:
         settings = load_settings()
@@ -29,18 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level)
     logs.register_secrets(config.secrets())
-    uvicorn.run(
-        create_app(config),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        ws_max_size=WS_MAX_SIZE,
-        ws_per_message_deflate=False,
-        proxy_headers=True,
-        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-    )
+    serve(config, args.host or settings.host, args.port or settings.port)
     return 0
 
 
