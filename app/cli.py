@@ -114,6 +114,49 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 1 if report.failures or any(r.violations for r in report.results) else 0
 
 
+def cmd_twilio(args: argparse.Namespace) -> int:
+    from app.twilio import rest
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"callbridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    try:
+        client = rest.make_client(settings.twilio_account_sid, token, settings.twilio_api_base)
+    except rest.SetupError as exc:
+        client = None
+        if args.twilio_command == "configure-number":
+            print(f"callbridge: {exc}", file=sys.stderr)
+            return 2
+    if args.twilio_command == "configure-number":
+        assert client is not None
+        try:
+            sid, changes = rest.configure_number(
+                client,
+                args.number,
+                settings.public_url,
+                dry_run=args.dry_run,
+                status_callback=not args.no_status_callback,
+            )
+        except rest.SetupError as exc:
+            print(f"callbridge: {exc}", file=sys.stderr)
+            return 1
+        if not changes:
+            print(f"{args.number} ({sid}) already points at {settings.public_url}: nothing to change")
+            return 0
+        verb = "would change" if args.dry_run else "changed"
+        print(f"{args.number} ({sid}) {verb}:")
+        for change in changes:
+            print(f"  {change.field}: {change.current or '(empty)'} -> {change.desired}")
+        return 0
+    checks = rest.check_setup(client, settings.twilio_account_sid, settings.public_url, args.number)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="callbridge", description="A Twilio phone number to Deepgram Voice Agent bridge."
@@ -151,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--url", help="test an already running bridge instead of starting one (no CPU/RSS)")
     load.add_argument("--auth-token", help="with --url: the bridge's TWILIO_AUTH_TOKEN")
     load.set_defaults(func=cmd_loadtest)
+
+    twilio = sub.add_parser(
+        "twilio", help="Twilio number setup (uses TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, PUBLIC_URL)"
+    )
+    twilio_sub = twilio.add_subparsers(dest="twilio_command", required=True)
+    configure = twilio_sub.add_parser("configure-number", help="point a number's voice webhook at PUBLIC_URL")
+    configure.add_argument("number", help="E.164, e.g. +15551234567")
+    configure.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    configure.add_argument("--no-status-callback", action="store_true", help="leave the status callback alone")
+    configure.set_defaults(func=cmd_twilio)
+    check = twilio_sub.add_parser("check", help="verify credentials and that PUBLIC_URL is https and reachable")
+    check.add_argument("--number", help="also check that this number points at the bridge")
+    check.set_defaults(func=cmd_twilio)
     return parser
 
 

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     webhook_signing_secret: SecretStr | None = None
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     readiness_check_agent: bool = False
+    twilio_api_base: str = "https://api.twilio.com"
 
     @field_validator("call_events_url")
     @classmethod

@@ -138,8 +138,8 @@ def create_app(config: RuntimeConfig) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(webhook.VOICE_PATH)
-    async def twilio_voice(request: Request) -> Response:
+    async def signed_form(request: Request) -> dict[str, str] | None:
+        """The posted parameters, or None when Twilio's signature does not check out."""
         form = await request.form()
         params = {key: str(value) for key, value in form.items()}
         if state.validator is not None and settings.twilio_validate_signature:
@@ -148,9 +148,31 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             if not webhook.signature_ok(state.validator, url, params, signature):
                 log.warning("webhook_signature_invalid", url=url, has_signature=bool(signature))
                 metrics.webhooks.labels("bad_signature").inc()
-                return Response("invalid signature\n", status_code=403, media_type="text/plain")
+                return None
         else:
             log.warning("webhook_signature_not_checked", detail="TWILIO_VALIDATE_SIGNATURE is off")
+        return params
+
+    def forbidden() -> Response:
+        return Response("invalid signature\n", status_code=403, media_type="text/plain")
+
+    @app.post(webhook.STATUS_PATH)
+    async def twilio_status(request: Request) -> Response:
+        params = await signed_form(request)
+        if params is None:
+            return forbidden()
+        status = params.get("CallStatus", "")
+        metrics.record("call_status", 1, status)
+        log.info(
+            "call_status", call_sid=params.get("CallSid", ""), status=status, duration_s=params.get("CallDuration")
+        )
+        return Response(status_code=204)
+
+    @app.post(webhook.VOICE_PATH)
+    async def twilio_voice(request: Request) -> Response:
+        params = await signed_form(request)
+        if params is None:
+            return forbidden()
         call_sid = params.get("CallSid", "")
         if not SID_PATTERN.fullmatch(call_sid):
             log.warning("webhook_without_call_sid")

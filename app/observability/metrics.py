@@ -31,6 +31,11 @@ AGENT_CODES = frozenset(
 )
 
 
+CALL_STATUSES = frozenset(
+    {"queued", "initiated", "ringing", "in-progress", "completed", "busy", "failed", "no-answer", "canceled"}
+)
+
+
 def bounded(value: str, allowed: frozenset[str]) -> str:
     """A label value from a peer, folded to "other" unless it is one we know."""
     return value if value in allowed else "other"
@@ -100,6 +105,9 @@ class Metrics:
         self.invalid_inputs = Counter(
             "callbridge_invalid_inputs_total", "Frames rejected from the network, by kind.", ["kind"], registry=r
         )
+        self.call_status = Counter(
+            "callbridge_call_status_total", "Twilio call status callbacks, by final status.", ["status"], registry=r
+        )
         self.call_records = Counter(
             "callbridge_call_records_total",
             "Call records POSTed to CALL_EVENTS_URL, by result.",
@@ -112,6 +120,8 @@ class Metrics:
         metric: MetricWrapperBase = getattr(self, name)
         if name in ("agent_errors", "agent_warnings"):
             label = bounded(label, AGENT_CODES)
+        elif name == "call_status":
+            label = bounded(label, CALL_STATUSES)
         target = metric.labels(label) if label else metric
         if isinstance(metric, Counter):
             target.inc(value)  # type: ignore[attr-defined]

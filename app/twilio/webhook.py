@@ -13,6 +13,7 @@ from app.twilio.stream_token import TOKEN_PARAMETER
 
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
+STATUS_PATH = "/twilio/status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
 
 

@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -221,3 +221,24 @@ def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_status_callback_is_signed_and_counted(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    bridge = start_bridge(start_agent().url)
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url = bridge.base_url + "/twilio/status"
+    params = {"CallSid": caller.call_sid, "CallStatus": "completed", "CallDuration": "42"}
+    signature = caller.validator.compute_signature(url, params)
+    data = urllib.parse.urlencode(params).encode()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=data, headers={"X-Twilio-Signature": signature}, method="POST")
+    with opener.open(request, timeout=5) as response:
+        assert response.status == 204
+    forged = urllib.request.Request(url, data=data, headers={"X-Twilio-Signature": "bm9wZQ=="}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        opener.open(forged, timeout=5)
+    assert info.value.code == 403
+    _, text = get(bridge.base_url + "/metrics")
+    assert metric_value(text, "callbridge_call_status_total", 'status="completed"') == 1
