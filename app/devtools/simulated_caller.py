@@ -176,7 +176,8 @@ class SimulatedCaller:
             with opener.open(request, timeout=10) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
+            with exc:
+                return exc.code, exc.read().decode(errors="replace")
         finally:
             self.webhook_s = time.monotonic() - began
 
@@ -262,12 +263,14 @@ class _Stream:
         player = asyncio.create_task(self.play())
         sender = asyncio.create_task(self.send_audio(audio))
         done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        # the caller hung up only if it got to send `stop`; a send failing means the bridge closed
+        hung_up = sender in done and sender.exception() is None
         for task in (receiver, player, sender):
             task.cancel()
         for task in (receiver, player, sender):
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await task
-        self.result.ended_by = "caller" if sender in done else "bridge"
+        self.result.ended_by = "caller" if hung_up else "bridge"
         self.note("twilio", f"call ended by {self.result.ended_by}")
 
     async def send_audio(self, audio: bytes) -> None:

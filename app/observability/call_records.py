@@ -77,6 +77,7 @@ class CallRecordSender:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return int(response.status), ""
         except urllib.error.HTTPError as exc:
+            exc.close()
             return exc.code, f"HTTP {exc.code}"
         except (OSError, ValueError) as exc:
             return 0, f"{type(exc).__name__}: {exc}"

@@ -140,6 +140,7 @@ def _reachable(url: str) -> tuple[bool, str]:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200, f"GET {url} answered {response.status}"
     except urllib.error.HTTPError as exc:
+        exc.close()
         return False, f"GET {url} answered {exc.code}"
     except (OSError, ValueError) as exc:
         return False, f"GET {url} failed: {exc}"

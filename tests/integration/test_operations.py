@@ -36,7 +36,8 @@ def get(url: str) -> tuple[int, str]:
         with opener.open(url, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:
+            return exc.code, exc.read().decode()
 
 
 def talk(bridge_url: str, fast: bool = True) -> Any:
@@ -239,6 +240,7 @@ def test_status_callback_is_signed_and_counted(
     forged = urllib.request.Request(url, data=data, headers={"X-Twilio-Signature": "bm9wZQ=="}, method="POST")
     with pytest.raises(urllib.error.HTTPError) as info:
         opener.open(forged, timeout=5)
+    info.value.close()
     assert info.value.code == 403
     _, text = get(bridge.base_url + "/metrics")
     assert metric_value(text, "callbridge_call_status_total", 'status="completed"') == 1
