@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# callbridge: a Twilio phone number to Deepgram Voice Agent bridge.
+# Build: docker build -t callbridge .   Run: docker run --env-file .env -p 8080:8080 callbridge
+
+FROM python:3.13-slim AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# dependencies first, so code changes do not reinstall them
+COPY pyproject.toml README.md ./
+COPY app ./app
+# every dependency ships manylinux wheels (uvloop, httptools, audioop-lts...): no compiler needed
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: --no-binary=callbridge . \
+    && /opt/venv/bin/python -c "import app, uvloop, httptools, audioop"
+
+FROM python:3.13-slim
+LABEL org.opencontainers.image.title="callbridge" \
+      org.opencontainers.image.description="Twilio Media Streams to Deepgram Voice Agent bridge" \
+      org.opencontainers.image.licenses="MIT"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8080 \
+    REQUIRE_DEEPGRAM=1
+RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin callbridge
+COPY --from=build /opt/venv /opt/venv
+USER 10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=2)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["callbridge"]
+CMD ["serve"]
