@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from app.core.actions import (
     SendToAgent,
     SendToTwilio,
 )
-from app.core.call import Call, CallOptions
+from app.core.call import Call, CallOptions, CallStats
 from app.core.events import BridgeStopping, Event, Tick, TwilioClosed, TwilioInvalid, TwilioStart
 from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
@@ -54,18 +55,6 @@ def _media_bytes(message: str) -> int:
     """Audio bytes in one of our own media messages, without decoding it."""
     payload = message[message.index('"payload":"') + 11 : -3]
     return len(payload) * 3 // 4 - payload.count("=")
-
-
-@dataclass
-class _Flushed:
-    caller_frames: int = 0
-    agent_frames: int = 0
-    caller_bytes: int = 0
-    agent_bytes: int = 0
-    caller_bytes_dropped: int = 0
-    agent_bytes_dropped: int = 0
-    cleared_bytes: int = 0
-    invalid: dict[str, int] = field(default_factory=dict)
 
 
 class QueueOverflow(Exception):
@@ -95,9 +84,6 @@ class CallSession:
         self.ws = ws
         self.options = options
         self.deps = deps
-        self.tokens = deps.tokens
-        self.agent_url = deps.agent_url
-        self.agent_api_key = deps.agent_api_key
         self.metrics = deps.metrics
         self.clock = clock
         self.wall_started = time.time()
@@ -115,7 +101,8 @@ class CallSession:
         self.clear_latencies_ms: list[float] = []
         self.twilio_dropped_on_clear = 0
         self.twilio_bytes_dropped_on_clear = 0
-        self._flushed = _Flushed()
+        self._flushed = CallStats()  # what the metrics have been given so far
+        self._flushed_cleared_bytes = 0
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -141,7 +128,7 @@ class CallSession:
             elif kind is BindLogContext:
                 self.log = self.log.bind(**action.fields)  # type: ignore[union-attr]
             elif kind is ConnectAgent:
-                self._spawn(run_session(self.agent_url, self.agent_api_key, self.feed, self._agent_opened))
+                self._spawn(run_session(self.deps.agent_url, self.deps.agent_api_key, self.feed, self._agent_opened))
             elif kind is Measure:
                 self.metrics.record(action.metric, action.value, action.label)  # type: ignore[union-attr]
             elif kind is EndCall:
@@ -247,23 +234,15 @@ class CallSession:
         for reason, direction, now, before in (
             ("agent_not_ready", "caller_to_agent", stats.caller_bytes_dropped, seen.caller_bytes_dropped),
             ("no_stream_or_barge_in", "agent_to_caller", stats.agent_bytes_dropped, seen.agent_bytes_dropped),
-            ("barge_in", "agent_to_caller", self.twilio_bytes_dropped_on_clear, seen.cleared_bytes),
+            ("barge_in", "agent_to_caller", self.twilio_bytes_dropped_on_clear, self._flushed_cleared_bytes),
         ):
             if now > before:
                 m.dropped.labels(direction, reason).inc(now - before)
         for kind, count in stats.invalid.items():
             if count > seen.invalid.get(kind, 0):
                 m.invalid_inputs.labels(kind).inc(count - seen.invalid.get(kind, 0))
-        self._flushed = _Flushed(
-            stats.caller_frames,
-            stats.agent_frames,
-            stats.caller_bytes,
-            stats.agent_bytes,
-            stats.caller_bytes_dropped,
-            stats.agent_bytes_dropped,
-            self.twilio_bytes_dropped_on_clear,
-            dict(stats.invalid),
-        )
+        self._flushed = dataclasses.replace(stats, invalid=dict(stats.invalid), agent_latencies=[])
+        self._flushed_cleared_bytes = self.twilio_bytes_dropped_on_clear
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -293,7 +272,7 @@ class CallSession:
             await self._close_twilio(POLICY_VIOLATION)
             return
         self.log = self.log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
-        problem = self.tokens.redeem(start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid)
+        problem = self.deps.tokens.redeem(start.custom_parameters.get(TOKEN_PARAMETER, ""), start.call_sid)
         if problem is not None:
             self.log.warning("stream_token_rejected", reason=problem)
             self.metrics.streams_rejected.labels("bad_token").inc()

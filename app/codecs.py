@@ -37,15 +37,8 @@ class AudioFormat:
     def bytes_per_sample(self) -> int:
         return 2 if self.encoding == "linear16" else 1
 
-    @property
-    def is_twilio_native(self) -> bool:
-        return self.encoding == "mulaw" and self.sample_rate == TWILIO_SAMPLE_RATE
-
     def bytes_for(self, seconds: float) -> int:
         return int(seconds * self.sample_rate) * self.bytes_per_sample
-
-    def seconds_of(self, n_bytes: int) -> float:
-        return n_bytes / (self.sample_rate * self.bytes_per_sample)
 
 
 TWILIO_FORMAT = AudioFormat("mulaw", TWILIO_SAMPLE_RATE)

@@ -28,7 +28,7 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from app.codecs import TWILIO_FRAME_BYTES, rms_linear16, to_linear16
+from app.codecs import TWILIO_FRAME_BYTES, frames, rms_linear16, to_linear16
 
 FRAME_S = 0.02
 SILENCE = b"\xff"  # mu-law zero
@@ -274,15 +274,15 @@ class _Stream:
         self.note("twilio", f"call ended by {self.result.ended_by}")
 
     async def send_audio(self, audio: bytes) -> None:
-        frames = [audio[i : i + TWILIO_FRAME_BYTES] for i in range(0, len(audio), TWILIO_FRAME_BYTES)]
-        for i, frame in enumerate(frames):
+        chunks = frames(audio)
+        for i, frame in enumerate(chunks):
             await self.send_frame(frame, i)
             if self.caller.fast:
                 await asyncio.sleep(0)
             else:
                 await asyncio.sleep(max(0.0, (i + 1) * FRAME_S - self.now()))
         # Twilio keeps streaming (silence) while the line is open: wait for the agent's reply
-        i = len(frames)
+        i = len(chunks)
         tail_start = self.now()
         while True:
             waited = self.now() - tail_start
@@ -290,7 +290,7 @@ class _Stream:
                 break
             await self.send_frame(SILENCE * TWILIO_FRAME_BYTES, i)
             i += 1
-            await asyncio.sleep(max(0.0, tail_start + (i - len(frames) + 1) * FRAME_S - self.now()))
+            await asyncio.sleep(max(0.0, tail_start + (i - len(chunks) + 1) * FRAME_S - self.now()))
         self.seq += 1
         await self.send_json(
             {

@@ -35,11 +35,3 @@ def write_mulaw_as_wav(path: Path, mulaw: bytes) -> None:
         wav.setsampwidth(2)
         wav.setframerate(TWILIO_SAMPLE_RATE)
         wav.writeframes(to_linear16(mulaw, "mulaw"))
-
-
-def write_pcm_wav(path: Path, pcm16: bytes, rate: int) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate)
-        wav.writeframes(pcm16)

@@ -27,7 +27,6 @@ from app.core.events import (
 
 MAX_TEXT_FRAME = 64 * 1024
 SID_PATTERN = re.compile(r"[A-Za-z0-9]{2,64}")
-MARK_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def parse(text: str) -> TwilioEvent:
