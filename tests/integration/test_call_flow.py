@@ -374,3 +374,23 @@ def test_calls_leave_no_tasks_behind(
     assert asyncio.run(_stream_with(url, caller, params)) == 1008
     assert wait_until(lambda: bridge.task_count() <= baseline), f"{bridge.task_count()} tasks, baseline {baseline}"
     assert len(bridge.records("call_ended")) == 2
+
+
+def test_oversize_twilio_frame_closes_the_stream_and_the_agent_session(
+    agent: AgentHandle, bridge: BridgeHandle
+) -> None:
+    caller = SimulatedCaller(bridge.base_url, TWILIO_TOKEN)
+    url, params = parse_twiml(caller.post_webhook()[1])
+
+    async def run() -> int | None:
+        async with await caller.open_stream(url) as ws:
+            await ws.send(caller.start_message(params))
+            await asyncio.sleep(0.2)
+            await ws.send("x" * 100_000)
+            await drain_until_closed(ws)
+            return ws.close_code
+
+    assert asyncio.run(run()) == 1009  # message too big
+    session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)
+    assert bridge.wait_for("call_ended")["outcome"] == "caller_hangup"

@@ -52,3 +52,24 @@ def test_player_clear_drops_audio_and_returns_pending_marks() -> None:
     player.tick()
     assert player.clear() == (240, ["m1"])
     assert player.idle and player.tick() == (b"", [])
+
+
+def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
+    from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, TwilioMedia, TwilioStart
+
+    async def run() -> CallSession:
+        session = CallSession(
+            ws=Any,  # type: ignore[arg-type]
+            options=CallOptions(agent="id"),
+            deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
+        )
+        for event in (TwilioStart(SID, "CA" + "2" * 32), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
+            session.call.handle(event, 0.0)  # straight to the core: no agent task is started
+        while not session.done.is_set():
+            session.feed(TwilioMedia(b"\xff" * 160, SID))
+        return session
+
+    session = asyncio.run(run())
+    assert session.agent_out.full()
+    assert session.end is not None and session.end.outcome == "bridge_error"
+    assert session.call.ended
