@@ -138,29 +138,29 @@ def create_app(config: RuntimeConfig) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def signed_form(request: Request) -> dict[str, str] | None:
-        """The posted parameters, or None when Twilio's signature does not check out."""
-        form = await request.form()
-        params = {key: str(value) for key, value in form.items()}
+    async def signed_form(request: Request) -> dict[str, str] | Response:
+        """The posted parameters, or the error response when they are unusable or unsigned."""
+        params = await webhook.read_form(request)
+        if params is None:
+            log.warning("webhook_body_too_large", limit=webhook.MAX_WEBHOOK_BODY)
+            metrics.webhooks.labels("bad_request").inc()
+            return Response("request too large\n", status_code=413, media_type="text/plain")
         if state.validator is not None and settings.twilio_validate_signature:
             url = webhook.signed_url(request, settings.public_url)
             signature = request.headers.get("X-Twilio-Signature", "")
             if not webhook.signature_ok(state.validator, url, params, signature):
                 log.warning("webhook_signature_invalid", url=url, has_signature=bool(signature))
                 metrics.webhooks.labels("bad_signature").inc()
-                return None
+                return Response("invalid signature\n", status_code=403, media_type="text/plain")
         else:
             log.warning("webhook_signature_not_checked", detail="TWILIO_VALIDATE_SIGNATURE is off")
         return params
 
-    def forbidden() -> Response:
-        return Response("invalid signature\n", status_code=403, media_type="text/plain")
-
     @app.post(webhook.STATUS_PATH)
     async def twilio_status(request: Request) -> Response:
         params = await signed_form(request)
-        if params is None:
-            return forbidden()
+        if isinstance(params, Response):
+            return params
         status = params.get("CallStatus", "")
         metrics.record("call_status", 1, status)
         log.info(
@@ -171,8 +171,8 @@ def create_app(config: RuntimeConfig) -> FastAPI:
     @app.post(webhook.VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:
         params = await signed_form(request)
-        if params is None:
-            return forbidden()
+        if isinstance(params, Response):
+            return params
         call_sid = params.get("CallSid", "")
         if not SID_PATTERN.fullmatch(call_sid):
             log.warning("webhook_without_call_sid")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
@@ -15,6 +15,17 @@ MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
+MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB
+
+
+async def read_form(request: Request) -> dict[str, str] | None:
+    """The url-encoded body Twilio posts, read with a size cap; None when over the cap."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_WEBHOOK_BODY:
+            return None
+    return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 def public_base_url(conn: HTTPConnection, configured: str | None) -> str:

@@ -244,3 +244,17 @@ def test_status_callback_is_signed_and_counted(
     assert info.value.code == 403
     _, text = get(bridge.base_url + "/metrics")
     assert metric_value(text, "callbridge_call_status_total", 'status="completed"') == 1
+
+
+def test_oversize_webhook_is_refused(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    bridge = start_bridge(start_agent().url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(
+        bridge.base_url + "/twilio/voice", data=b"CallSid=" + b"A" * 100_000, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        opener.open(request, timeout=5)
+    info.value.close()
+    assert info.value.code == 413
