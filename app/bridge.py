@@ -116,24 +116,26 @@ class CallSession:
 
     def perform(self, actions: list[Action]) -> None:
         for action in actions:
-            kind = type(action)
-            if kind is SendToAgent:
-                self._put(self.agent_out, action.data, "agent")  # type: ignore[union-attr]
-            elif kind is SendToTwilio:
-                self._put(self.twilio_out, action.text, "twilio")  # type: ignore[union-attr]
-            elif kind is ClearTwilio:
-                self._clear(action.text)  # type: ignore[union-attr]
-            elif kind is Log:
-                getattr(self.log, action.level)(action.event, **action.fields)  # type: ignore[union-attr]
-            elif kind is BindLogContext:
-                self.log = self.log.bind(**action.fields)  # type: ignore[union-attr]
-            elif kind is ConnectAgent:
-                self._spawn(run_session(self.deps.agent_url, self.deps.agent_api_key, self.feed, self._agent_opened))
-            elif kind is Measure:
-                self.metrics.record(action.metric, action.value, action.label)  # type: ignore[union-attr]
-            elif kind is EndCall:
-                self.end = action  # type: ignore[assignment]
-                self.done.set()
+            match action:
+                case SendToAgent(data=data):
+                    self._put(self.agent_out, data, "agent")
+                case SendToTwilio(text=text):
+                    self._put(self.twilio_out, text, "twilio")
+                case ClearTwilio(text=text):
+                    self._clear(text)
+                case Log(level=level, event=event, fields=fields):
+                    getattr(self.log, level)(event, **fields)
+                case BindLogContext(fields=fields):
+                    self.log = self.log.bind(**fields)
+                case ConnectAgent():
+                    self._spawn(
+                        run_session(self.deps.agent_url, self.deps.agent_api_key, self.feed, self._agent_opened)
+                    )
+                case Measure(metric=metric, value=value, label=label):
+                    self.metrics.record(metric, value, label)
+                case EndCall():
+                    self.end = action
+                    self.done.set()
 
     @staticmethod
     def _put(queue: asyncio.Queue[Any], item: Any, name: str) -> None:
