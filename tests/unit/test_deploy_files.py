@@ -54,3 +54,11 @@ def test_probes_hit_real_routes_and_grace_covers_drain() -> None:
     assert "/healthz" in (ROOT / "Dockerfile").read_text()
     for path in ("/metrics", "/twilio/voice", "/twilio/media", "/twilio/status"):
         assert path in routes
+
+
+def test_public_entry_points_expose_twilio_routes_and_healthz_only() -> None:
+    ingress = load_all(ROOT / "deploy/k8s/overlays/production/ingress.yaml")[0]
+    paths = {p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {"/twilio", "/healthz"}  # `twilio check` GETs PUBLIC_URL/healthz; /metrics stays inside
+    caddy = (ROOT / "deploy/vm/Caddyfile").read_text()
+    assert "@public path /twilio/* /healthz" in caddy and "/metrics" not in caddy.split("@public", 1)[1].split("\n")[0]
