@@ -1,4 +1,4 @@
-"""Prometheus metrics. One line per metric in ``Metrics.__init__``; label values are small
+"""Prometheus metrics. One statement per metric in ``Metrics.__init__``; label values are small
 fixed sets (never a call id), so cardinality stays bounded whatever the peers send.
 
 Hot-path counters (frames, bytes) are not touched per frame: the call adds its own counts
