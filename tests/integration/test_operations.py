@@ -23,6 +23,7 @@ import pytest
 from app import signing
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
+from app.devtools.loadtest import free_port
 from app.devtools.simulated_caller import SimulatedCaller
 from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
 
@@ -96,9 +97,7 @@ def test_rejections_are_counted(
 
 
 def test_readiness_reports_unreachable_agent(start_bridge: Callable[..., BridgeHandle]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     bridge = start_bridge(f"ws://127.0.0.1:{dead_port}/v1/agent/converse", readiness_check_agent=True)
     status, body = get(bridge.base_url + "/readyz")
     assert status == 503
@@ -171,17 +170,10 @@ def test_call_record_is_posted_signed(
     assert metric_value(text, "callbridge_call_records_total", 'result="delivered"') == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.timeout(90)
 def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., AgentHandle], tmp_path: Path) -> None:
     agent = start_agent()
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))},
         "AGENT_URL": agent.url,
