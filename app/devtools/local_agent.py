@@ -16,6 +16,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -25,11 +26,12 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from app.codecs import SUPPORTED_ENCODINGS, AudioFormat, Transcoder, rms_linear16
+from app.codecs import SUPPORTED_ENCODINGS, AudioFormat, Transcoder
 from app.devtools import synth
+from app.devtools.endpoints import AGENT_PATH, LOOPBACK, agent_url
+from app.devtools.speech import HANGOVER_MS, ONSET_MS, SPEECH_RMS, SpeechDetector, SpeechEvent
 from app.observability.logging import get_logger
 
-AGENT_PATH = "/v1/agent/converse"
 CLIENT_MESSAGE_TYPES = {
     "KeepAlive",
     "UpdatePrompt",
@@ -74,9 +76,9 @@ class ScriptStep:
 
 @dataclass
 class LocalAgentConfig:
-    vad_threshold: int = 400  # RMS of 16-bit PCM
-    vad_start_ms: int = 60
-    vad_end_ms: int = 400
+    vad_threshold: int = SPEECH_RMS  # the speech detector's settings: see app/devtools/speech.py
+    vad_start_ms: int = ONSET_MS
+    vad_end_ms: int = HANGOVER_MS
     reply_delay: float = 0.05
     speak_rate: float = 4.0  # how much faster than real time audio is streamed out
     chunk_ms: int = 100
@@ -118,11 +120,10 @@ class _Session:
         self.to_pcm: Transcoder | None = None
         self.carry = b""
         self.frame_bytes = 0
-        self.loud_frames = 0
-        self.quiet_frames = 0
-        self.in_speech = False
+        self.detector = SpeechDetector(self.cfg.vad_threshold, self.cfg.vad_start_ms, self.cfg.vad_end_ms)
         self.utterance = bytearray()  # linear16 at the input rate
-        self.preroll: list[bytes] = []
+        # the frames that made the onset belong to the utterance
+        self.preroll: deque[bytes] = deque(maxlen=self.detector.onset_frames)
         self.speaking: asyncio.Task[None] | None = None
         self.function_replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
         self.utterance_ended_at = 0.0
@@ -278,28 +279,23 @@ class _Session:
             await self.on_frame(pcm[i : i + self.frame_bytes])
 
     async def on_frame(self, pcm: bytes) -> None:
-        """Energy detector on 20 ms frames of linear16; utterances are kept as linear16."""
-        loud = rms_linear16(pcm) >= self.cfg.vad_threshold
-        start_frames = max(1, self.cfg.vad_start_ms // 20)
-        end_frames = max(1, self.cfg.vad_end_ms // 20)
-        if not self.in_speech:
-            self.preroll = [*self.preroll[-(start_frames - 1) :], pcm] if start_frames > 1 else [pcm]
-            self.loud_frames = self.loud_frames + 1 if loud else 0
-            if self.loud_frames >= start_frames:
-                self.in_speech = True
-                self.quiet_frames = 0
-                self.utterance = bytearray(b"".join(self.preroll))
-                self.preroll = []
-                await self.send_json({"type": "UserStartedSpeaking"})
-                if self.speaking and not self.speaking.done():
-                    self.speaking.cancel()  # interrupted: stop talking at once
+        """The speech detector on 20 ms frames of linear16; utterances are kept as linear16."""
+        event = self.detector.feed(pcm)
+        if event is SpeechEvent.ONSET:
+            self.preroll.append(pcm)
+            self.utterance = bytearray(b"".join(self.preroll))
+            self.preroll.clear()
+            await self.send_json({"type": "UserStartedSpeaking"})
+            if self.speaking and not self.speaking.done():
+                self.speaking.cancel()  # interrupted: stop talking at once
+            return
+        if not self.detector.in_speech and event is None:
+            self.preroll.append(pcm)
             return
         self.utterance += pcm
-        self.quiet_frames = 0 if loud else self.quiet_frames + 1
-        if self.quiet_frames >= end_frames:
-            self.in_speech = False
-            self.loud_frames = 0
-            spoken = bytes(self.utterance[: len(self.utterance) - end_frames * len(pcm)])
+        if event is SpeechEvent.OFFSET:
+            # the quiet hangover frames are not part of what was said
+            spoken = bytes(self.utterance[: len(self.utterance) - self.detector.hangover_frames * len(pcm)])
             self.rec.utterances += 1
             self.utterance_ended_at = time.monotonic()
             if self.speaking and not self.speaking.done():
@@ -355,7 +351,7 @@ class LocalAgent:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}{AGENT_PATH}"
+        return agent_url(self.port)
 
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?")[0] != AGENT_PATH:
@@ -378,7 +374,7 @@ class LocalAgent:
             record.close_code = ws.close_code
             record.closed_at = time.monotonic()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
         self._server = await serve(
             self._handle, host, port, process_request=self._check_request, compression=None, max_size=2**20
         )

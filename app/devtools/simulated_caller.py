@@ -28,11 +28,12 @@ from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from app.codecs import TWILIO_FRAME_BYTES, frames, rms_linear16, to_linear16
+from app.codecs import FRAME_MS, TWILIO_FRAME_BYTES, frames, to_linear16
+from app.devtools.endpoints import LOCAL_HOSTNAMES, VOICE_PATH
+from app.devtools.speech import SpeechDetector, SpeechEvent
 
-FRAME_S = 0.02
+FRAME_S = FRAME_MS / 1000
 SILENCE = b"\xff"  # mu-law zero
-SPEECH_RMS = 400
 
 
 class SimulationError(Exception):
@@ -59,6 +60,7 @@ class CallResult:
     marks_played: list[str] = field(default_factory=list)
     marks_cleared: list[str] = field(default_factory=list)
     clears: list[float] = field(default_factory=list)
+    speech_onsets: list[float] = field(default_factory=list)  # when the caller started speaking
     bytes_dropped_by_clear: int = 0
     violations: list[str] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -160,7 +162,7 @@ class SimulatedCaller:
 
     def post_webhook(self, params: dict[str, str] | None = None, signature: str | None = None) -> tuple[int, str]:
         """Blocking POST, as Twilio sends it; returns (status, body)."""
-        url = f"{self.base_url}/twilio/voice"
+        url = f"{self.base_url}{VOICE_PATH}"
         params = self.webhook_params() if params is None else params
         if signature is None:
             signature = self.validator.compute_signature(url, params)
@@ -192,7 +194,7 @@ class SimulatedCaller:
             url,
             additional_headers=headers,
             compression=None,
-            proxy=None if host in ("127.0.0.1", "localhost", "::1") else True,
+            proxy=None if host in LOCAL_HOSTNAMES else True,
             open_timeout=10,
             close_timeout=2,
         )
@@ -241,9 +243,8 @@ class _Stream:
         self.t0 = time.monotonic()
         self.seq = 1
         self.agent_talking_since: float | None = None
-        self.caller_loud = 0
-        self.caller_quiet = 0
-        self.caller_talking = False
+        # the local agent's detector, on what the caller sends: "starts speaking" is when it reacts
+        self.caller_speech = SpeechDetector()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -320,14 +321,11 @@ class _Stream:
         self.track_caller(frame)
 
     def track_caller(self, frame: bytes) -> None:
-        loud = rms_linear16(to_linear16(frame, "mulaw")) >= SPEECH_RMS
-        self.caller_loud = self.caller_loud + 1 if loud else 0
-        self.caller_quiet = 0 if loud else self.caller_quiet + 1
-        if not self.caller_talking and self.caller_loud >= 3:
-            self.caller_talking = True
+        event = self.caller_speech.feed(to_linear16(frame, "mulaw"))
+        if event is SpeechEvent.ONSET:
+            self.result.speech_onsets.append(self.now())
             self.note("caller", "starts speaking")
-        elif self.caller_talking and self.caller_quiet >= 20:
-            self.caller_talking = False
+        elif event is SpeechEvent.OFFSET:
             self.note("caller", "stops speaking")
 
     async def play(self) -> None:
