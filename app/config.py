@@ -7,6 +7,7 @@ the variable or the profile field, instead of failing the first phone call.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,14 +184,106 @@ def load_profile(path: Path) -> AgentProfile:
     try:
         profile = AgentProfile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"AGENT_PROFILE {path}: {_describe(exc)}") from exc
+        raise ConfigError(f"AGENT_PROFILE {path}: " + "; ".join(profile_problems(data, exc))) from exc
     if profile.prompt_length() > PROMPT_LIMIT:
         raise ConfigError(f"AGENT_PROFILE {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
     return profile
 
 
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors())
+# What a valid value looks like, for each profile field an error can name.
+PROFILE_EXAMPLES = {
+    "": '{"agent": {"listen": ..., "think": ..., "speak": ...}, "bridge": {...}}',
+    "agent": '{"listen": ..., "think": ..., "speak": ...} or the id of a stored agent configuration, "my-agent-id"',
+    "agent.language": '"en"',
+    "agent.listen": '{"provider": {"type": "deepgram", "model": "nova-3"}}',
+    "agent.think": '{"provider": {"type": "open_ai", "model": "gpt-4o-mini"}, "prompt": "You are ..."}',
+    "agent.speak": '{"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}',
+    "agent.greeting": '"Hello! How can I help you today?"',
+    "bridge": '{"tags": ["callbridge"], "keepalive_after_seconds": 5}',
+    "bridge.agent_audio": '{"input": {"encoding": "mulaw", "sample_rate": 8000}, "output": {...}}',
+    "bridge.agent_audio.input": '{"encoding": "mulaw", "sample_rate": 8000}',
+    "bridge.agent_audio.output": '{"encoding": "linear16", "sample_rate": 16000}',
+    "bridge.agent_audio.input.encoding": '"mulaw"',
+    "bridge.agent_audio.output.encoding": '"mulaw"',
+    "bridge.agent_audio.input.sample_rate": "8000",
+    "bridge.agent_audio.output.sample_rate": "8000",
+    "bridge.tags": '["callbridge"]',
+    "bridge.keepalive_after_seconds": "5",
+    "bridge.agent_ready_timeout_seconds": "10",
+    "bridge.max_prebuffer_seconds": "10",
+}
+PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
+    "": tuple(AgentProfile.model_fields),
+    "bridge": tuple(BridgeOptions.model_fields),
+    "bridge.agent_audio": tuple(AgentAudioModel.model_fields),
+    "bridge.agent_audio.input": tuple(AudioFormatModel.model_fields),
+    "bridge.agent_audio.output": tuple(AudioFormatModel.model_fields),
+}
+
+
+def profile_problems(data: Any, exc: ValidationError) -> list[str]:
+    """pydantic's errors said in the profile's own terms: the field as written in the file
+    (no model or union-member names), what is wrong with it, and a valid example."""
+    by_path: dict[str, list[Any]] = {}
+    for err in exc.errors():
+        by_path.setdefault(_profile_path(data, err["loc"], err["type"]), []).append(err)
+    problems = []
+    for path, errors in by_path.items():
+        # a union (agent: object or id; think: object or list) fails once per member: when the
+        # value has the member's shape, only the errors inside it are worth saying
+        if any(other.startswith((path + ".", path + "[")) or not path for other in by_path if other != path):
+            continue
+        problems.append(_say(path, errors))
+    return problems
+
+
+def _profile_path(data: Any, loc: tuple[int | str, ...], kind: str) -> str:
+    """The dotted path of keys that exist in ``data`` (plus a missing or unknown last key)."""
+    path = ""
+    here = data
+    for i, step in enumerate(loc):
+        if isinstance(here, dict) and step in here:
+            here = here[step]
+            path += f".{step}" if path else str(step)
+        elif isinstance(here, list) and isinstance(step, int) and 0 <= step < len(here):
+            here = here[step]
+            path += f"[{step}]"
+        elif i == len(loc) - 1 and kind == "missing":
+            path += f".{step}" if path else str(step)
+        # anything else names a model or a union member, not a key of the file
+    return path
+
+
+def _say(path: str, errors: list[Any]) -> str:
+    name = path or "the profile"
+    example = PROFILE_EXAMPLES.get(re.sub(r"\[\d+\]", "", path))
+    if any(e["type"] == "missing" for e in errors):
+        problem = f"{name} is missing"
+    elif any(e["type"] == "extra_forbidden" for e in errors):
+        parent = path.rpartition(".")[0]
+        known = PROFILE_FIELDS.get(parent, ())
+        where = f"in {parent}" if parent else "at the top of the profile"
+        problem = f"{name} is not a field known {where}" + (f" (known: {', '.join(known)})" if known else "")
+        example = None
+    elif len(errors) > 1 or errors[0]["type"] in ("model_type", "dict_type"):
+        problem = f"{name} has the wrong type (found {_shown(errors[0].get('input'))})"
+    else:
+        message = str(errors[0]["msg"]).removeprefix("Value error, ")
+        message = message.replace("Input should be", "should be").replace("less than or equal to", "at most")
+        message = message.replace("greater than or equal to", "at least")
+        problem = f"{name} {message[:1].lower() + message[1:]} (found {_shown(errors[0].get('input'))})"
+    return problem + (f", e.g. {example}" if example else "")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    text = json.dumps(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --- the resolved configuration the service runs with -----------------------------------
@@ -248,7 +341,9 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def _describe_env(exc: ValidationError) -> str:
-    return "; ".join(f"{str(err['loc'][0]).upper()}: {err['msg']}" for err in exc.errors())
+    return "; ".join(
+        f"{str(err['loc'][0]).upper()}: {str(err['msg']).removeprefix('Value error, ')}" for err in exc.errors()
+    )
 
 
 def resolve(settings: Settings) -> RuntimeConfig:
@@ -268,8 +363,10 @@ def resolve(settings: Settings) -> RuntimeConfig:
     if token is None and settings.twilio_validate_signature:
         if not use_local:
             raise ConfigError(
-                "TWILIO_AUTH_TOKEN is required to validate Twilio's webhook signatures "
-                "(or set TWILIO_VALIDATE_SIGNATURE=false, which is unsafe)"
+                "TWILIO_AUTH_TOKEN is required to validate Twilio's webhook signatures when AGENT_URL or "
+                "DEEPGRAM_API_KEY is set (or set TWILIO_VALIDATE_SIGNATURE=false, which is unsafe). "
+                "Testing with `callbridge emulate-agent`? Any value will do, e.g. TWILIO_AUTH_TOKEN=dev-token, "
+                "and give `callbridge simulate-call` the same one"
             )
         token = OFFLINE_TWILIO_AUTH_TOKEN
         warnings.append("no TWILIO_AUTH_TOKEN: using the offline development token (local agent mode only)")

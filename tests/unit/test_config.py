@@ -102,7 +102,7 @@ def test_yaml_profile_and_bad_profiles(tmp_path: Path) -> None:
                 json.dumps({"agent": "id", "bridge": {"agent_audio": {"input": {"encoding": "mp3"}}}}),
             )
         )
-    with pytest.raises(ConfigError, match=r"agent\.AgentBlock\.listen"):
+    with pytest.raises(ConfigError, match=r"agent\.listen is missing"):
         load_profile(write(tmp_path, "b.json", json.dumps({"agent": {"think": {}, "speak": {}}})))
     with pytest.raises(ConfigError, match="not valid"):
         load_profile(write(tmp_path, "c.json", "{"))
@@ -118,3 +118,50 @@ def test_yaml_profile_and_bad_profiles(tmp_path: Path) -> None:
 def test_stored_agent_id_profile(tmp_path: Path) -> None:
     profile = load_profile(write(tmp_path, "id.json", json.dumps({"agent": "agent-config-123"})))
     assert profile.agent_payload() == "agent-config-123"
+
+
+@pytest.mark.parametrize(
+    ("profile", "said"),
+    [
+        (
+            {"agent": {"think": {}, "speak": {}}},
+            'agent.listen is missing, e.g. {"provider": {"type": "deepgram", "model": "nova-3"}}',
+        ),
+        (
+            {"agent": 5},
+            "agent has the wrong type (found 5), e.g. {",
+        ),
+        (
+            {"agent": {"listen": {}, "think": [{}, 3], "speak": {}}},
+            'agent.think[1] has the wrong type (found 3), e.g. {"provider": {"type": "open_ai"',
+        ),
+        (
+            {"agent": "id", "bridge": {"keepalive_after_seconds": 20}},
+            "bridge.keepalive_after_seconds should be at most 8 (found 20), e.g. 5",
+        ),
+        (
+            {"agent": "id", "bridge": {"agent_audio": {"output": {"encoding": "mp3"}}}},
+            'bridge.agent_audio.output.encoding must be one of mulaw, alaw, linear16 (found "mp3"), e.g. "mulaw"',
+        ),
+        (
+            {"agent": "id", "bridge": {"keepalive": 5}},
+            "bridge.keepalive is not a field known in bridge (known: agent_audio, tags, keepalive_after_seconds",
+        ),
+        ([], 'the profile has the wrong type (found a list), e.g. {"agent": {'),
+    ],
+)
+def test_profile_errors_speak_the_profile_language(tmp_path: Path, profile: Any, said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_profile(write(tmp_path, "p.json", json.dumps(profile)))
+    message = str(info.value)
+    assert said in message
+    # one statement per wrong field, and nothing of the models behind it
+    assert message.count(";") == 0
+    for internal in ("AgentBlock", "AgentProfile", "BridgeOptions", "dict[", "list[", "Field required", "str:"):
+        assert internal not in message
+
+
+def test_a_missing_twilio_token_with_an_agent_url_says_what_to_do() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(settings(agent_url="ws://127.0.0.1:8765/v1/agent/converse"))
+    assert "TWILIO_AUTH_TOKEN" in str(info.value) and "simulate-call" in str(info.value)
