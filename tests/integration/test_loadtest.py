@@ -1,0 +1,70 @@
+"""`callbridge loadtest --url` against an offline `callbridge serve`, as the README's user runs it:
+no Twilio token anywhere, the local agent inside the bridge."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from app.devtools.endpoints import LOOPBACK, bridge_url, free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def offline_bridge(tmp_path: Path) -> Iterator[str]:
+    """A real `callbridge serve` with nothing configured but where to listen (no .env either:
+    it runs in an empty directory)."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(REPO),
+        "HOST": LOOPBACK,
+        "PORT": str(port),
+        "LOG_LEVEL": "warning",
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
+        )
+    try:
+        try:
+            wait_for_port(port, proc, timeout=20)
+        except RuntimeError as exc:
+            raise AssertionError(log_path.read_text(errors="replace")) from exc
+        yield bridge_url(port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(60)
+def test_loadtest_url_against_offline_serve(
+    offline_bridge: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN", raising=False)
+    code = main(["loadtest", "--url", offline_bridge, "--calls", "2", "--seconds", "3", "--ramp", "0.2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "calls completed 2/2, failed 0, Twilio protocol violations 0" in printed, printed
+    assert not re.search(r"\bnan\b", printed, re.IGNORECASE), printed
+    # what a bridge it did not start cannot tell it
+    assert "CPU" not in printed and "RSS" not in printed, printed
+    # client-side samples for both calls, and the bridge's own count of them from /metrics
+    assert re.search(r"webhook POST -> TwiML\s+p50 .*\(n=2\)", printed), printed
+    assert re.search(r"stream start -> first agent audio \(greeting\)\s+p50 .*\(n=2\)", printed), printed
+    assert "calls ended by outcome: caller_hangup 2" in printed, printed
+    assert "webhooks: answered 2" in printed, printed
+    assert re.search(r"stream start -> first agent audio\s+mean .* \(bucket bounds; n=2\)", printed), printed
