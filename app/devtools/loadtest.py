@@ -273,6 +273,7 @@ class Report:
             f"  barge-ins {m.value('callbridge_barge_ins_total'):.0f}; audio dropped by the bridge: "
             + (", ".join(f"{k} {v / TWILIO_SAMPLE_RATE:.2f} s" for k, v in sorted(dropped.items())) or "none"),
             f"  invalid inputs: {counts('callbridge_invalid_inputs_total', 'kind')}; "
+            f"overflows: {counts('callbridge_overflows_total', 'kind')}; "
             f"agent errors: {counts('callbridge_agent_errors_total', 'code')}",
         ]
         for title, name in (

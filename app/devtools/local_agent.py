@@ -289,10 +289,10 @@ class _Session:
             if self.speaking and not self.speaking.done():
                 self.speaking.cancel()  # interrupted: stop talking at once
             return
-        if not self.detector.in_speech and event is None:
+        if event is None and not self.detector.in_speech:  # still quiet
             self.preroll.append(pcm)
             return
-        self.utterance += pcm
+        self.utterance += pcm  # speech, or its hangover up to and including the offset frame
         if event is SpeechEvent.OFFSET:
             # the quiet hangover frames are not part of what was said
             spoken = bytes(self.utterance[: len(self.utterance) - self.detector.hangover_frames * len(pcm)])
