@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.codecs import TWILIO_FORMAT, TWILIO_SAMPLE_RATE
-from app.config import OFFLINE_TWILIO_AUTH_TOKEN
+from app.config import OFFLINE_TWILIO_AUTH_TOKEN, ConfigError, load_settings
 from app.devtools import synth
 from app.devtools.endpoints import LOCAL_HOSTNAMES, LOOPBACK, METRICS_PATH, agent_url, bridge_url, wait_for_port
 from app.devtools.endpoints import free_port as free_port  # re-exported: tests import it from here
@@ -201,6 +201,7 @@ class Report:
     metrics: MetricsSnapshot | None = None  # the change in the bridge's /metrics over the run
     metrics_problem: str = ""
     process: BridgeProcess | None = None  # only for a bridge started by the load test
+    token_source: str = ""  # with a running bridge: which token the webhooks were signed with
     wall_s: float = 0.0
 
     def caller_barge_ms(self) -> list[float]:
@@ -226,6 +227,12 @@ class Report:
         ]
         for failure, times in Counter(self.failures).most_common(5):
             rows.append(f"  failure{f' (x{times})' if times > 1 else ''}: {failure}")
+        if self.token_source and any("HTTP 403" in f for f in self.failures):
+            rows.append(
+                f"  the bridge refused the webhook signatures, signed with {self.token_source}: give it "
+                "the bridge's TWILIO_AUTH_TOKEN with --auth-token, and if the bridge has PUBLIC_URL set, "
+                "use that as --url"
+            )
         if ok:
             rows += self._caller_rows()
         rows += self._bridge_rows()
@@ -343,10 +350,26 @@ def _measure(report: Report, base_url: str, token: str, ramp: float) -> None:
             report.metrics_problem = f"{base_url}{METRICS_PATH}: {exc}"
 
 
+def signing_token(given: str | None) -> tuple[str, str]:
+    """The Twilio auth token to sign webhooks with for a running bridge, and where it came from:
+    the one given, else the one `serve` would read here (environment or .env), else the offline
+    development token that `serve` uses when it has none, the way `simulate-call` chooses."""
+    if given:
+        return given, "the token given with --auth-token"
+    try:
+        settings = load_settings()
+        configured = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+    except ConfigError:
+        configured = os.environ.get("TWILIO_AUTH_TOKEN")
+    if configured:
+        return configured, "TWILIO_AUTH_TOKEN from the environment or .env"
+    return OFFLINE_TWILIO_AUTH_TOKEN, "the offline development token (no TWILIO_AUTH_TOKEN set)"
+
+
 def run(calls: int, seconds: float, ramp: float, url: str | None, token: str | None) -> Report:
-    if url:  # an already running bridge: signed like `simulate-call` signs, no CPU or memory
+    if url:  # an already running bridge: no CPU or memory
         report = Report(calls=calls, seconds=seconds, url=url.rstrip("/"))
-        token = token or os.environ.get("TWILIO_AUTH_TOKEN") or OFFLINE_TWILIO_AUTH_TOKEN
+        token, report.token_source = signing_token(token)
         _measure(report, report.url, token, ramp)
         return report
     report = Report(calls=calls, seconds=seconds)

@@ -52,9 +52,11 @@ def offline_bridge(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.timeout(60)
 def test_loadtest_url_against_offline_serve(
-    offline_bridge: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    offline_bridge: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # like the bridge, the load test sees no Twilio token: no environment variable, no .env here
     monkeypatch.delenv("TWILIO_AUTH_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
     code = main(["loadtest", "--url", offline_bridge, "--calls", "2", "--seconds", "3", "--ramp", "0.2"])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -68,3 +70,14 @@ def test_loadtest_url_against_offline_serve(
     assert "calls ended by outcome: caller_hangup 2" in printed, printed
     assert "webhooks: answered 2" in printed, printed
     assert re.search(r"stream start -> first agent audio\s+mean .* \(bucket bounds; n=2\)", printed), printed
+
+
+@pytest.mark.timeout(30)
+def test_loadtest_url_with_the_wrong_token_says_why(offline_bridge: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["loadtest", "--url", offline_bridge, "--calls", "1", "--seconds", "1", "--auth-token", "wrong"])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "calls completed 0/1, failed 1" in printed and "HTTP 403" in printed, printed
+    assert "signed with the token given with --auth-token" in printed, printed
+    assert "webhooks: bad_signature 1" in printed, printed
+    assert "p50" not in printed and not re.search(r"\bnan\b", printed, re.IGNORECASE), printed
