@@ -324,7 +324,7 @@ async def _run_calls(report: Report, base_url: str, token: str, ramp: float) -> 
         if isinstance(outcome, CallResult):
             report.results.append(outcome)
         else:
-            report.failures.append(f"{type(outcome).__name__}: {outcome}")
+            report.failures.append(" ".join(f"{type(outcome).__name__}: {outcome}".split()))  # one line each
     if sampler is not None:
         sampler.cancel()
 
