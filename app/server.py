@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twilio.request_validator import RequestValidator
 
-from app.bridge import POLICY_VIOLATION, CallDeps, CallSession
+from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
+from app.core.call import POLICY_VIOLATION
+from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
 from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
@@ -42,6 +44,7 @@ class AppState:
     calls: set[asyncio.Task[None]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress
     draining: bool = False
+    stopping: bool = False  # set when the server starts closing sockets (see serving.py)
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
 
@@ -103,6 +106,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         try:
             yield
         finally:
+            state.stopping = True
             for task in list(state.calls):
                 task.cancel()
             await asyncio.gather(*state.calls, return_exceptions=True)
@@ -162,7 +166,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         if isinstance(params, Response):
             return params
         status = params.get("CallStatus", "")
-        metrics.record("call_status", 1, status)
+        metrics.call_status(status)
         log.info(
             "call_status", call_sid=params.get("CallSid", ""), status=status, duration_s=params.get("CallDuration")
         )
@@ -196,7 +200,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             url = webhook.stream_url(webhook.public_base_url(ws, settings.public_url))
             if not webhook.signature_ok(state.validator, url, {}, signature):
                 log.warning("media_stream_signature_invalid", url=url)
-                metrics.streams_rejected.labels("bad_signature").inc()
+                metrics.streams_rejected.labels(RejectReason.BAD_SIGNATURE.value).inc()
                 await ws.close(POLICY_VIOLATION)
                 return
         await ws.accept()
@@ -207,6 +211,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             metrics=metrics,
             records=state.records,
             record_transcript=settings.call_events_transcript,
+            shutting_down=lambda: state.stopping,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()

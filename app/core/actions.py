@@ -1,24 +1,47 @@
-"""Outputs of the call state machine: what the pumps must do, in order."""
+"""Outputs of the call state machine: what the pumps must do, in the order given.
+
+The three Twilio-bound kinds (``SendMedia``, ``SendMark``, ``ClearTwilio``) are also the items
+of the pump's Twilio outbox, so barge-in can drop queued media and marks by type, without
+reading any JSON back.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.core.vocabulary import LogLevel, MetricName, Outcome, RejectReason
+
+# --- Twilio outbox items -----------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
-class SendToTwilio:
-    """A JSON text frame for Twilio (media, mark or clear), already serialised."""
+class SendMedia:
+    """A serialised Twilio ``media`` frame carrying ``audio_bytes`` of mu-law."""
 
     text: str
+    audio_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendMark:
+    """A serialised Twilio ``mark``: Twilio returns it once the audio before it has played."""
+
+    text: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
 class ClearTwilio:
-    """Barge-in: discard Twilio-bound media still queued in the bridge, then send ``text``
-    (the ``clear`` message) ahead of anything else."""
+    """Barge-in: drop Twilio-bound media and marks still queued in the bridge, then send
+    ``text`` (the ``clear`` message) ahead of anything else."""
 
     text: str
+
+
+TwilioOut = SendMedia | SendMark | ClearTwilio
+
+# --- agent -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +53,39 @@ class SendToAgent:
 
 @dataclass(frozen=True, slots=True)
 class ConnectAgent:
-    pass
+    """Open the agent session; the pump feeds AgentConnected/AgentConnectFailed and the rest."""
+
+
+# --- the call ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemStreamToken:
+    """Check and use up the one-time stream token; the pump answers with StreamTokenAccepted
+    or StreamTokenRefused."""
+
+    token: str
+    call_sid: str
 
 
 @dataclass(frozen=True, slots=True)
 class EndCall:
-    """Close both sockets and finish the call's tasks."""
+    """Close both sockets (Twilio's with ``twilio_close_code``) and finish the call's tasks.
 
+    ``outcome`` is an ``Outcome`` for a call that was accepted (it gets a call record) and a
+    ``RejectReason`` for a stream refused before that (it gets none)."""
+
+    outcome: Outcome | RejectReason
     reason: str
-    outcome: str  # completed | caller_hangup | agent_error | agent_closed | bridge_error
+    twilio_close_code: int
+
+
+# --- observability -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Log:
-    level: str  # debug | info | warning | error
+    level: LogLevel
     event: str
     fields: dict[str, Any] = field(default_factory=dict)
 
@@ -57,11 +99,22 @@ class BindLogContext:
 
 @dataclass(frozen=True, slots=True)
 class Measure:
-    """Record ``value`` on the metric called ``metric`` (see observability/metrics.py)."""
+    """Record ``value`` on ``metric`` (see observability/metrics.py); ``label`` where it has one."""
 
-    metric: str
+    metric: MetricName
     value: float = 1.0
     label: str = ""
 
 
-Action = SendToTwilio | ClearTwilio | SendToAgent | ConnectAgent | EndCall | Log | BindLogContext | Measure
+Action = (
+    SendMedia
+    | SendMark
+    | ClearTwilio
+    | SendToAgent
+    | ConnectAgent
+    | RedeemStreamToken
+    | EndCall
+    | Log
+    | BindLogContext
+    | Measure
+)

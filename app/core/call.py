@@ -1,32 +1,28 @@
 """The call: a sans-I/O state machine between one Twilio stream and one agent session.
 
 Feed it events (``Call.handle(event, now)``) and perform the actions it returns, in order.
-It owns every decision of the bridge: when to open the agent session, when caller audio may
-flow, barge-in (``_on_user_started_speaking``), marks, keep-alives and when the call ends.
 It never touches a socket or reads a clock, so every behaviour is a plain unit test.
+
+Where things are:
+- which event each state takes and where it leads: ``states.py`` (``TRANSITIONS``);
+- what happens on each event: the ``_on_*`` handlers below, one per event type (``_HANDLERS``);
+- what happens on entering a state: ``Call._enter``; on the end: ``Call._end``;
+- barge-in: ``Playback.barge_in`` (``playback.py``), reached from ``_on_user_started_speaking``;
+- the pre-buffer of caller audio: ``caller_input.py``; Settings and keep-alive: ``agent_link.py``;
+- transcript and what of it may be logged: ``conversation.py``; every limit: ``options.py``.
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from app.agent import messages as agent_msg
-from app.codecs import TWILIO_FORMAT, AudioFormat, Transcoder
-from app.core.actions import (
-    Action,
-    BindLogContext,
-    ClearTwilio,
-    ConnectAgent,
-    EndCall,
-    Log,
-    Measure,
-    SendToAgent,
-    SendToTwilio,
-)
+from app.core.actions import Action, BindLogContext, EndCall, Log, Measure, RedeemStreamToken, SendToAgent
+from app.core.agent_link import AgentLink
+from app.core.caller_input import CallerInput
+from app.core.conversation import Conversation
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -38,6 +34,7 @@ from app.core.events import (
     AgentFunctionCallRequest,
     AgentInfo,
     AgentInvalid,
+    AgentReadyDeadlinePassed,
     AgentSettingsApplied,
     AgentStartedSpeaking,
     AgentThinking,
@@ -45,9 +42,16 @@ from app.core.events import (
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
-    BridgeStopping,
+    BridgeFailed,
+    BridgeShuttingDown,
     Event,
+    KeepAliveDue,
+    OutboxFull,
+    StartDeadlinePassed,
+    StreamTokenAccepted,
+    StreamTokenRefused,
     Tick,
+    TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
@@ -57,464 +61,296 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.twilio import messages as twilio_msg
+from app.core.options import MAX_LOGGED_UNKNOWN_AGENT_TYPES, CallOptions
+from app.core.playback import Playback
+from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState
+from app.core.stats import CallStats
+from app.core.vocabulary import InvalidKind, LogLevel, MetricName, Outcome, RejectReason
+from app.twilio.stream_token import TOKEN_PARAMETER
 
+__all__ = ["Call", "CallOptions", "ended_by"]  # CallOptions: where config and the pumps expect it
 
-@dataclass(frozen=True)
-class CallOptions:
-    """Per-call settings, derived from the agent profile and the service config."""
+NORMAL_CLOSURE = 1000
+POLICY_VIOLATION = 1008  # the close code for a refused stream
 
-    agent: dict[str, Any] | str
-    agent_input: AudioFormat = TWILIO_FORMAT
-    agent_output: AudioFormat = TWILIO_FORMAT
-    tags: tuple[str, ...] = ()
-    keepalive_after: float = 5.0
-    agent_ready_timeout: float = 10.0
-    max_prebuffer_seconds: float = 10.0
-    log_transcripts: bool = False
-
-
-# agent_state values, in the order a healthy session passes through them
-IDLE, CONNECTING, AWAITING_SETTINGS_APPLIED, READY, CLOSED = (
-    "idle",
-    "connecting",
-    "awaiting_settings_applied",
-    "ready",
-    "closed",
-)
-
-
-@dataclass
-class CallStats:
-    caller_frames: int = 0
-    caller_bytes: int = 0
-    agent_frames: int = 0
-    agent_bytes: int = 0
-    caller_bytes_dropped: int = 0
-    agent_bytes_dropped: int = 0
-    turns: int = 0
-    barge_ins: int = 0
-    keepalives: int = 0
-    marks_played: int = 0
-    marks_cleared: int = 0
-    invalid: dict[str, int] = field(default_factory=dict)
-    agent_latencies: list[float] = field(default_factory=list)
+_CARRIES_STREAM_SID = (TwilioMedia, TwilioMark, TwilioDtmf, TwilioStop)
 
 
 class Call:
     def __init__(self, options: CallOptions, now: float) -> None:
         self.options = options
         self.started_at = now
-        self.stats = CallStats()
+        self.stats = stats = CallStats()
+        self.state = CallState.AWAITING_START
+        self._row = TRANSITIONS[self.state]
+        self.outcome: Outcome | RejectReason | None = None
+        self.end_reason = ""
         self.stream_sid = ""
         self.call_sid = ""
-        self.request_id = ""
         self.custom_parameters: dict[str, str] = {}
-        self.streaming = False
-        self.ended = False
-        self.outcome = ""
-        self.end_reason = ""
-        self.agent_state = IDLE
-        self.agent_connect_started = 0.0
-        self.agent_ready_at: float | None = None
         self.stream_started_at: float | None = None
-        self.first_agent_audio_at: float | None = None
-        self.transcript: list[tuple[float, str, str]] = []
-        self._last_sent_to_agent = now
-        self._prebuffer: deque[bytes] = deque()
-        self._prebuffer_bytes = 0
-        self._prebuffer_limit = options.agent_input.bytes_for(options.max_prebuffer_seconds)
-        self._held_agent_audio: deque[bytes] = deque()
-        self._held_agent_bytes = 0
-        self._held_agent_limit = TWILIO_FORMAT.bytes_for(30.0)
-        self._agent_speaking = False
-        self._mark_seq = 0
-        self._outstanding_marks: dict[str, float] = {}
-        self._cleared_marks: set[str] = set()
+        self.caller = CallerInput(options, stats)
+        self.playback = Playback(options, stats)
+        self.agent = AgentLink(options, stats, now)
+        self.conversation = Conversation(options.log_transcripts, stats, now)
+        self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
-        self._to_agent = (
-            None if options.agent_input == TWILIO_FORMAT else Transcoder(TWILIO_FORMAT, options.agent_input)
-        )
-        self._to_twilio = (
-            None if options.agent_output == TWILIO_FORMAT else Transcoder(options.agent_output, TWILIO_FORMAT)
-        )
-        self._handlers: dict[type, Callable[[Any, float], list[Action]]] = {
-            TwilioMedia: self._on_media,
-            AgentAudio: self._on_agent_audio,
-            TwilioMark: self._on_mark,
-            AgentUserStartedSpeaking: self._on_user_started_speaking,
-            AgentAudioDone: self._on_agent_audio_done,
-            AgentStartedSpeaking: self._on_agent_started_speaking,
-            AgentConversationText: self._on_conversation_text,
-            AgentThinking: self._on_thinking,
-            Tick: self._on_tick,
-            TwilioConnected: self._on_connected,
-            TwilioStart: self._on_start,
-            TwilioDtmf: self._on_dtmf,
-            TwilioStop: self._on_stop,
-            TwilioClosed: self._on_twilio_closed,
-            TwilioInvalid: self._on_twilio_invalid,
-            AgentConnected: self._on_agent_connected,
-            AgentConnectFailed: self._on_agent_connect_failed,
-            AgentWelcome: self._on_welcome,
-            AgentSettingsApplied: self._on_settings_applied,
-            AgentFunctionCallRequest: self._on_function_call_request,
-            AgentWarning: self._on_warning,
-            AgentError: self._on_error,
-            AgentInfo: self._on_info,
-            AgentUnknown: self._on_unknown,
-            AgentInvalid: self._on_agent_invalid,
-            AgentClosed: self._on_agent_closed,
-            BridgeStopping: self._on_bridge_stopping,
-        }
 
     # --- entry point ---------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
-        if self.ended:
+        state = self.state
+        if state is CallState.ENDED:
+            self.stats.ignored_after_end += 1
             return []
-        return self._handlers[type(event)](event, now)
+        # another stream's frame is dropped; an empty id on either side is not a mismatch
+        if (
+            isinstance(event, _CARRIES_STREAM_SID)
+            and event.stream_sid != self.stream_sid
+            and event.stream_sid
+            and self.stream_sid
+        ):
+            return self._foreign_stream(type(event).__name__, event.stream_sid)
+        target = self._row.get(type(event))
+        if target is None:
+            return self._out_of_order(event)
+        actions = _HANDLERS[type(event)](self, event, now)
+        if target is state or self.state is not state:  # handled in place, or a timer already moved it
+            return actions
+        if isinstance(target, CallState):
+            return actions + self._enter(target, now)
+        return actions + self._end(target, _end_reason(event))
 
     @property
-    def agent_ready(self) -> bool:
-        return self.agent_state == READY
+    def ended(self) -> bool:
+        return self.state is CallState.ENDED
 
     @property
-    def buffered_caller_bytes(self) -> int:
-        return self._prebuffer_bytes
+    def accepted(self) -> bool:
+        """The stream's token was redeemed: this is a call (active, with a record)."""
+        return self.state in ACCEPTED_STATES or isinstance(self.outcome, Outcome)
 
-    def _end(self, reason: str, outcome: str) -> EndCall:
-        self.ended = True
-        self.outcome = outcome
+    @property
+    def transcript(self) -> list[tuple[float, str, str]]:
+        return self.conversation.transcript
+
+    # --- transitions -----------------------------------------------------------------------
+
+    def _enter(self, state: CallState, now: float) -> list[Action]:
+        self.state = state
+        self._row = TRANSITIONS[state]
+        match state:
+            case CallState.CONNECTING_AGENT:
+                return [Measure(MetricName.ACTIVE_CALLS, 1), *self.agent.connect(now)]
+            case CallState.LIVE:
+                return [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.start_flowing()]
+            case (
+                CallState.AWAITING_START
+                | CallState.CHECKING_TOKEN
+                | CallState.AWAITING_WELCOME
+                | CallState.AWAITING_SETTINGS_APPLIED
+                | CallState.ENDED
+            ):
+                return []
+            case _:
+                assert_never(state)
+
+    def _end(self, target: Outcome | RejectReason, reason: str) -> list[Action]:
+        self.state = CallState.ENDED
+        self._row = TRANSITIONS[CallState.ENDED]
+        self.outcome = target
         self.end_reason = reason
-        self.agent_state = CLOSED
-        return EndCall(reason=reason, outcome=outcome)
+        match target:
+            case Outcome():
+                # by construction of TRANSITIONS, an Outcome only ends an accepted call
+                return [
+                    Measure(MetricName.ACTIVE_CALLS, -1),
+                    Measure(MetricName.CALLS, 1, target.value),
+                    EndCall(target, reason, NORMAL_CLOSURE),
+                ]
+            case RejectReason():
+                return [
+                    Log(LogLevel.WARNING, "stream_rejected", {"reason": target.value, "detail": reason}),
+                    Measure(MetricName.STREAMS_REJECTED, 1, target.value),
+                    EndCall(target, reason, POLICY_VIOLATION),
+                ]
+            case _:
+                assert_never(target)
 
-    def _count_invalid(self, kind: str) -> bool:
-        """Count a bad input; True the first time this kind is seen (log once, not per frame)."""
-        seen = self.stats.invalid.get(kind, 0)
-        self.stats.invalid[kind] = seen + 1
-        return seen == 0
+    def _out_of_order(self, event: Event) -> list[Action]:
+        """An event this state does not take: ignored, counted, logged once per (state, event)."""
+        self.stats.count_invalid(InvalidKind.OUT_OF_ORDER)
+        key = (self.state, type(event))
+        if key in self._out_of_order_logged:
+            return []
+        self._out_of_order_logged.add(key)
+        return [Log(LogLevel.WARNING, "event_out_of_order", {"input": type(event).__name__, "state": self.state.value})]
+
+    def _foreign_stream(self, what: str, got: str) -> list[Action]:
+        if self.stats.count_invalid(InvalidKind.WRONG_STREAM_SID):
+            return [Log(LogLevel.WARNING, "twilio_wrong_stream_sid", {"message": what, "got": got[:64]})]
+        return []
 
     # --- Twilio events -------------------------------------------------------------------
 
-    def _on_connected(self, event: TwilioConnected, now: float) -> list[Action]:
-        return []
+    def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
+        caller = self.caller
+        if caller.flowing:
+            self.agent.last_sent = now
+        return caller.push(event.payload)
 
     def _on_start(self, event: TwilioStart, now: float) -> list[Action]:
-        if self.streaming or self.stream_sid:
-            return [Log("warning", "twilio_start_repeated", {"stream_sid": event.stream_sid})]
-        self.streaming = True
         self.stream_started_at = now
-        self.stream_sid = event.stream_sid
+        self.stream_sid = self.playback.stream_sid = event.stream_sid
+        self.playback.stream_started_at = now
         self.call_sid = event.call_sid
         self.custom_parameters = dict(event.custom_parameters)
-        actions: list[Action] = [
+        return [
             BindLogContext({"call_sid": event.call_sid, "stream_sid": event.stream_sid}),
-            Log("info", "stream_started", {"caller_audio_buffered": self._prebuffer_bytes}),
+            Log(LogLevel.INFO, "stream_started", {"caller_audio_buffered": self.caller.buffered_bytes}),
+            RedeemStreamToken(self.custom_parameters.get(TOKEN_PARAMETER, ""), event.call_sid),
         ]
-        while self._held_agent_audio:
-            actions.append(SendToTwilio(twilio_msg.media(self.stream_sid, self._held_agent_audio.popleft())))
-        self._held_agent_bytes = 0
-        if self.agent_state == IDLE:
-            self.agent_state = CONNECTING
-            self.agent_connect_started = now
-            actions.append(ConnectAgent())
-        return actions
 
-    def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
-        if event.stream_sid and self.stream_sid and event.stream_sid != self.stream_sid:
-            return self._wrong_stream("media", event.stream_sid)
-        data = event.payload
-        stats = self.stats
-        stats.caller_frames += 1
-        stats.caller_bytes += len(data)
-        if self._to_agent is not None:
-            data = self._to_agent.convert(data)
-            if not data:
-                return []
-        if self.agent_state == READY:
-            self._last_sent_to_agent = now
-            return [SendToAgent(data)]
-        return self._prebuffer_caller_audio(data)
-
-    def _prebuffer_caller_audio(self, data: bytes) -> list[Action]:
-        self._prebuffer.append(data)
-        self._prebuffer_bytes += len(data)
-        dropped = 0
-        while self._prebuffer_bytes > self._prebuffer_limit and len(self._prebuffer) > 1:
-            old = self._prebuffer.popleft()
-            self._prebuffer_bytes -= len(old)
-            dropped += len(old)
-        if not dropped:
-            return []
-        self.stats.caller_bytes_dropped += dropped
-        if self._count_invalid("caller_prebuffer_overflow"):
-            return [
-                Log(
-                    "warning",
-                    "caller_audio_dropped",
-                    {"reason": "agent not ready, pre-buffer full", "limit_bytes": self._prebuffer_limit},
-                )
-            ]
-        return []
+    def _on_bad_start(self, event: TwilioBadStart, now: float) -> list[Action]:
+        return [Log(LogLevel.WARNING, "twilio_start_rejected", {"detail": event.detail})]
 
     def _on_mark(self, event: TwilioMark, now: float) -> list[Action]:
-        if event.stream_sid and event.stream_sid != self.stream_sid:
-            return self._wrong_stream("mark", event.stream_sid)
-        sent_at = self._outstanding_marks.pop(event.name, None)
-        if sent_at is not None:
-            self.stats.marks_played += 1
-            return [Log("debug", "agent_audio_played", {"mark": event.name, "after_s": round(now - sent_at, 3)})]
-        if event.name in self._cleared_marks:
-            self._cleared_marks.discard(event.name)
-            return []  # returned by Twilio because of a clear: that audio was never heard
-        if self._count_invalid("unknown_mark"):
-            return [Log("warning", "twilio_unknown_mark", {"mark": event.name[:64]})]
-        return []
+        return self.playback.mark_returned(event.name, now)
 
     def _on_dtmf(self, event: TwilioDtmf, now: float) -> list[Action]:
-        # digits can be PINs or card numbers: they are PII like transcripts
-        fields = {"digit": event.digit} if self.options.log_transcripts else {}
-        return [Log("info", "dtmf_received", fields)]
-
-    def _on_stop(self, event: TwilioStop, now: float) -> list[Action]:
-        if event.stream_sid and self.stream_sid and event.stream_sid != self.stream_sid:
-            return self._wrong_stream("stop", event.stream_sid)
-        return [self._end("caller hung up (stop)", "caller_hangup")]
-
-    def _on_twilio_closed(self, event: TwilioClosed, now: float) -> list[Action]:
-        return [self._end(f"twilio socket closed (code {event.code})", "caller_hangup")]
+        return self.conversation.keypad(event)
 
     def _on_twilio_invalid(self, event: TwilioInvalid, now: float) -> list[Action]:
-        first = self._count_invalid(event.kind)
-        actions: list[Action] = []
-        if first or event.kind == "bad_start":
-            actions.append(Log("warning", "twilio_frame_rejected", {"kind": event.kind, "detail": event.detail}))
-        if event.kind == "bad_start" and not self.streaming:
-            actions.append(self._end(f"unusable start message: {event.detail}", "bridge_error"))
-        return actions
-
-    def _wrong_stream(self, what: str, got: str) -> list[Action]:
-        if self._count_invalid("wrong_stream_sid"):
-            return [Log("warning", "twilio_wrong_stream_sid", {"message": what, "got": got[:64]})]
+        if self.stats.count_invalid(event.kind):
+            return [Log(LogLevel.WARNING, "twilio_frame_rejected", {"kind": event.kind.value, "detail": event.detail})]
         return []
+
+    def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
+        return [Log(LogLevel.WARNING, "stream_token_rejected", {"problem": event.reason})]
 
     # --- agent events --------------------------------------------------------------------
 
     def _on_agent_connected(self, event: AgentConnected, now: float) -> list[Action]:
-        return [Log("info", "agent_connected", {"connect_s": round(now - self.agent_connect_started, 3)})]
+        return self.agent.connected(now)
 
     def _on_agent_connect_failed(self, event: AgentConnectFailed, now: float) -> list[Action]:
-        return [
-            Log("error", "agent_connect_failed", {"reason": event.reason}),
-            self._end(f"agent connection failed: {event.reason}", "agent_error"),
-        ]
+        return [Log(LogLevel.ERROR, "agent_connect_failed", {"reason": event.reason})]
 
     def _on_welcome(self, event: AgentWelcome, now: float) -> list[Action]:
-        if self.agent_state != CONNECTING:
-            return [Log("warning", "agent_welcome_unexpected", {"state": self.agent_state})]
-        self.request_id = event.request_id
-        self.agent_state = AWAITING_SETTINGS_APPLIED
-        settings = agent_msg.settings(
-            self.options.agent,
-            self.options.agent_input,
-            self.options.agent_output,
-            tags=list(self.options.tags),
-        )
-        self._last_sent_to_agent = now
-        return [BindLogContext({"request_id": event.request_id}), SendToAgent(settings)]
-
-    def _on_settings_applied(self, event: AgentSettingsApplied, now: float) -> list[Action]:
-        if self.agent_state != AWAITING_SETTINGS_APPLIED:
-            return [Log("warning", "agent_settings_applied_unexpected", {"state": self.agent_state})]
-        self.agent_state = READY
-        self.agent_ready_at = now
-        actions: list[Action] = [
-            Measure("agent_connect", now - self.agent_connect_started),
-            Log(
-                "info",
-                "agent_ready",
-                {
-                    "ready_s": round(now - self.agent_connect_started, 3),
-                    "buffered_caller_bytes": self._prebuffer_bytes,
-                },
-            ),
-        ]
-        while self._prebuffer:
-            actions.append(SendToAgent(self._prebuffer.popleft()))
-        self._prebuffer_bytes = 0
-        self._last_sent_to_agent = now
-        return actions
+        return self.agent.send_settings(event.request_id, now)
 
     def _on_agent_audio(self, event: AgentAudio, now: float) -> list[Action]:
-        data = event.data
-        if self._to_twilio is not None:
-            data = self._to_twilio.convert(data)
-            if not data:
-                return []
-        stats = self.stats
-        stats.agent_frames += 1
-        stats.agent_bytes += len(data)
-        if not self.streaming:
-            return self._hold_agent_audio(data)
-        send = SendToTwilio(twilio_msg.media(self.stream_sid, data))
-        if self.first_agent_audio_at is None and self.stream_started_at is not None:
-            self.first_agent_audio_at = now
-            return [send, Measure("first_agent_audio", now - self.stream_started_at)]
-        return [send]
-
-    def _hold_agent_audio(self, data: bytes) -> list[Action]:
-        if self._held_agent_bytes + len(data) > self._held_agent_limit:
-            self.stats.agent_bytes_dropped += len(data)
-            if self._count_invalid("agent_audio_before_start_overflow"):
-                return [Log("warning", "agent_audio_dropped", {"reason": "no Twilio stream yet, hold buffer full"})]
-            return []
-        self._held_agent_audio.append(data)
-        self._held_agent_bytes += len(data)
-        return []
+        return self.playback.audio(event.data, now)
 
     def _on_user_started_speaking(self, event: AgentUserStartedSpeaking, now: float) -> list[Action]:
-        """Barge-in: the caller talks over the agent, so Twilio must stop playing at once."""
-        interrupted = self._agent_speaking or bool(self._outstanding_marks)
-        self._agent_speaking = False
-        self._cleared_marks.update(self._outstanding_marks)
-        self.stats.marks_cleared += len(self._outstanding_marks)
-        self._outstanding_marks.clear()
-        if self._held_agent_audio:
-            self.stats.agent_bytes_dropped += self._held_agent_bytes
-            self._held_agent_audio.clear()
-            self._held_agent_bytes = 0
-        if not self.streaming:
-            return []
-        actions: list[Action] = [ClearTwilio(twilio_msg.clear(self.stream_sid))]
-        if interrupted:
-            self.stats.barge_ins += 1
-            actions.append(Log("info", "barge_in", {"turn": self.stats.turns}))
-            actions.append(Measure("barge_ins"))
-        return actions
+        return self.playback.barge_in()
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
-        self._agent_speaking = True
-        self.stats.turns += 1
-        actions: list[Action] = []
-        for kind, value in (("total", event.total_latency), ("ttt", event.ttt_latency), ("tts", event.tts_latency)):
-            if value is not None:
-                actions.append(Measure("agent_latency", value, kind))
-        if event.total_latency is not None:
-            self.stats.agent_latencies.append(event.total_latency)
-        return [
-            *actions,
-            Log(
-                "info",
-                "agent_started_speaking",
-                {
-                    "turn": self.stats.turns,
-                    "total_latency": event.total_latency,
-                    "tts_latency": event.tts_latency,
-                    "ttt_latency": event.ttt_latency,
-                },
-            ),
-        ]
+        self.playback.agent_started_speaking()
+        return self.conversation.agent_turn(event)
 
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
-        self._agent_speaking = False
-        if not self.streaming:
-            return []
-        self._mark_seq += 1
-        name = f"agent-audio-{self._mark_seq}"
-        self._outstanding_marks[name] = now
-        return [SendToTwilio(twilio_msg.mark(self.stream_sid, name))]
+        return self.playback.audio_done(now)
 
     def _on_conversation_text(self, event: AgentConversationText, now: float) -> list[Action]:
-        self.transcript.append((round(now - self.started_at, 3), event.role, event.content))
-        fields: dict[str, Any] = {"role": event.role, "chars": len(event.content)}
-        if self.options.log_transcripts:
-            fields["content"] = event.content
-        return [Log("info", "conversation_text", fields)]
+        return self.conversation.text(event, now)
 
     def _on_thinking(self, event: AgentThinking, now: float) -> list[Action]:
-        fields = {"content": event.content} if self.options.log_transcripts else {}
-        return [Log("debug", "agent_thinking", fields)]
+        return self.conversation.thinking(event)
 
     def _on_function_call_request(self, event: AgentFunctionCallRequest, now: float) -> list[Action]:
         actions: list[Action] = []
         for fn in event.functions:
             if not fn.client_side:
-                actions.append(Log("info", "agent_server_function_called", {"name": fn.name}))
+                actions.append(Log(LogLevel.INFO, "agent_server_function_called", {"name": fn.name}))
                 continue
             # No client-side functions are offered yet: answer so the agent does not wait forever.
             content = json.dumps({"error": f"function {fn.name!r} is not available"})
-            actions.append(Log("warning", "agent_function_unavailable", {"name": fn.name, "id": fn.id}))
+            actions.append(Log(LogLevel.WARNING, "agent_function_unavailable", {"name": fn.name, "id": fn.id}))
             actions.append(SendToAgent(agent_msg.function_call_response(fn.id, fn.name, content)))
-            self._last_sent_to_agent = now
+            self.agent.last_sent = now
         return actions
 
     def _on_warning(self, event: AgentWarning, now: float) -> list[Action]:
         return [
-            Log("warning", "agent_warning", {"code": event.code, "description": event.description}),
-            Measure("agent_warnings", 1, event.code),
+            Log(LogLevel.WARNING, "agent_warning", {"code": event.code, "description": event.description}),
+            Measure(MetricName.AGENT_WARNINGS, 1, event.code),
         ]
 
     def _on_error(self, event: AgentError, now: float) -> list[Action]:
         return [
-            Log("error", "agent_error", {"code": event.code, "description": event.description}),
-            Measure("agent_errors", 1, event.code),
-            self._end(f"agent error {event.code}", "agent_error"),
+            Log(LogLevel.ERROR, "agent_error", {"code": event.code, "description": event.description}),
+            Measure(MetricName.AGENT_ERRORS, 1, event.code),
         ]
 
     def _on_info(self, event: AgentInfo, now: float) -> list[Action]:
-        return [Log("debug", "agent_message", {"type": event.type})]
+        return [Log(LogLevel.DEBUG, "agent_message", {"type": event.type})]
 
     def _on_unknown(self, event: AgentUnknown, now: float) -> list[Action]:
-        if event.type in self._unknown_types or len(self._unknown_types) >= 32:
+        if event.type in self._unknown_types or len(self._unknown_types) >= MAX_LOGGED_UNKNOWN_AGENT_TYPES:
             return []
         self._unknown_types.add(event.type)
-        return [Log("info", "agent_message_unknown_ignored", {"type": event.type})]
+        return [Log(LogLevel.INFO, "agent_message_unknown_ignored", {"type": event.type})]
 
     def _on_agent_invalid(self, event: AgentInvalid, now: float) -> list[Action]:
-        if self._count_invalid("agent_invalid"):
-            return [Log("warning", "agent_message_rejected", {"detail": event.detail})]
+        if self.stats.count_invalid(InvalidKind.AGENT_INVALID):
+            return [Log(LogLevel.WARNING, "agent_message_rejected", {"detail": event.detail})]
         return []
 
     def _on_agent_closed(self, event: AgentClosed, now: float) -> list[Action]:
-        return [
-            Log("warning", "agent_closed", {"code": event.code, "reason": event.reason}),
-            self._end("agent closed the session", "agent_closed"),
-        ]
+        return [Log(LogLevel.WARNING, "agent_closed", {"code": event.code, "reason": event.reason})]
 
-    def _on_bridge_stopping(self, event: BridgeStopping, now: float) -> list[Action]:
-        return [
-            Log(
-                "error" if event.outcome == "bridge_error" else "info", "bridge_stopping_call", {"reason": event.reason}
-            ),
-            self._end(event.reason, event.outcome),
-        ]
+    # --- the bridge ----------------------------------------------------------------------
+
+    def _on_bridge_failed(self, event: BridgeFailed, now: float) -> list[Action]:
+        return [Log(LogLevel.ERROR, "bridge_stopping_call", {"reason": event.reason})]
+
+    def _on_outbox_full(self, event: OutboxFull, now: float) -> list[Action]:
+        self.stats.count_overflow(event.which)
+        return [Log(LogLevel.ERROR, "send_queue_overflow", {"queue": event.which.value})]
+
+    def _on_bridge_shutting_down(self, event: BridgeShuttingDown, now: float) -> list[Action]:
+        return [Log(LogLevel.INFO, "bridge_stopping_call", {"reason": "bridge shutting down"})]
 
     # --- clock ---------------------------------------------------------------------------
 
     def _on_tick(self, event: Tick, now: float) -> list[Action]:
-        state = self.agent_state
-        if state == READY:
-            if now - self._last_sent_to_agent >= self.options.keepalive_after:
-                self._last_sent_to_agent = now
-                self.stats.keepalives += 1
-                return [SendToAgent(agent_msg.KEEP_ALIVE)]
+        """Turn the deadline this state watches (``DEADLINES``) into its event when passed."""
+        timer = DEADLINES.get(self.state)
+        if timer is None:
             return []
-        waiting = state in (CONNECTING, AWAITING_SETTINGS_APPLIED)
-        if waiting and now - self.agent_connect_started > self.options.agent_ready_timeout:
-            return [
-                Log("error", "agent_not_ready", {"state": state, "timeout_s": self.options.agent_ready_timeout}),
-                self._end("agent session not ready in time", "agent_error"),
-            ]
+        if timer is KeepAliveDue:
+            due = self.agent.keepalive_at()
+        elif timer is AgentReadyDeadlinePassed:
+            due = self.agent.ready_deadline()
+        else:
+            due = self.started_at + self.options.start_timeout
+        return self.handle(timer(), now) if now >= due else []
+
+    def _on_keepalive_due(self, event: KeepAliveDue, now: float) -> list[Action]:
+        return self.agent.keepalive(now)
+
+    def _on_agent_ready_deadline(self, event: AgentReadyDeadlinePassed, now: float) -> list[Action]:
+        return self.agent.not_ready(self.state.value)
+
+    def _on_start_deadline(self, event: StartDeadlinePassed, now: float) -> list[Action]:
+        return [Log(LogLevel.WARNING, "twilio_stream_without_start", {"timeout_s": self.options.start_timeout})]
+
+    def _nothing(self, event: Event, now: float) -> list[Action]:
         return []
 
     # --- record --------------------------------------------------------------------------
 
+    @property
+    def buffered_caller_bytes(self) -> int:
+        return self.caller.buffered_bytes
+
     def summary(self, now: float) -> dict[str, Any]:
         s = self.stats
+        outcome = self.outcome
         record: dict[str, Any] = {
-            "outcome": self.outcome or "in_progress",
+            "outcome": outcome.value if outcome is not None else "in_progress",
+            "ended_by": ended_by(outcome) if isinstance(outcome, Outcome) else None,
             "end_reason": self.end_reason,
             "duration_s": round(now - self.started_at, 3),
             "turns": s.turns,
@@ -524,18 +360,105 @@ class Call:
             "agent_frames": s.agent_frames,
             "agent_bytes": s.agent_bytes,
             "caller_bytes_dropped": s.caller_bytes_dropped,
-            "agent_bytes_dropped": s.agent_bytes_dropped,
             "keepalives": s.keepalives,
             "marks_played": s.marks_played,
             "marks_cleared": s.marks_cleared,
             "agent_latency_avg_s": (
                 round(sum(s.agent_latencies) / len(s.agent_latencies), 3) if s.agent_latencies else None
             ),
-            "invalid_inputs": dict(s.invalid),
+            "invalid_inputs": {kind.value: n for kind, n in s.invalid.items()},
+            "overflows": {kind.value: n for kind, n in s.overflows.items()},
         }
-        if self.agent_ready_at is not None:
-            record["agent_ready_s"] = round(self.agent_ready_at - self.agent_connect_started, 3)
-        if self.first_agent_audio_at is not None:
+        agent = self.agent
+        if agent.ready_at is not None:
+            record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
+        first = self.playback.first_audio_at
+        if first is not None:
             since = self.stream_started_at if self.stream_started_at is not None else self.started_at
-            record["first_agent_audio_s"] = round(self.first_agent_audio_at - since, 3)
+            record["first_agent_audio_s"] = round(first - since, 3)
         return record
+
+
+def ended_by(outcome: Outcome) -> str:
+    """Who ended the call, for the record: the caller, the agent or the bridge."""
+    match outcome:
+        case Outcome.CALLER_HANGUP:
+            return "caller"
+        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED:
+            return "agent"
+        case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
+            return "bridge"
+        case _:
+            assert_never(outcome)
+
+
+def _end_reason(event: Event) -> str:
+    """The end of the call in words, for the log and the record."""
+    match event:
+        case TwilioStop():
+            return "caller hung up (stop)"
+        case TwilioClosed(code=code):
+            return f"twilio socket closed (code {code})"
+        case TwilioBadStart(detail=detail):
+            return f"unusable start message: {detail}"
+        case StreamTokenRefused(reason=reason):
+            return f"stream token refused: {reason}"
+        case StartDeadlinePassed():
+            return "no start message in time"
+        case AgentConnectFailed(reason=reason):
+            return f"agent connection failed: {reason}"
+        case AgentReadyDeadlinePassed():
+            return "agent session not ready in time"
+        case AgentError(code=code):
+            return f"agent error {code}"
+        case AgentClosed():
+            return "agent closed the session"
+        case BridgeFailed(reason=reason):
+            return reason
+        case OutboxFull(which=which):
+            return f"{which.value} overflow: peer not reading"
+        case BridgeShuttingDown():
+            return "bridge shutting down"
+        case _:
+            return type(event).__name__
+
+
+_Handler = Callable[[Call, Any, float], list[Action]]
+_HANDLERS: dict[type[Event], _Handler] = {
+    TwilioConnected: Call._nothing,
+    TwilioStart: Call._on_start,
+    TwilioBadStart: Call._on_bad_start,
+    TwilioMedia: Call._on_media,
+    TwilioMark: Call._on_mark,
+    TwilioDtmf: Call._on_dtmf,
+    TwilioStop: Call._nothing,
+    TwilioClosed: Call._nothing,
+    TwilioInvalid: Call._on_twilio_invalid,
+    StreamTokenAccepted: Call._nothing,
+    StreamTokenRefused: Call._on_token_refused,
+    AgentConnected: Call._on_agent_connected,
+    AgentConnectFailed: Call._on_agent_connect_failed,
+    AgentWelcome: Call._on_welcome,
+    AgentSettingsApplied: Call._nothing,
+    AgentAudio: Call._on_agent_audio,
+    AgentUserStartedSpeaking: Call._on_user_started_speaking,
+    AgentStartedSpeaking: Call._on_agent_started_speaking,
+    AgentAudioDone: Call._on_agent_audio_done,
+    AgentConversationText: Call._on_conversation_text,
+    AgentThinking: Call._on_thinking,
+    AgentFunctionCallRequest: Call._on_function_call_request,
+    AgentWarning: Call._on_warning,
+    AgentError: Call._on_error,
+    AgentInfo: Call._on_info,
+    AgentUnknown: Call._on_unknown,
+    AgentInvalid: Call._on_agent_invalid,
+    AgentClosed: Call._on_agent_closed,
+    BridgeFailed: Call._on_bridge_failed,
+    OutboxFull: Call._on_outbox_full,
+    BridgeShuttingDown: Call._on_bridge_shutting_down,
+    Tick: Call._on_tick,
+    StartDeadlinePassed: Call._on_start_deadline,
+    AgentReadyDeadlinePassed: Call._on_agent_ready_deadline,
+    KeepAliveDue: Call._on_keepalive_due,
+}
+"""What each event does, whatever the state (the state decides whether it is taken at all)."""

@@ -1,4 +1,5 @@
-"""Inputs to the call state machine: parsed events from Twilio, the agent and the clock.
+"""Inputs to the call state machine: parsed events from Twilio, the agent, the bridge and
+the clock. Which event each state takes, and where it leads, is in ``states.py``.
 
 Plain slotted dataclasses: one is built per audio frame, so they must stay cheap.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from app.core.vocabulary import InvalidKind, Overflow
 
 # --- Twilio side -------------------------------------------------------------------------
 
@@ -55,11 +58,30 @@ class TwilioClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class TwilioBadStart:
+    """A ``start`` message that cannot begin a call (malformed ids, unsupported format)."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class TwilioInvalid:
     """A frame from Twilio that could not be used; ``kind`` names why."""
 
-    kind: str
+    kind: InvalidKind
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTokenAccepted:
+    """The pump redeemed the stream token of ``start``: this stream is the call it names."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTokenRefused:
+    """The stream token of ``start`` was missing, forged, expired, reused or for another call."""
+
+    reason: str
 
 
 # --- Agent side --------------------------------------------------------------------------
@@ -167,15 +189,26 @@ class AgentClosed:
     reason: str = ""
 
 
-# --- The bridge itself -------------------------------------------------------------------
+# --- The bridge itself: answers to the core's requests, and its own faults ----------------
 
 
 @dataclass(frozen=True, slots=True)
-class BridgeStopping:
-    """The bridge must end the call for its own reasons (shutdown, a stuck peer)."""
+class BridgeFailed:
+    """The bridge must end the call for a fault of its own (a stuck peer, a crashed task)."""
 
     reason: str
-    outcome: str = "bridge_error"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFull:
+    """A send queue reached its bound (``options.py``): that peer is not reading."""
+
+    which: Overflow
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeShuttingDown:
+    """This process is stopping and the call cannot continue here."""
 
 
 # --- Clock -------------------------------------------------------------------------------
@@ -183,11 +216,35 @@ class BridgeStopping:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    pass
+    """Time passed. The pump feeds one every ``limits.TICK_SECONDS``; the call turns the
+    deadlines it finds passed into the timer events below, so the table can name them."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartDeadlinePassed:
+    """No usable ``start`` from Twilio within ``CallOptions.start_timeout`` of the socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReadyDeadlinePassed:
+    """The agent session was not ready within ``CallOptions.agent_ready_timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveDue:
+    """Nothing was sent to the agent for ``CallOptions.keepalive_after`` seconds."""
 
 
 TwilioEvent = (
-    TwilioConnected | TwilioStart | TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop | TwilioClosed | TwilioInvalid
+    TwilioConnected
+    | TwilioStart
+    | TwilioBadStart
+    | TwilioMedia
+    | TwilioMark
+    | TwilioDtmf
+    | TwilioStop
+    | TwilioClosed
+    | TwilioInvalid
 )
 AgentEvent = (
     AgentConnected
@@ -208,4 +265,6 @@ AgentEvent = (
     | AgentInvalid
     | AgentClosed
 )
-Event = TwilioEvent | AgentEvent | BridgeStopping | Tick
+BridgeEvent = StreamTokenAccepted | StreamTokenRefused | BridgeFailed | OutboxFull | BridgeShuttingDown
+TimerEvent = Tick | StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue
+Event = TwilioEvent | AgentEvent | BridgeEvent | TimerEvent

@@ -7,8 +7,11 @@ and the pump flushes the difference here every tick and at the end of the call.
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+
+from app.core.vocabulary import MetricName
 
 FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
@@ -103,9 +106,18 @@ class Metrics:
             "callbridge_agent_warnings_total", "Warning messages from the agent, by code.", ["code"], registry=r
         )
         self.invalid_inputs = Counter(
-            "callbridge_invalid_inputs_total", "Frames rejected from the network, by kind.", ["kind"], registry=r
+            "callbridge_invalid_inputs_total",
+            "Inputs from the network that could not be used (bad frames, out-of-order events), by kind.",
+            ["kind"],
+            registry=r,
         )
-        self.call_status = Counter(
+        self.overflows = Counter(
+            "callbridge_overflows_total",
+            "Times a bound was reached (pre-buffer full, a peer not reading), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.call_status_total = Counter(
             "callbridge_call_status_total", "Twilio call status callbacks, by final status.", ["status"], registry=r
         )
         self.call_records = Counter(
@@ -115,17 +127,30 @@ class Metrics:
             registry=r,
         )
 
-    def record(self, name: str, value: float = 1.0, label: str = "") -> None:
-        """Apply a core ``Measure``: counters add, histograms observe, gauges set."""
-        metric: MetricWrapperBase = getattr(self, name)
-        if name in ("agent_errors", "agent_warnings"):
-            label = bounded(label, AGENT_CODES)
-        elif name == "call_status":
-            label = bounded(label, CALL_STATUSES)
-        target = metric.labels(label) if label else metric
-        if isinstance(metric, Counter):
-            target.inc(value)  # type: ignore[attr-defined]
-        elif isinstance(metric, Histogram):
-            target.observe(value)  # type: ignore[attr-defined]
-        elif isinstance(metric, Gauge):
-            target.set(value)  # type: ignore[attr-defined]
+    def record(self, name: MetricName, value: float = 1.0, label: str = "") -> None:
+        """Apply a core ``Measure``. A metric added to ``MetricName`` and forgotten here is a
+        mypy error (``assert_never``), not a silent no-op."""
+        match name:
+            case MetricName.ACTIVE_CALLS:
+                self.active_calls.inc(value)
+            case MetricName.CALLS:
+                self.calls.labels(label).inc(value)
+            case MetricName.STREAMS_REJECTED:
+                self.streams_rejected.labels(label).inc(value)
+            case MetricName.AGENT_CONNECT:
+                self.agent_connect.observe(value)
+            case MetricName.FIRST_AGENT_AUDIO:
+                self.first_agent_audio.observe(value)
+            case MetricName.BARGE_INS:
+                self.barge_ins.inc(value)
+            case MetricName.AGENT_LATENCY:
+                self.agent_latency.labels(label).observe(value)
+            case MetricName.AGENT_ERRORS:
+                self.agent_errors.labels(bounded(label, AGENT_CODES)).inc(value)
+            case MetricName.AGENT_WARNINGS:
+                self.agent_warnings.labels(bounded(label, AGENT_CODES)).inc(value)
+            case _:
+                assert_never(name)
+
+    def call_status(self, status: str) -> None:
+        self.call_status_total.labels(bounded(status, CALL_STATUSES)).inc()

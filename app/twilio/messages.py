@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from app.core.events import (
+    TwilioBadStart,
     TwilioConnected,
     TwilioDtmf,
     TwilioEvent,
@@ -24,6 +25,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
+from app.core.vocabulary import InvalidKind
 
 MAX_TEXT_FRAME = 64 * 1024
 SID_PATTERN = re.compile(r"[A-Za-z0-9]{2,64}")
@@ -31,32 +33,32 @@ SID_PATTERN = re.compile(r"[A-Za-z0-9]{2,64}")
 
 def parse(text: str) -> TwilioEvent:
     if len(text) > MAX_TEXT_FRAME:
-        return TwilioInvalid("oversize", f"{len(text)} characters")
+        return TwilioInvalid(InvalidKind.OVERSIZE, f"{len(text)} characters")
     try:
         msg = json.loads(text)
     except ValueError:
-        return TwilioInvalid("bad_json", text[:80])
+        return TwilioInvalid(InvalidKind.BAD_JSON, text[:80])
     if not isinstance(msg, dict):
-        return TwilioInvalid("not_object", type(msg).__name__)
+        return TwilioInvalid(InvalidKind.NOT_OBJECT, type(msg).__name__)
     event = msg.get("event")
     # media first: it is nearly every frame
     if event == "media":
         media = msg.get("media")
         payload = media.get("payload") if isinstance(media, dict) else None
         if not isinstance(payload, str):
-            return TwilioInvalid("bad_media", "media.payload missing")
+            return TwilioInvalid(InvalidKind.BAD_MEDIA, "media.payload missing")
         if isinstance(media, dict) and media.get("track", "inbound") != "inbound":
-            return TwilioInvalid("other_track", str(media.get("track"))[:32])
+            return TwilioInvalid(InvalidKind.OTHER_TRACK, str(media.get("track"))[:32])
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            return TwilioInvalid("bad_base64", payload[:40])
+            return TwilioInvalid(InvalidKind.BAD_BASE64, payload[:40])
         return TwilioMedia(raw, _str(msg.get("streamSid")))
     if event == "mark":
         mark = msg.get("mark")
         name = mark.get("name") if isinstance(mark, dict) else None
         if not isinstance(name, str):
-            return TwilioInvalid("bad_mark", "mark.name missing")
+            return TwilioInvalid(InvalidKind.BAD_MARK, "mark.name missing")
         return TwilioMark(name, _str(msg.get("streamSid")))
     if event == "connected":
         return TwilioConnected()
@@ -66,11 +68,11 @@ def parse(text: str) -> TwilioEvent:
         dtmf = msg.get("dtmf")
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
         if not isinstance(digit, str) or len(digit) != 1:
-            return TwilioInvalid("bad_dtmf", "dtmf.digit missing")
+            return TwilioInvalid(InvalidKind.BAD_DTMF, "dtmf.digit missing")
         return TwilioDtmf(digit, _str(msg.get("streamSid")))
     if event == "stop":
         return TwilioStop(_str(msg.get("streamSid")))
-    return TwilioInvalid("unknown_event", str(event)[:40])
+    return TwilioInvalid(InvalidKind.UNKNOWN_EVENT, str(event)[:40])
 
 
 def _str(value: Any) -> str:
@@ -80,19 +82,19 @@ def _str(value: Any) -> str:
 def _parse_start(msg: dict[str, Any]) -> TwilioEvent:
     start = msg.get("start")
     if not isinstance(start, dict):
-        return TwilioInvalid("bad_start", "start object missing")
+        return TwilioBadStart("start object missing")
     stream_sid = start.get("streamSid") or msg.get("streamSid")
     call_sid = start.get("callSid")
     if not isinstance(stream_sid, str) or not SID_PATTERN.fullmatch(stream_sid):
-        return TwilioInvalid("bad_start", "streamSid missing or malformed")
+        return TwilioBadStart("streamSid missing or malformed")
     if not isinstance(call_sid, str) or not SID_PATTERN.fullmatch(call_sid):
-        return TwilioInvalid("bad_start", "callSid missing or malformed")
+        return TwilioBadStart("callSid missing or malformed")
     fmt = start.get("mediaFormat")
     if isinstance(fmt, dict):
         encoding = fmt.get("encoding", "audio/x-mulaw")
         rate = fmt.get("sampleRate", 8000)
         if encoding != "audio/x-mulaw" or rate not in (8000, "8000"):
-            return TwilioInvalid("bad_start", f"unsupported media format {encoding}/{rate}")
+            return TwilioBadStart(f"unsupported media format {encoding}/{rate}")
     params = start.get("customParameters")
     custom: dict[str, str] = {}
     if isinstance(params, dict):

@@ -15,7 +15,7 @@ from app.codecs import TWILIO_FORMAT, AudioFormat
 from app.config import Settings, resolve
 from app.core.actions import SendToAgent
 from app.core.call import Call, CallOptions
-from app.core.events import AgentConnected, AgentWelcome, TwilioStart
+from app.core.events import AgentConnected, AgentWelcome, StreamTokenAccepted, TwilioStart
 from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
 from app.devtools.simulated_caller import SimulatedCaller
@@ -26,6 +26,7 @@ from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
 def settings_from(options: CallOptions) -> dict[str, Any]:
     call = Call(options, now=0.0)
     call.handle(TwilioStart("MZ" + "0" * 32, "CA" + "0" * 32), 0.0)
+    call.handle(StreamTokenAccepted(), 0.0)
     call.handle(AgentConnected(), 0.0)
     sends = [a for a in call.handle(AgentWelcome("r"), 0.0) if isinstance(a, SendToAgent)]
     assert len(sends) == 1 and isinstance(sends[0].data, str)

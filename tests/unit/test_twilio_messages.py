@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from app.core.events import TwilioConnected, TwilioDtmf, TwilioInvalid, TwilioMark, TwilioMedia, TwilioStart, TwilioStop
+from app.core.events import (
+    TwilioBadStart,
+    TwilioConnected,
+    TwilioDtmf,
+    TwilioInvalid,
+    TwilioMark,
+    TwilioMedia,
+    TwilioStart,
+    TwilioStop,
+)
 from app.twilio import messages as tm
 
 SID = "MZ" + "1" * 32
@@ -73,7 +82,10 @@ def test_documented_inbound_messages_parse() -> None:
 )
 def test_bad_frames_become_invalid_events(frame: str, kind: str) -> None:
     event = tm.parse(frame)
-    assert isinstance(event, TwilioInvalid) and event.kind == kind
+    if kind == "bad_start":  # its own event: the call decides to refuse the stream
+        assert isinstance(event, TwilioBadStart) and event.detail
+    else:
+        assert isinstance(event, TwilioInvalid) and event.kind == kind
 
 
 def test_outbound_messages_are_exactly_the_documented_shapes() -> None:

@@ -1,0 +1,80 @@
+"""The caller's audio on its way to the agent: transcoded if the agent wants another format,
+and held in a bounded pre-buffer until the agent session is ready, then delivered in order.
+
+Nothing is lost silently: past the bound the oldest audio is dropped, counted and logged
+once. The call opens the gate when it enters LIVE.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from app.codecs import TWILIO_FORMAT, Transcoder, frames
+from app.core.actions import Action, Log, SendToAgent
+from app.core.options import CallOptions
+from app.core.stats import CallStats
+from app.core.vocabulary import LogLevel, Overflow
+
+
+class CallerInput:
+    __slots__ = ("_buffer", "_buffered", "_frame_bytes", "_limit", "_stats", "_to_agent", "flowing")
+
+    def __init__(self, options: CallOptions, stats: CallStats) -> None:
+        self._stats = stats
+        self._to_agent = (
+            None if options.agent_input == TWILIO_FORMAT else Transcoder(TWILIO_FORMAT, options.agent_input)
+        )
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._limit = options.prebuffer_bytes
+        self._frame_bytes = options.agent_frame_bytes
+        self.flowing = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    def push(self, payload: bytes) -> list[Action]:
+        """One frame of caller audio (Twilio's mu-law): relayed when flowing, else buffered."""
+        stats = self._stats
+        stats.caller_frames += 1
+        stats.caller_bytes += len(payload)
+        data = payload if self._to_agent is None else self._to_agent.convert(payload)
+        if not data:
+            return []  # a partial sample, carried by the transcoder into the next frame
+        if self.flowing:
+            return [SendToAgent(data)]
+        return self._hold(data)
+
+    def _hold(self, data: bytes) -> list[Action]:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        dropped = 0
+        while self._buffered > self._limit and len(self._buffer) > 1:
+            old = self._buffer.popleft()
+            self._buffered -= len(old)
+            dropped += len(old)
+        if not dropped:
+            return []
+        self._stats.caller_bytes_dropped += dropped
+        if self._stats.count_overflow(Overflow.CALLER_PREBUFFER):
+            return [
+                Log(
+                    LogLevel.WARNING,
+                    "caller_audio_dropped",
+                    {"reason": "agent not ready, pre-buffer full", "limit_bytes": self._limit},
+                )
+            ]
+        return []
+
+    def start_flowing(self) -> list[Action]:
+        """The agent is ready: everything held goes out first, in order, in 20 ms frames (so
+        the agent queue's size depends only on the pre-buffer's duration, however the caller's
+        frames were cut), and later audio is relayed as it comes."""
+        self.flowing = True
+        if not self._buffer:
+            return []
+        held = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        return [SendToAgent(frame) for frame in frames(held, self._frame_bytes)]

@@ -1,0 +1,61 @@
+"""What was said: the transcript kept for the call record, turns and agent latencies, and the
+privacy rule for logs. Utterances, the agent's thinking and keypad digits are PII (PINs,
+card numbers): their text reaches the log only with ``log_transcripts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.core.actions import Action, Log, Measure
+from app.core.events import AgentConversationText, AgentStartedSpeaking, AgentThinking, TwilioDtmf
+from app.core.stats import CallStats
+from app.core.vocabulary import LogLevel, MetricName
+
+
+class Conversation:
+    __slots__ = ("_log_text", "_started_at", "_stats", "transcript")
+
+    def __init__(self, log_transcripts: bool, stats: CallStats, started_at: float) -> None:
+        self._log_text = log_transcripts
+        self._stats = stats
+        self._started_at = started_at
+        self.transcript: list[tuple[float, str, str]] = []  # (seconds into the call, role, text)
+
+    def text(self, event: AgentConversationText, now: float) -> list[Action]:
+        self.transcript.append((round(now - self._started_at, 3), event.role, event.content))
+        fields: dict[str, Any] = {"role": event.role, "chars": len(event.content)}
+        if self._log_text:
+            fields["content"] = event.content
+        return [Log(LogLevel.INFO, "conversation_text", fields)]
+
+    def thinking(self, event: AgentThinking) -> list[Action]:
+        fields = {"content": event.content} if self._log_text else {}
+        return [Log(LogLevel.DEBUG, "agent_thinking", fields)]
+
+    def keypad(self, event: TwilioDtmf) -> list[Action]:
+        fields = {"digit": event.digit} if self._log_text else {}
+        return [Log(LogLevel.INFO, "dtmf_received", fields)]
+
+    def agent_turn(self, event: AgentStartedSpeaking) -> list[Action]:
+        stats = self._stats
+        stats.turns += 1
+        actions: list[Action] = []
+        for kind, value in (("total", event.total_latency), ("ttt", event.ttt_latency), ("tts", event.tts_latency)):
+            if value is not None:
+                actions.append(Measure(MetricName.AGENT_LATENCY, value, kind))
+        if event.total_latency is not None:
+            stats.agent_latencies.append(event.total_latency)
+        actions.append(
+            Log(
+                LogLevel.INFO,
+                "agent_started_speaking",
+                {
+                    "turn": stats.turns,
+                    "total_latency": event.total_latency,
+                    "tts_latency": event.tts_latency,
+                    "ttt_latency": event.ttt_latency,
+                },
+            )
+        )
+        return actions

@@ -1,0 +1,109 @@
+"""The agent's speech on its way to the caller: Twilio media frames, a mark after each
+utterance, and barge-in (``Playback.barge_in``), which is where Twilio is told to ``clear``.
+
+Its state (``PlaybackState`` in ``states.py``) tells whether the caller was hearing the agent
+when they started to speak; the marks tell which utterances Twilio actually played.
+"""
+
+from __future__ import annotations
+
+from app.codecs import TWILIO_FORMAT, Transcoder
+from app.core.actions import Action, ClearTwilio, Log, Measure, SendMark, SendMedia
+from app.core.options import MAX_OUTSTANDING_MARKS, CallOptions
+from app.core.states import PLAYBACK_TRANSITIONS, PlaybackInput, PlaybackState
+from app.core.stats import CallStats
+from app.core.vocabulary import InvalidKind, LogLevel, MetricName
+from app.twilio import messages as twilio_msg
+
+
+class Playback:
+    __slots__ = (
+        "_cleared_marks",
+        "_mark_seq",
+        "_outstanding_marks",
+        "_stats",
+        "_to_twilio",
+        "first_audio_at",
+        "state",
+        "stream_sid",
+        "stream_started_at",
+    )
+
+    def __init__(self, options: CallOptions, stats: CallStats) -> None:
+        self._stats = stats
+        self._to_twilio = (
+            None if options.agent_output == TWILIO_FORMAT else Transcoder(options.agent_output, TWILIO_FORMAT)
+        )
+        self.stream_sid = ""
+        self.stream_started_at = 0.0
+        self.state = PlaybackState.QUIET
+        self.first_audio_at: float | None = None
+        self._mark_seq = 0
+        # insertion-ordered, so the oldest is forgotten first when a bound is reached
+        self._outstanding_marks: dict[str, float] = {}
+        self._cleared_marks: dict[str, None] = {}
+
+    def _go(self, event: PlaybackInput) -> None:
+        self.state = PLAYBACK_TRANSITIONS[self.state][event]
+
+    def audio(self, data: bytes, now: float) -> list[Action]:
+        """A chunk of agent speech: one Twilio media frame (in mu-law 8 kHz)."""
+        if self._to_twilio is not None:
+            data = self._to_twilio.convert(data)
+            if not data:
+                return []
+        if self.state is not PlaybackState.SPEAKING:
+            self._go(PlaybackInput.AGENT_SPEAKS)
+        stats = self._stats
+        stats.agent_frames += 1
+        stats.agent_bytes += len(data)
+        send = SendMedia(twilio_msg.media(self.stream_sid, data), len(data))
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+            return [send, Measure(MetricName.FIRST_AGENT_AUDIO, now - self.stream_started_at)]
+        return [send]
+
+    def agent_started_speaking(self) -> None:
+        self._go(PlaybackInput.AGENT_SPEAKS)
+
+    def audio_done(self, now: float) -> list[Action]:
+        """The utterance is complete: a mark after it tells us when Twilio has played it."""
+        self._go(PlaybackInput.AUDIO_DONE)
+        self._mark_seq += 1
+        name = f"agent-audio-{self._mark_seq}"
+        self._outstanding_marks[name] = now
+        if len(self._outstanding_marks) > MAX_OUTSTANDING_MARKS:
+            del self._outstanding_marks[next(iter(self._outstanding_marks))]
+        return [SendMark(twilio_msg.mark(self.stream_sid, name), name)]
+
+    def mark_returned(self, name: str, now: float) -> list[Action]:
+        sent_at = self._outstanding_marks.pop(name, None)
+        if sent_at is not None:
+            self._stats.marks_played += 1
+            if not self._outstanding_marks:
+                self._go(PlaybackInput.LAST_MARK_PLAYED)
+            return [Log(LogLevel.DEBUG, "agent_audio_played", {"mark": name, "after_s": round(now - sent_at, 3)})]
+        if name in self._cleared_marks:
+            del self._cleared_marks[name]
+            return []  # returned by Twilio because of a clear: that audio was never heard
+        if self._stats.count_invalid(InvalidKind.UNKNOWN_MARK):
+            return [Log(LogLevel.WARNING, "twilio_unknown_mark", {"mark": name[:64]})]
+        return []
+
+    def barge_in(self) -> list[Action]:
+        """The caller talks over the agent: Twilio must stop playing at once, so ``clear`` is
+        the first action; the pump also drops agent audio it still holds for Twilio."""
+        interrupted = self.state is not PlaybackState.QUIET
+        self._go(PlaybackInput.BARGE_IN)
+        stats = self._stats
+        stats.marks_cleared += len(self._outstanding_marks)
+        self._cleared_marks.update(dict.fromkeys(self._outstanding_marks))
+        self._outstanding_marks.clear()
+        while len(self._cleared_marks) > MAX_OUTSTANDING_MARKS:
+            del self._cleared_marks[next(iter(self._cleared_marks))]
+        actions: list[Action] = [ClearTwilio(twilio_msg.clear(self.stream_sid))]
+        if interrupted:
+            stats.barge_ins += 1
+            actions.append(Log(LogLevel.INFO, "barge_in", {"turn": stats.turns}))
+            actions.append(Measure(MetricName.BARGE_INS))
+        return actions

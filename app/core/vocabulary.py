@@ -1,0 +1,91 @@
+"""The closed sets of values the call produces: outcomes, reasons, kinds, levels, metric names.
+
+Each is an enum so that code consuming it (metrics, the call record, the pumps) dispatches
+with ``match`` and ``assert_never``: a value added here that some consumer forgets is a mypy
+error, not a silent ``other``. String values are what operators see in logs and labels.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a call that was accepted (stream token redeemed) ended: who ended it."""
+
+    CALLER_HANGUP = "caller_hangup"  # Twilio sent stop or closed its socket
+    AGENT_ERROR = "agent_error"  # the agent refused, failed, sent Error or was not ready in time
+    AGENT_CLOSED = "agent_closed"  # the agent closed its socket mid-call
+    BRIDGE_ERROR = "bridge_error"  # our fault: a peer stuck on a full queue, an internal error
+    BRIDGE_SHUTDOWN = "bridge_shutdown"  # this process stopped while the call was in progress
+
+
+class RejectReason(StrEnum):
+    """Why a media stream was refused before it became a call (no agent session, no record)."""
+
+    NO_START = "no_start"  # closed, or silent past the start deadline, before Twilio's start
+    BAD_START = "bad_start"  # a start message we cannot use (malformed ids, other media format)
+    BAD_TOKEN = "bad_token"  # stream token missing, forged, for another call, expired or reused
+    BAD_SIGNATURE = "bad_signature"  # decided at the upgrade by the server, before any Call exists
+    SHUTTING_DOWN = "shutting_down"  # the process stopped before the stream started
+    INTERNAL_ERROR = "internal_error"  # a bug before the stream started
+
+
+class InvalidKind(StrEnum):
+    """Input from a peer that could not be used. Counted per call, logged once per kind."""
+
+    OVERSIZE = "oversize"
+    BAD_JSON = "bad_json"
+    NOT_OBJECT = "not_object"
+    BAD_MEDIA = "bad_media"
+    OTHER_TRACK = "other_track"
+    BAD_BASE64 = "bad_base64"
+    BAD_MARK = "bad_mark"
+    BAD_DTMF = "bad_dtmf"
+    UNKNOWN_EVENT = "unknown_event"
+    BINARY_FRAME = "binary_frame"
+    WRONG_STREAM_SID = "wrong_stream_sid"
+    UNKNOWN_MARK = "unknown_mark"
+    AGENT_INVALID = "agent_invalid"
+    OUT_OF_ORDER = "out_of_order"  # a well-formed event the call's state cannot take
+
+
+class Overflow(StrEnum):
+    """A bound reached by a healthy-looking peer: not invalid input, a full buffer or queue."""
+
+    CALLER_PREBUFFER = "caller_prebuffer"  # caller audio waiting for the agent beyond its bound
+    AGENT_QUEUE = "agent_queue"  # the agent does not read what we send
+    TWILIO_QUEUE = "twilio_queue"  # Twilio does not read what we send
+
+
+class DropReason(StrEnum):
+    """Why audio bytes were dropped (label of ``callbridge_audio_dropped_bytes_total``)."""
+
+    AGENT_NOT_READY = "agent_not_ready"  # oldest caller audio past the pre-buffer bound
+    BARGE_IN = "barge_in"  # agent audio still queued in the bridge when clear was sent
+
+
+class Direction(StrEnum):
+    CALLER_TO_AGENT = "caller_to_agent"
+    AGENT_TO_CALLER = "agent_to_caller"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class MetricName(StrEnum):
+    """Metrics the core measures through ``Measure`` actions (see observability/metrics.py)."""
+
+    ACTIVE_CALLS = "active_calls"  # gauge: +1 when a stream is accepted, -1 when it ends
+    CALLS = "calls"  # counter by Outcome
+    STREAMS_REJECTED = "streams_rejected"  # counter by RejectReason
+    AGENT_CONNECT = "agent_connect"  # histogram: session start to SettingsApplied
+    FIRST_AGENT_AUDIO = "first_agent_audio"  # histogram: stream start to first agent audio
+    BARGE_INS = "barge_ins"  # counter
+    AGENT_LATENCY = "agent_latency"  # histogram by kind (total, ttt, tts)
+    AGENT_ERRORS = "agent_errors"  # counter by agent code
+    AGENT_WARNINGS = "agent_warnings"  # counter by agent code
