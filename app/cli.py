@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import OFFLINE_TWILIO_AUTH_TOKEN, ConfigError, load_settings, resolve
@@ -25,8 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level)
     logs.register_secrets(config.secrets())
-    serve(config, args.host or settings.host, args.port or settings.port)
-    return 0
+    return serve(config, args.host or settings.host, args.port or settings.port)
 
 
 def cmd_emulate_agent(args: argparse.Namespace) -> int:
@@ -70,17 +70,72 @@ def default_caller_audio() -> bytes:
     return synth.encode(pcm, TWILIO_FORMAT)
 
 
+@dataclass(frozen=True)
+class BridgeSide:
+    """What `serve` on this machine would use (environment and .env), for simulate-call's defaults."""
+
+    port: int
+    auth_token: str | None
+    public_url: str | None
+
+    @classmethod
+    def read(cls) -> BridgeSide:
+        try:
+            settings = load_settings()
+        except ConfigError:  # serve would refuse to start; the caller can still try --url
+            return cls(8080, os.environ.get("TWILIO_AUTH_TOKEN") or None, None)
+        token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
+        return cls(settings.port, token, settings.public_url)
+
+
+def writable_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be written, checked before a whole call is spent producing it."""
+    parent = path.parent
+    if path.is_dir():
+        return f"{path} is a directory"
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{path} is not writable"
+    return None
+
+
+def webhook_refusal_hint(url: str, token_source: str, public_url: str | None) -> str:
+    """The likely causes of a 403 on the webhook, which the bridge logs but does not send back."""
+    hint = (
+        f"the bridge refused the webhook signature (HTTP 403). The simulator signed {url}/twilio/voice "
+        f"with {token_source}. Likely causes: the bridge runs with another TWILIO_AUTH_TOKEN (pass the same "
+        "one with --auth-token), or the bridge has PUBLIC_URL set, so it checks signatures against "
+        "PUBLIC_URL/twilio/voice instead of the URL called (use --url with that PUBLIC_URL, or unset "
+        "PUBLIC_URL for local tests)"
+    )
+    if public_url and public_url != url:
+        hint += f"; PUBLIC_URL here is {public_url}"
+    return hint
+
+
 def cmd_simulate_call(args: argparse.Namespace) -> int:
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
     from app.devtools.wavio import load_caller_audio, write_mulaw_as_wav
 
+    out = Path(args.out)
+    problem = writable_file_problem(out)
+    if problem:
+        print(f"callbridge: cannot write --out {out}: {problem}", file=sys.stderr)
+        return 2
     try:
         audio = load_caller_audio(Path(args.wav)) if args.wav else default_caller_audio()
     except (OSError, ValueError) as exc:
         print(f"callbridge: {exc}", file=sys.stderr)
         return 2
-    token = args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or OFFLINE_TWILIO_AUTH_TOKEN
-    url = args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8080')}"
+    bridge = BridgeSide.read()
+    if args.auth_token:
+        token, token_source = args.auth_token, "the token given with --auth-token"
+    elif bridge.auth_token:
+        token, token_source = bridge.auth_token, "TWILIO_AUTH_TOKEN from the environment or .env"
+    else:
+        token, token_source = OFFLINE_TWILIO_AUTH_TOKEN, "the offline development token (no TWILIO_AUTH_TOKEN set)"
+    url = (args.url or f"http://127.0.0.1:{bridge.port}").rstrip("/")
     caller = SimulatedCaller(url, token, fast=args.fast, tail=args.tail)
     print(
         f"calling {url}/twilio/voice as {caller.caller} (CallSid {caller.call_sid}), "
@@ -89,9 +144,14 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(caller.run(audio))
     except (SimulationError, OSError) as exc:
-        print(f"callbridge: call failed: {exc}", file=sys.stderr)
+        if str(exc).startswith("webhook answered HTTP 403"):
+            print(
+                f"callbridge: call failed: {webhook_refusal_hint(url, token_source, bridge.public_url)}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"callbridge: call failed: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out)
     write_mulaw_as_wav(out, bytes(result.heard))
     print(result.transcript())
     print(
@@ -153,8 +213,18 @@ def cmd_twilio(args: argparse.Namespace) -> int:
         return 0
     checks = rest.check_setup(client, settings.twilio_account_sid, settings.public_url, args.number)
     for check in checks:
-        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+        print(f"{'skip' if check.skipped else 'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
     return 0 if all(c.ok for c in checks) else 1
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """Shows each option's default in --help, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and "default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,26 +238,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override PORT")
     serve.set_defaults(func=cmd_serve)
 
-    agent = sub.add_parser("emulate-agent", help="run a local server speaking the Deepgram Voice Agent protocol")
-    agent.add_argument("--host", default="127.0.0.1")
-    agent.add_argument("--port", type=int, default=8765)
-    agent.add_argument("--require-key", help="answer 401 unless 'Authorization: Token KEY' is sent")
-    agent.add_argument("--speak-rate", type=float, default=4.0, help="reply audio speed vs real time")
-    agent.add_argument("--idle-timeout", type=float, default=10.0)
-    agent.add_argument("--script", help="JSON file: a list of scripted steps (see README)")
-    agent.add_argument("--log-level", default="info")
+    agent = sub.add_parser(
+        "emulate-agent",
+        help="run a local server speaking the Deepgram Voice Agent protocol",
+        formatter_class=DefaultsHelp,
+    )
+    agent.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    agent.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    agent.add_argument(
+        "--require-key", help="answer 401 unless 'Authorization: Token KEY' is sent (default: no key needed)"
+    )
+    agent.add_argument(
+        "--speak-rate", type=float, default=4.0, help="how fast reply audio is sent, as a multiple of real time"
+    )
+    agent.add_argument(
+        "--idle-timeout", type=float, default=10.0, help="seconds of client silence before CLIENT_MESSAGE_TIMEOUT"
+    )
+    agent.add_argument("--script", help="JSON file: a list of scripted steps, see README (default: no script)")
+    agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     agent.set_defaults(func=cmd_emulate_agent)
 
-    sim = sub.add_parser("simulate-call", help="play Twilio: call the bridge with a WAV file")
-    sim.add_argument("--url", help="bridge base URL (default http://127.0.0.1:$PORT)")
+    sim = sub.add_parser(
+        "simulate-call",
+        help="play Twilio: call the bridge with a WAV file",
+        formatter_class=DefaultsHelp,
+    )
+    sim.add_argument("--url", help="bridge base URL (default: http://127.0.0.1:$PORT)")
     sim.add_argument("--wav", help="caller audio: 16-bit PCM WAV, or raw mu-law with a .ulaw suffix")
     sim.add_argument("--out", default="heard.wav", help="where to write what the caller heard")
     sim.add_argument("--fast", action="store_true", help="send caller audio as fast as possible")
     sim.add_argument("--tail", type=float, default=3.0, help="seconds to stay on the line after the audio")
-    sim.add_argument("--auth-token", help="Twilio auth token to sign with (default TWILIO_AUTH_TOKEN)")
+    sim.add_argument(
+        "--auth-token",
+        help="Twilio auth token to sign with (default: TWILIO_AUTH_TOKEN from the environment or .env, "
+        "else the offline development token)",
+    )
     sim.set_defaults(func=cmd_simulate_call)
 
-    load = sub.add_parser("loadtest", help="benchmark: concurrent simulated calls; prints latency, CPU, memory")
+    load = sub.add_parser(
+        "loadtest",
+        help="benchmark: concurrent simulated calls; prints latency, CPU, memory",
+        formatter_class=DefaultsHelp,
+    )
     load.add_argument("--calls", type=int, default=20, help="concurrent calls")
     load.add_argument("--seconds", type=float, default=20.0, help="caller audio per call")
     load.add_argument("--ramp", type=float, default=2.0, help="seconds over which calls start")

@@ -4,12 +4,17 @@ uvicorn's own shutdown fails every open WebSocket at once (close 1012), which wo
 every call in progress. Here the first SIGTERM/SIGINT only starts a drain: /readyz turns 503
 so the load balancer stops routing new calls, and calls in progress run to their end (up to
 DRAIN_TIMEOUT_SECONDS). Then uvicorn shuts down. A second signal shuts down at once.
+
+Besides the JSON log records, each step is said in one plain sentence on stderr, for the
+operator at the terminal who pressed Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -18,6 +23,19 @@ from app.config import RuntimeConfig
 from app.server import AppState, create_app
 
 WS_MAX_SIZE = 64 * 1024  # Twilio frames are ~250 bytes; refuse anything absurd at the socket
+EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
+
+
+def say(text: str) -> None:
+    print(f"callbridge: {text}", file=sys.stderr, flush=True)
+
+
+def calls(n: int) -> str:
+    return f"{n} call{'' if n == 1 else 's'}"
+
+
+def again(sig: int) -> str:
+    return "press Ctrl-C again" if sig == signal.SIGINT else "send the signal again (or press Ctrl-C)"
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,22 +46,49 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # a signal handler: only flags here, the sentences are printed from the loop
         loop = self.state.loop
         if self.state.draining or self.should_exit or self.drain_seconds <= 0 or loop is None:
+            if loop is not None and not self.should_exit:
+                forced = self.state.draining
+                loop.call_soon_threadsafe(self._say_stopping_now, forced)
             super().handle_exit(sig, frame)
             return
         self.state.draining = True
-        loop.call_soon_threadsafe(self._start_drain)
+        loop.call_soon_threadsafe(self._start_drain, sig)
 
-    def _start_drain(self) -> None:
-        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+    def _say_stopping_now(self, forced: bool) -> None:
+        active = len(self.state.calls)
+        if not active:
+            say("stopping")
+        elif forced:
+            say(f"stopping now: cutting the {calls(active)} still in progress")
+        else:
+            say(f"stopping now (DRAIN_TIMEOUT_SECONDS=0): cutting {calls(active)} in progress")
 
-    async def _drain(self) -> None:
+    def _start_drain(self, sig: int) -> None:
+        active = len(self.state.calls)
+        if active:
+            say(
+                f"stopping: no new calls; waiting up to {self.drain_seconds:g} s for {calls(active)} in progress "
+                f"to end; {again(sig)} to stop now and cut them"
+            )
+        else:
+            say("stopping (no calls in progress)")
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(active))
+
+    async def _drain(self, active: int) -> None:
         await self.state.drain(self.drain_seconds)
+        left = len(self.state.calls)
+        if left:
+            say(f"waited {self.drain_seconds:g} s: stopping, cutting the {calls(left)} still in progress")
+        elif active and not self.should_exit:
+            say("all calls ended: stopping")
         self.should_exit = True
 
 
-def serve(config: RuntimeConfig, host: str, port: int) -> None:
+def serve(config: RuntimeConfig, host: str, port: int) -> int:
+    """Run until stopped; the process exit code (0, or 130 when a second Ctrl-C forced the stop)."""
     app = create_app(config)
     uv_config = uvicorn.Config(
         app,
@@ -57,4 +102,11 @@ def serve(config: RuntimeConfig, host: str, port: int) -> None:
         log_config=None,
         timeout_graceful_shutdown=10,
     )
-    DrainingServer(uv_config, app.state.bridge, config.settings.drain_timeout_seconds).run()
+    try:
+        # uvicorn re-raises the signal that stopped it once it is done: for SIGINT that is a
+        # KeyboardInterrupt out of asyncio.run, an exit and not an error
+        DrainingServer(uv_config, app.state.bridge, config.settings.drain_timeout_seconds).run()
+    except KeyboardInterrupt:
+        say("stopped")
+        return EXIT_INTERRUPTED
+    return 0

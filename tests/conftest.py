@@ -1,11 +1,17 @@
 """Shared fixtures: a real local agent and a real uvicorn bridge, each on its own loop/thread,
-both on 127.0.0.1 with ephemeral ports."""
+both on 127.0.0.1 with ephemeral ports.
+
+Every test runs in an empty working directory with none of callbridge's variables (nor
+proxies) in its environment: a developer's ``.env`` or exported keys must not change what a
+test sees, nor what a ``callbridge`` process started by a test reads.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +30,20 @@ from app.server import create_app
 
 TWILIO_TOKEN = "test-twilio-auth-token-0123456789"
 STREAM_SECRET = "test-stream-token-secret-0123456789"
+
+# Read by the service (see Settings) or by the libraries it sends requests with.
+OPERATOR_VARIABLES = frozenset(
+    {name.upper() for name in Settings.model_fields}
+    | {"FORWARDED_ALLOW_IPS", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "WS_PROXY", "WSS_PROXY"}
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_from_the_operator(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper() in OPERATOR_VARIABLES:  # pydantic-settings matches names in any case
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:

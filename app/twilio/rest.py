@@ -6,12 +6,17 @@ SDK's requests elsewhere: an egress proxy, or a local stand-in in tests.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import requests
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
@@ -23,13 +28,21 @@ API_BASE = "https://api.twilio.com"
 E164 = re.compile(r"\+[1-9]\d{6,14}")
 
 
+T = TypeVar("T")
+TIMEOUT_S = 15
+
+
 class SetupError(Exception):
     """A problem the operator must fix, worded for them."""
 
 
+class TwilioUnreachable(SetupError):
+    """No answer at all from the Twilio API: DNS, connection, proxy, TLS or timeout."""
+
+
 class RedirectingHttpClient(TwilioHttpClient):  # type: ignore[misc]
     def __init__(self, base_url: str) -> None:
-        super().__init__(timeout=15)
+        super().__init__(timeout=TIMEOUT_S)
         self.base_url = base_url.rstrip("/")
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response:
@@ -41,7 +54,7 @@ class RedirectingHttpClient(TwilioHttpClient):  # type: ignore[misc]
 def make_client(account_sid: str | None, auth_token: str | None, api_base: str | None = None) -> Client:
     if not account_sid or not auth_token:
         raise SetupError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must both be set")
-    http = RedirectingHttpClient(api_base) if api_base and api_base != API_BASE else TwilioHttpClient(timeout=15)
+    http = RedirectingHttpClient(api_base) if api_base and api_base != API_BASE else TwilioHttpClient(timeout=TIMEOUT_S)
     return Client(account_sid, auth_token, http_client=http)
 
 
@@ -73,7 +86,7 @@ def configure_number(
     if not public_url.startswith("https://"):
         raise SetupError(f"PUBLIC_URL must be https:// for Twilio, not {public_url}")
     try:
-        found = client.incoming_phone_numbers.list(phone_number=number, limit=2)
+        found = _call(client, lambda: client.incoming_phone_numbers.list(phone_number=number, limit=2))
     except TwilioException as exc:
         raise SetupError(f"Twilio refused the lookup: {_describe(exc)}") from exc
     if not found:
@@ -87,7 +100,8 @@ def configure_number(
     ]
     if changes and not dry_run:
         try:
-            client.incoming_phone_numbers(record.sid).update(**{c.field: c.desired for c in changes})
+            fields = {c.field: c.desired for c in changes}
+            _call(client, lambda: client.incoming_phone_numbers(record.sid).update(**fields))
         except TwilioException as exc:
             raise SetupError(f"Twilio refused the update: {_describe(exc)}") from exc
     return str(record.sid), changes
@@ -98,35 +112,101 @@ class Check:
     name: str
     ok: bool
     detail: str
+    skipped: bool = False  # could not be run (it needs something an earlier check found missing)
 
 
 def check_setup(
     client: Client | None, account_sid: str | None, public_url: str | None, number: str | None
 ) -> list[Check]:
+    """Every check that can run does, even when Twilio or the bridge is unreachable."""
     checks: list[Check] = []
+    twilio_reachable = client is not None
     if client is None or not account_sid:
         checks.append(Check("credentials", False, "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must both be set"))
     else:
         try:
-            account = client.api.v2010.accounts(account_sid).fetch()
+            account = _call(client, lambda: client.api.v2010.accounts(account_sid).fetch())
             checks.append(
                 Check("credentials", account.status == "active", f"account {account.sid} is {account.status}")
             )
         except TwilioException as exc:
             checks.append(Check("credentials", False, f"Twilio refused: {_describe(exc)}"))
+        except TwilioUnreachable as exc:
+            twilio_reachable = False
+            checks.append(Check("credentials", False, str(exc)))
     if not public_url:
         checks.append(Check("public_url", False, "PUBLIC_URL is not set"))
     else:
         checks.append(Check("public_url_https", public_url.startswith("https://"), public_url))
         checks.append(Check("public_url_reachable", *_reachable(public_url + "/healthz")))
     if number and client is not None and public_url:
-        try:
-            _, changes = configure_number(client, number, public_url, dry_run=True)
-            detail = "points at this bridge" if not changes else "differs: " + ", ".join(c.field for c in changes)
-            checks.append(Check(f"number {number}", not changes, detail))
-        except SetupError as exc:
-            checks.append(Check(f"number {number}", False, str(exc)))
+        name = f"number {number}"
+        if not twilio_reachable:
+            checks.append(Check(name, False, "not checked: the Twilio API could not be reached", skipped=True))
+        else:
+            try:
+                _, changes = configure_number(client, number, public_url, dry_run=True)
+                detail = "points at this bridge" if not changes else "differs: " + ", ".join(c.field for c in changes)
+                checks.append(Check(name, not changes, detail))
+            except SetupError as exc:
+                checks.append(Check(name, False, str(exc)))
     return checks
+
+
+def _call(client: Client, request: Callable[[], T]) -> T:
+    """Run one SDK request; a network failure becomes one sentence for the operator."""
+    try:
+        return request()
+    except requests.RequestException as exc:
+        base = getattr(client.http_client, "base_url", API_BASE)
+        raise TwilioUnreachable(unreachable_message(base, exc)) from None
+
+
+def unreachable_message(base: str, exc: requests.RequestException) -> str:
+    """What could not be reached, why (as far as the network says), and what to look at."""
+    host = base.split("://", 1)[-1].split("/", 1)[0]
+    causes = list(_causes(exc))
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    proxy = next((_without_credentials(os.environ[k]) for k in proxies if os.environ.get(k)), None)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        why = f"the proxy {proxy} failed or refused" if proxy else "the proxy failed or refused"
+        look = "HTTPS_PROXY / NO_PROXY"
+    elif isinstance(exc, requests.exceptions.SSLError):
+        why, look = "the TLS handshake failed", "the system's CA certificates, or a TLS-inspecting proxy"
+    elif isinstance(exc, requests.exceptions.Timeout):
+        why, look = f"no answer within {TIMEOUT_S} s", "the firewall and outbound HTTPS access"
+    elif any(isinstance(c, socket.gaierror) for c in causes):
+        why, look = f"the name {host.rsplit(':', 1)[0]} does not resolve", "DNS on this machine"
+    elif any(isinstance(c, ConnectionRefusedError) for c in causes):
+        why, look = "the connection was refused", "the firewall and outbound HTTPS access"
+    elif isinstance(exc, requests.exceptions.ConnectionError):
+        why, look = "the connection failed", "the network and outbound HTTPS access"
+    else:
+        why, look = f"the request could not be sent ({type(exc).__name__})", "the URL"
+    if proxy and not isinstance(exc, requests.exceptions.ProxyError):
+        look += f", the proxy {proxy} (HTTPS_PROXY)"
+    if base.rstrip("/") != API_BASE:
+        look += ", TWILIO_API_BASE"
+    return f"cannot reach the Twilio API at {base}: {why}; check {look}"
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (requests -> urllib3 -> socket)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        todo.extend(w for w in wrapped if isinstance(w, BaseException))
 
 
 def _describe(exc: Exception) -> str:

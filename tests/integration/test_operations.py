@@ -23,7 +23,7 @@ import pytest
 from app import signing
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
-from app.devtools.loadtest import free_port
+from app.devtools.endpoints import free_port
 from app.devtools.simulated_caller import SimulatedCaller
 from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
 
@@ -175,7 +175,7 @@ def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., 
     agent = start_agent()
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))},
+        **os.environ,  # without the operator's variables (conftest); and the cwd below has no .env
         "AGENT_URL": agent.url,
         "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
         "STREAM_TOKEN_SECRET": "drain-test-stream-secret-0123",
@@ -184,7 +184,9 @@ def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., 
     }
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, stdout=log_file, stderr=log_file)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _listening(port), timeout=20), log_path.read_text()

@@ -115,7 +115,6 @@ def fake_twilio(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FakeTwilio]]:
     monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", TOKEN)
     monkeypatch.setenv("PUBLIC_URL", "https://bridge.example.com")
-    monkeypatch.chdir(str(__import__("tempfile").mkdtemp()))  # no stray .env
     yield handler
     server.shutdown()
     server.server_close()
