@@ -18,8 +18,10 @@ from app.core.actions import (
     EndCall,
     Log,
     Measure,
+    RedeemStreamToken,
+    SendMark,
+    SendMedia,
     SendToAgent,
-    SendToTwilio,
 )
 from app.core.call import Call, CallOptions
 from app.core.events import (
@@ -40,10 +42,14 @@ from app.core.events import (
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
-    BridgeStopping,
+    BridgeFailed,
+    BridgeShuttingDown,
     Event,
     FunctionCall,
+    StreamTokenAccepted,
+    StreamTokenRefused,
     Tick,
+    TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
@@ -53,6 +59,8 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
+from app.core.states import CallState
+from app.core.vocabulary import InvalidKind, Outcome, RejectReason
 
 AGENT = {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}}, "greeting": "hi"}
 SID = "MZ" + "a" * 32
@@ -79,25 +87,60 @@ def of(actions: list[Action], kind: type) -> list[Any]:
     return [a for a in actions if isinstance(a, kind)]
 
 
-def ready_call(**options: Any) -> Call:
+def started_call(**options: Any) -> Call:
+    """Start seen and its stream token accepted: the agent session is being opened."""
     call = make_call(**options)
-    feed(
-        call, TwilioConnected(), TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("req-1"), AgentSettingsApplied()
-    )
+    feed(call, TwilioConnected(), TwilioStart(SID, CALL), StreamTokenAccepted())
     return call
 
 
-def test_start_opens_agent_session_and_binds_ids() -> None:
+def ready_call(**options: Any) -> Call:
+    call = started_call(**options)
+    feed(call, AgentConnected(), AgentWelcome("req-1"), AgentSettingsApplied())
+    return call
+
+
+def test_start_redeems_the_token_then_opens_agent_session_and_binds_ids() -> None:
     call = make_call()
-    actions = feed(call, TwilioConnected(), TwilioStart(SID, CALL, custom_parameters={"from": "+1"}))
-    assert of(actions, ConnectAgent) == [ConnectAgent()]
+    params = {"from": "+1", "stream_token": "tok"}
+    actions = feed(call, TwilioConnected(), TwilioStart(SID, CALL, custom_parameters=params))
+    assert of(actions, RedeemStreamToken) == [RedeemStreamToken("tok", CALL)]
+    assert of(actions, ConnectAgent) == []  # no agent session before the token is good
     assert BindLogContext({"call_sid": CALL, "stream_sid": SID}) in actions
-    assert call.custom_parameters == {"from": "+1"}
+    assert call.custom_parameters == params
+    accepted = feed(call, StreamTokenAccepted())
+    assert of(accepted, ConnectAgent) == [ConnectAgent()]
+    assert Measure("active_calls", 1) in accepted
+    assert call.state is CallState.CONNECTING_AGENT and call.accepted
+
+
+def test_refused_token_rejects_the_stream_without_an_agent_session() -> None:
+    call = make_call()
+    feed(call, TwilioStart(SID, CALL))
+    actions = feed(call, StreamTokenRefused("token reused"))
+    assert of(actions, ConnectAgent) == []
+    assert of(actions, EndCall) == [EndCall(RejectReason.BAD_TOKEN, "stream token refused: token reused", 1008)]
+    assert Measure("streams_rejected", 1, "bad_token") in actions
+    assert not call.accepted and call.ended
+
+
+def test_no_start_in_time_rejects_the_stream() -> None:
+    call = make_call(start_timeout=10.0)
+    assert call.handle(Tick(), 9.5) == []
+    actions = call.handle(Tick(), 10.0)
+    assert of(actions, EndCall)[0].outcome is RejectReason.NO_START
+    assert [log.event for log in of(actions, Log)] == ["twilio_stream_without_start", "stream_rejected"]
+
+
+def test_start_deadline_also_covers_a_token_check_that_never_answers() -> None:
+    call = make_call(start_timeout=10.0)
+    feed(call, TwilioStart(SID, CALL), now=1.0)
+    assert of(call.handle(Tick(), 10.5), EndCall)[0].outcome is RejectReason.NO_START
 
 
 def test_welcome_sends_settings_once_with_bridge_audio_block() -> None:
     call = make_call()
-    feed(call, TwilioStart(SID, CALL), AgentConnected())
+    feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected())
     actions = feed(call, AgentWelcome("req-9"))
     sends = of(actions, SendToAgent)
     assert len(sends) == 1
@@ -114,8 +157,8 @@ def test_welcome_sends_settings_once_with_bridge_audio_block() -> None:
 
 
 def test_media_before_settings_applied_is_buffered_then_delivered_in_order() -> None:
-    call = make_call()
-    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    call = started_call()
+    feed(call, AgentConnected(), AgentWelcome("r"))
     frames = [bytes([i]) * 160 for i in range(5)]
     for frame in frames:
         assert feed(call, TwilioMedia(frame, SID)) == []
@@ -130,19 +173,19 @@ def test_media_before_settings_applied_is_buffered_then_delivered_in_order() -> 
 def test_media_before_start_is_buffered_not_dropped() -> None:
     call = make_call()
     assert feed(call, TwilioMedia(b"\x01" * 160)) == []
-    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"))
     actions = feed(call, AgentSettingsApplied())
     assert of(actions, SendToAgent) == [SendToAgent(b"\x01" * 160)]
 
 
 def test_prebuffer_is_bounded_and_drops_oldest_with_one_log() -> None:
-    call = make_call(max_prebuffer_seconds=0.1)  # 800 bytes of mu-law
-    feed(call, TwilioStart(SID, CALL))
+    call = started_call(max_prebuffer_seconds=0.1)  # 800 bytes of mu-law
     logs = []
     for i in range(10):
         logs += of(feed(call, TwilioMedia(bytes([i]) * 160, SID)), Log)
     assert [log.event for log in logs] == ["caller_audio_dropped"]
     assert call.stats.caller_bytes_dropped == 800
+    assert call.stats.overflows == {"caller_prebuffer": 5} and call.stats.invalid == {}  # not invalid input
     feed(call, AgentConnected(), AgentWelcome("r"))
     delivered = [a.data for a in of(feed(call, AgentSettingsApplied()), SendToAgent)]
     assert delivered == [bytes([i]) * 160 for i in range(5, 10)]  # the newest 100 ms
@@ -152,24 +195,24 @@ def test_agent_audio_becomes_twilio_media_with_stream_sid() -> None:
     call = ready_call()
     actions = feed(call, AgentAudio(b"\x00\x01\x02"))
     assert [a.metric for a in of(actions, Measure)] == ["first_agent_audio"]
-    assert feed(call, AgentAudio(b"\x00\x01\x02")) == of(actions, SendToTwilio)  # measured once
-    assert of(actions, SendToTwilio) == [
-        SendToTwilio('{"event":"media","streamSid":"' + SID + '","media":{"payload":"AAEC"}}')
+    assert feed(call, AgentAudio(b"\x00\x01\x02")) == of(actions, SendMedia)  # measured once
+    assert of(actions, SendMedia) == [
+        SendMedia('{"event":"media","streamSid":"' + SID + '","media":{"payload":"AAEC"}}', 3)
     ]
 
 
-def test_agent_audio_before_start_is_held_then_played() -> None:
-    call = make_call()
-    assert feed(call, AgentAudio(b"\x07" * 10)) == []
-    actions = feed(call, TwilioStart(SID, CALL))
-    media = of(actions, SendToTwilio)
-    assert len(media) == 1 and f'"streamSid":"{SID}"' in media[0].text
+def test_agent_audio_before_the_session_is_ready_is_out_of_order_and_counted() -> None:
+    call = started_call()
+    first = feed(call, AgentAudio(b"\x07" * 10))
+    again = feed(call, AgentAudio(b"\x07" * 10))
+    assert [log.event for log in of(first, Log)] == ["event_out_of_order"] and again == []
+    assert call.stats.invalid == {InvalidKind.OUT_OF_ORDER: 2}
 
 
 def test_barge_in_clears_twilio_and_forgets_outstanding_marks() -> None:
     call = ready_call()
     feed(call, AgentStartedSpeaking(total_latency=1.0), AgentAudio(b"a" * 800))
-    mark = of(feed(call, AgentAudioDone()), SendToTwilio)[0]
+    mark = of(feed(call, AgentAudioDone()), SendMark)[0]
     assert json.loads(mark.text) == {"event": "mark", "streamSid": SID, "mark": {"name": "agent-audio-1"}}
     actions = feed(call, AgentUserStartedSpeaking())
     assert actions[0] == ClearTwilio('{"event":"clear","streamSid":"' + SID + '"}')  # first, before anything
@@ -210,7 +253,8 @@ def test_wrong_stream_sid_is_dropped_and_logged_once() -> None:
 def test_stop_ends_call_once() -> None:
     call = ready_call()
     actions = feed(call, TwilioStop(SID))
-    assert of(actions, EndCall) == [EndCall("caller hung up (stop)", "caller_hangup")]
+    assert of(actions, EndCall) == [EndCall(Outcome.CALLER_HANGUP, "caller hung up (stop)", 1000)]
+    assert Measure("active_calls", -1) in actions and Measure("calls", 1, "caller_hangup") in actions
     assert feed(call, TwilioStop(SID)) == []
     assert feed(call, TwilioClosed(1000)) == []
     assert feed(call, AgentAudio(b"late")) == []  # nothing leaks out after the end
@@ -232,14 +276,14 @@ def test_keepalive_after_quiet_period_only() -> None:
 
 
 def test_no_keepalive_before_settings_applied() -> None:
-    call = make_call(agent_ready_timeout=100)
-    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"))
+    call = started_call(agent_ready_timeout=100)
+    feed(call, AgentConnected(), AgentWelcome("r"))
     assert call.handle(Tick(), 50.0) == []
 
 
 def test_agent_not_ready_in_time_ends_call() -> None:
     call = make_call(agent_ready_timeout=10)
-    feed(call, TwilioStart(SID, CALL), now=0.0)
+    feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), now=0.0)
     assert call.handle(Tick(), 9.0) == []
     actions = call.handle(Tick(), 10.5)
     assert of(actions, EndCall)[0].outcome == "agent_error"
@@ -253,8 +297,7 @@ def test_agent_error_is_logged_and_ends_call() -> None:
 
 
 def test_agent_connect_failure_and_close_end_call() -> None:
-    call = make_call()
-    feed(call, TwilioStart(SID, CALL))
+    call = started_call()
     assert of(feed(call, AgentConnectFailed("HTTP 401")), EndCall)[0].outcome == "agent_error"
     other = ready_call()
     assert of(feed(other, AgentClosed(1011, "bye")), EndCall)[0].outcome == "agent_closed"
@@ -300,37 +343,40 @@ def test_client_function_calls_are_answered_not_left_hanging() -> None:
     assert reply["type"] == "FunctionCallResponse" and reply["id"] == "id-1" and reply["name"] == "lookup"
 
 
-def test_bad_start_ends_call_but_other_bad_frames_do_not() -> None:
+def test_bad_start_rejects_the_stream_but_other_bad_frames_do_not() -> None:
     call = make_call()
-    assert of(feed(call, TwilioInvalid("bad_json", "{")), EndCall) == []
-    assert of(feed(call, TwilioInvalid("bad_start", "no callSid")), EndCall)[0].outcome == "bridge_error"
+    assert of(feed(call, TwilioInvalid(InvalidKind.BAD_JSON, "{")), EndCall) == []
+    ended = of(feed(call, TwilioBadStart("no callSid")), EndCall)
+    assert ended == [EndCall(RejectReason.BAD_START, "unusable start message: no callSid", 1008)]
 
 
 def test_start_twice_is_ignored() -> None:
     call = ready_call()
     actions = feed(call, TwilioStart("MZ" + "c" * 32, CALL))
-    assert [log.event for log in of(actions, Log)] == ["twilio_start_repeated"]
+    assert [log.event for log in of(actions, Log)] == ["event_out_of_order"]
+    assert of(actions, Log)[0].fields == {"input": "TwilioStart", "state": "live"}
     assert call.stream_sid == SID
 
 
 def test_settings_applied_out_of_order_is_ignored() -> None:
-    call = make_call()
-    feed(call, TwilioStart(SID, CALL))
+    call = started_call()
     actions = feed(call, AgentSettingsApplied())
-    assert [log.event for log in of(actions, Log)] == ["agent_settings_applied_unexpected"]
-    assert not call.agent_ready
+    assert [log.event for log in of(actions, Log)] == ["event_out_of_order"]
+    assert call.state is CallState.CONNECTING_AGENT
 
 
-def test_bridge_stopping_ends_call() -> None:
-    call = ready_call()
-    assert of(feed(call, BridgeStopping("shutdown", "bridge_shutdown")), EndCall)[0].outcome == "bridge_shutdown"
+def test_bridge_shutdown_and_failure_end_call_with_their_own_outcomes() -> None:
+    assert of(feed(ready_call(), BridgeShuttingDown()), EndCall)[0].outcome is Outcome.BRIDGE_SHUTDOWN
+    assert of(feed(ready_call(), BridgeFailed("boom")), EndCall)[0].outcome is Outcome.BRIDGE_ERROR
+    # before the stream is a call, the same events refuse it instead
+    assert of(feed(make_call(), BridgeShuttingDown()), EndCall)[0].outcome is RejectReason.SHUTTING_DOWN
 
 
 def test_linear16_agent_formats_are_transcoded_both_ways() -> None:
     call = ready_call(agent_input=AudioFormat("linear16", 16000), agent_output=AudioFormat("linear16", 16000))
     sent = of(feed(call, *[TwilioMedia(b"\xff" * 160, SID)] * 50), SendToAgent)
     assert abs(sum(len(a.data) for a in sent) - 32000) <= 4  # 1 s at 16 kHz, 2 bytes a sample
-    media = of(feed(call, *[AgentAudio(b"\x00\x00" * 320)] * 50), SendToTwilio)
+    media = of(feed(call, *[AgentAudio(b"\x00\x00" * 320)] * 50), SendMedia)
     heard = sum(len(base64.b64decode(json.loads(m.text)["media"]["payload"])) for m in media)
     assert abs(heard - 8000) <= 2  # 1 s of mu-law at 8 kHz
 
@@ -340,7 +386,7 @@ def test_summary_reports_the_call() -> None:
     feed(call, AgentStartedSpeaking(total_latency=0.8), AgentAudio(b"a" * 160), AgentAudioDone())
     feed(call, TwilioMedia(b"b" * 160, SID), TwilioStop(SID), now=3.0)
     summary = call.summary(3.0)
-    assert summary["outcome"] == "caller_hangup"
+    assert summary["outcome"] == "caller_hangup" and summary["ended_by"] == "caller"
     assert summary["turns"] == 1 and summary["agent_bytes"] == 160 and summary["caller_bytes"] == 160
     assert summary["agent_latency_avg_s"] == 0.8
     assert summary["duration_s"] == 3.0
@@ -364,12 +410,13 @@ def test_any_event_before_start_is_safe(event: Event) -> None:
     call = make_call()
     feed(call, event)  # must not raise
     if not call.ended:
-        assert of(feed(call, TwilioStart(SID, CALL)), ConnectAgent) or call.agent_state != "idle"
+        feed(call, TwilioStart(SID, CALL))
+        assert of(feed(call, StreamTokenAccepted()), ConnectAgent) == [ConnectAgent()]
 
 
 def test_measurements_for_metrics() -> None:
     call = make_call()
-    feed(call, TwilioStart(SID, CALL), AgentConnected(), AgentWelcome("r"), now=1.0)
+    feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), now=1.0)
     ready = feed(call, AgentSettingsApplied(), now=1.25)
     assert Measure("agent_connect", 0.25) in ready
     latencies = feed(call, AgentStartedSpeaking(total_latency=0.9, tts_latency=0.2, ttt_latency=0.7))

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from app.bridge import CallDeps, CallSession
+from app.core.actions import ClearTwilio, SendMark, SendMedia
 from app.core.call import CallOptions
 from app.devtools.simulated_caller import Player
 from app.twilio import messages as tm
@@ -22,14 +23,14 @@ def test_clear_drops_queued_media_and_goes_first() -> None:
             options=CallOptions(agent="id"),
             deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
         )
-        for item in [tm.media(SID, b"a"), tm.mark(SID, "m1"), tm.media(SID, b"b")]:
+        for item in [SendMedia(tm.media(SID, b"a"), 1), SendMark(tm.mark(SID, "m1"), "m1"), SendMedia("", 2)]:
             session.twilio_out.put_nowait(item)
-        session._clear(tm.clear(SID))
+        session._clear(ClearTwilio(tm.clear(SID)))
         assert session.twilio_dropped_on_clear == 2
-        assert session.twilio_bytes_dropped_on_clear == 2
+        assert session.twilio_bytes_dropped_on_clear == 3  # sizes come from the items, not the JSON
         return [session.twilio_out.get_nowait() for _ in range(session.twilio_out.qsize())]
 
-    assert asyncio.run(run()) == [tm.clear(SID)]
+    assert asyncio.run(run()) == [ClearTwilio(tm.clear(SID))]
 
 
 def test_player_plays_in_real_time_order_and_fires_marks_after_audio() -> None:
@@ -55,7 +56,14 @@ def test_player_clear_drops_audio_and_returns_pending_marks() -> None:
 
 
 def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
-    from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, TwilioMedia, TwilioStart
+    from app.core.events import (
+        AgentConnected,
+        AgentSettingsApplied,
+        AgentWelcome,
+        StreamTokenAccepted,
+        TwilioMedia,
+        TwilioStart,
+    )
 
     async def run() -> CallSession:
         session = CallSession(
@@ -63,7 +71,8 @@ def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
             options=CallOptions(agent="id"),
             deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
         )
-        for event in (TwilioStart(SID, "CA" + "2" * 32), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
+        start = TwilioStart(SID, "CA" + "2" * 32)
+        for event in (start, StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
             session.call.handle(event, 0.0)  # straight to the core: no agent task is started
         while not session.done.is_set():
             session.feed(TwilioMedia(b"\xff" * 160, SID))
@@ -72,4 +81,5 @@ def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
     session = asyncio.run(run())
     assert session.agent_out.full()
     assert session.end is not None and session.end.outcome == "bridge_error"
+    assert session.call.stats.overflows == {"agent_queue": 1} and session.call.stats.invalid == {}
     assert session.call.ended

@@ -1,0 +1,262 @@
+"""The call's state machine swept whole: every (state x event) pair, the table's own rules,
+the playback machine, and the pre-buffer limits for every profile the config accepts."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import pytest
+
+from app.core.actions import Action, EndCall, SendToAgent
+from app.core.call import _HANDLERS, Call, CallOptions
+from app.core.events import (
+    AgentAudio,
+    AgentAudioDone,
+    AgentClosed,
+    AgentConnected,
+    AgentConnectFailed,
+    AgentConversationText,
+    AgentError,
+    AgentFunctionCallRequest,
+    AgentInfo,
+    AgentInvalid,
+    AgentReadyDeadlinePassed,
+    AgentSettingsApplied,
+    AgentStartedSpeaking,
+    AgentThinking,
+    AgentUnknown,
+    AgentUserStartedSpeaking,
+    AgentWarning,
+    AgentWelcome,
+    BridgeFailed,
+    BridgeShuttingDown,
+    Event,
+    FunctionCall,
+    KeepAliveDue,
+    OutboxFull,
+    StartDeadlinePassed,
+    StreamTokenAccepted,
+    StreamTokenRefused,
+    Tick,
+    TwilioBadStart,
+    TwilioClosed,
+    TwilioConnected,
+    TwilioDtmf,
+    TwilioInvalid,
+    TwilioMark,
+    TwilioMedia,
+    TwilioStart,
+    TwilioStop,
+)
+from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND
+from app.core.states import (
+    ACCEPTED_STATES,
+    DEADLINES,
+    PLAYBACK_TRANSITIONS,
+    TRANSITIONS,
+    CallState,
+    PlaybackInput,
+    PlaybackState,
+)
+from app.core.vocabulary import InvalidKind, Outcome, Overflow, RejectReason
+
+SID = "MZ" + "a" * 32
+CALL = "CA" + "b" * 32
+
+SAMPLES: dict[type[Any], Event] = {
+    TwilioConnected: TwilioConnected(),
+    TwilioStart: TwilioStart(SID, CALL),
+    TwilioBadStart: TwilioBadStart("callSid missing"),
+    TwilioMedia: TwilioMedia(b"\x01" * 160, SID),
+    TwilioMark: TwilioMark("agent-audio-1", SID),
+    TwilioDtmf: TwilioDtmf("5", SID),
+    TwilioStop: TwilioStop(SID),
+    TwilioClosed: TwilioClosed(1000),
+    TwilioInvalid: TwilioInvalid(InvalidKind.BAD_JSON, "{"),
+    StreamTokenAccepted: StreamTokenAccepted(),
+    StreamTokenRefused: StreamTokenRefused("reused"),
+    AgentConnected: AgentConnected(),
+    AgentConnectFailed: AgentConnectFailed("HTTP 429"),
+    AgentWelcome: AgentWelcome("req"),
+    AgentSettingsApplied: AgentSettingsApplied(),
+    AgentAudio: AgentAudio(b"\x02" * 160),
+    AgentUserStartedSpeaking: AgentUserStartedSpeaking(),
+    AgentStartedSpeaking: AgentStartedSpeaking(total_latency=0.5),
+    AgentAudioDone: AgentAudioDone(),
+    AgentConversationText: AgentConversationText("user", "hi"),
+    AgentThinking: AgentThinking("hmm"),
+    AgentFunctionCallRequest: AgentFunctionCallRequest((FunctionCall("f1", "lookup", "{}", True),)),
+    AgentWarning: AgentWarning("W", "w"),
+    AgentError: AgentError("E", "e"),
+    AgentInfo: AgentInfo("History", {}),
+    AgentUnknown: AgentUnknown("Brand new"),
+    AgentInvalid: AgentInvalid("bad JSON"),
+    AgentClosed: AgentClosed(1011, "bye"),
+    BridgeFailed: BridgeFailed("internal error: KeyError"),
+    OutboxFull: OutboxFull(Overflow.TWILIO_QUEUE),
+    BridgeShuttingDown: BridgeShuttingDown(),
+    Tick: Tick(),
+    StartDeadlinePassed: StartDeadlinePassed(),
+    AgentReadyDeadlinePassed: AgentReadyDeadlinePassed(),
+    KeepAliveDue: KeepAliveDue(),
+}
+
+ALL_EVENT_TYPES = set(typing.get_args(Event))
+
+# the events that lead a fresh call to each state, in order
+PATH: dict[CallState, list[Event]] = {
+    CallState.AWAITING_START: [],
+    CallState.CHECKING_TOKEN: [TwilioStart(SID, CALL)],
+    CallState.CONNECTING_AGENT: [TwilioStart(SID, CALL), StreamTokenAccepted()],
+    CallState.AWAITING_WELCOME: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected()],
+    CallState.AWAITING_SETTINGS_APPLIED: [
+        TwilioStart(SID, CALL),
+        StreamTokenAccepted(),
+        AgentConnected(),
+        AgentWelcome("r"),
+    ],
+    CallState.LIVE: [
+        TwilioStart(SID, CALL),
+        StreamTokenAccepted(),
+        AgentConnected(),
+        AgentWelcome("r"),
+        AgentSettingsApplied(),
+    ],
+    CallState.ENDED: [TwilioStop()],
+}
+
+
+def call_in(state: CallState, **options: Any) -> Call:
+    call = Call(CallOptions(agent="id", **options), now=0.0)
+    for event in PATH[state]:
+        call.handle(event, 0.0)
+    assert call.state is state
+    return call
+
+
+def test_every_event_type_has_a_handler_and_a_sample() -> None:
+    assert set(_HANDLERS) == ALL_EVENT_TYPES
+    assert set(SAMPLES) == ALL_EVENT_TYPES
+
+
+def test_table_is_about_known_events_and_every_state_has_a_row() -> None:
+    assert set(TRANSITIONS) == set(CallState)
+    for row in TRANSITIONS.values():
+        assert set(row) <= ALL_EVENT_TYPES
+
+
+def test_outcomes_only_end_accepted_calls_and_reasons_only_refuse_streams() -> None:
+    for state, row in TRANSITIONS.items():
+        for event_type, target in row.items():
+            if isinstance(target, Outcome):
+                assert state in ACCEPTED_STATES, (state, event_type)
+            if isinstance(target, RejectReason):
+                assert state not in ACCEPTED_STATES, (state, event_type)
+
+
+def test_every_live_state_can_end_and_watches_a_deadline() -> None:
+    for state in set(CallState) - {CallState.ENDED}:
+        row = TRANSITIONS[state]
+        for ending in (TwilioStop, TwilioClosed, BridgeFailed, BridgeShuttingDown, OutboxFull):
+            target = row[ending]
+            assert isinstance(target, Outcome | RejectReason), (state, ending)
+        assert row[Tick] is state
+        assert row[DEADLINES[state]] is not None  # the deadline's event is taken there
+
+
+def test_every_state_is_reachable_from_a_fresh_call() -> None:
+    reached, frontier = {CallState.AWAITING_START}, [CallState.AWAITING_START]
+    while frontier:
+        for target in TRANSITIONS[frontier.pop()].values():
+            state = target if isinstance(target, CallState) else CallState.ENDED
+            if state not in reached:
+                reached.add(state)
+                frontier.append(state)
+    assert reached == set(CallState)
+
+
+@pytest.mark.parametrize("state", list(CallState), ids=lambda s: s.value)
+@pytest.mark.parametrize("event_type", sorted(ALL_EVENT_TYPES, key=lambda t: t.__name__), ids=lambda t: t.__name__)
+def test_every_state_event_pair_has_its_defined_outcome(state: CallState, event_type: type[Any]) -> None:
+    call = call_in(state)
+    before_invalid = call.stats.invalid.get(InvalidKind.OUT_OF_ORDER, 0)
+    before_ignored = call.stats.ignored_after_end
+    actions: list[Action] = call.handle(SAMPLES[event_type], 100.0)  # late: any deadline has passed
+    target = TRANSITIONS[state].get(event_type)
+    ends = [a for a in actions if isinstance(a, EndCall)]
+    if state is CallState.ENDED:
+        assert actions == [] and call.stats.ignored_after_end == before_ignored + 1
+    elif target is None:
+        assert call.state is state and not ends
+        assert call.stats.invalid[InvalidKind.OUT_OF_ORDER] == before_invalid + 1
+    elif isinstance(target, Outcome | RejectReason):
+        assert call.state is CallState.ENDED and ends == [EndCall(target, call.end_reason, ends[0].twilio_close_code)]
+        assert ends[0].twilio_close_code == (1000 if isinstance(target, Outcome) else 1008)
+        assert call.end_reason  # always said in words
+    elif event_type is Tick:  # a Tick late enough fires the state's own deadline
+        expected = TRANSITIONS[state][DEADLINES[state]]
+        assert call.state is (expected if isinstance(expected, CallState) else CallState.ENDED)
+    else:
+        assert call.state is target and not ends
+
+
+def test_out_of_order_is_logged_once_per_state_and_event() -> None:
+    call = call_in(CallState.CONNECTING_AGENT)
+    first = call.handle(AgentAudio(b"x"), 1.0)
+    assert len(first) == 1 and call.handle(AgentAudio(b"x"), 1.0) == []
+    assert call.stats.invalid == {InvalidKind.OUT_OF_ORDER: 2}
+
+
+def test_playback_table_is_total_and_barge_in_always_returns_to_quiet() -> None:
+    for state in PlaybackState:
+        assert set(PLAYBACK_TRANSITIONS[state]) == set(PlaybackInput)
+        assert PLAYBACK_TRANSITIONS[state][PlaybackInput.BARGE_IN] is PlaybackState.QUIET
+
+
+def test_playback_states_follow_an_utterance_and_its_mark() -> None:
+    call = call_in(CallState.LIVE)
+    assert call.playback.state is PlaybackState.QUIET
+    call.handle(AgentAudio(b"a" * 160), 1.0)
+    assert call.playback.state is PlaybackState.SPEAKING
+    call.handle(AgentAudioDone(), 1.0)
+    assert call.playback.state is PlaybackState.PLAYING_OUT
+    call.handle(TwilioMark("agent-audio-1", SID), 2.0)
+    assert call.playback.state is PlaybackState.QUIET
+    assert call.stats.barge_ins == 0
+    call.handle(AgentUserStartedSpeaking(), 2.5)  # nothing playing: not a barge-in
+    assert call.stats.barge_ins == 0
+    call.handle(AgentStartedSpeaking(), 3.0)
+    call.handle(AgentUserStartedSpeaking(), 3.1)  # the agent was speaking: a barge-in
+    assert call.stats.barge_ins == 1 and call.playback.state is PlaybackState.QUIET
+
+
+# --- limits derived from the profile --------------------------------------------------------
+
+
+@pytest.mark.parametrize("prebuffer", [0.1, 10.0, 30.0, 60.0])
+def test_agent_queue_takes_the_whole_prebuffer_flush_for_any_accepted_profile(prebuffer: float) -> None:
+    options = CallOptions(agent="id", max_prebuffer_seconds=prebuffer)
+    assert options.agent_queue_limit >= (prebuffer + AGENT_BACKLOG_SECONDS) * FRAMES_PER_SECOND
+
+
+def test_agent_ready_after_40_seconds_delivers_all_buffered_audio_within_the_queue_bound() -> None:
+    """The defect: a 60 s pre-buffer and ready timeout were accepted but the agent queue held
+    30 s, so a slow agent ended the call instead of getting the caller's audio."""
+    options = CallOptions(agent="id", max_prebuffer_seconds=60, agent_ready_timeout=60)
+    call = Call(options, now=0.0)
+    for event in PATH[CallState.AWAITING_SETTINGS_APPLIED]:
+        call.handle(event, 0.0)
+    sent: list[bytes] = []
+    now = 0.0
+    for i in range(40 * FRAMES_PER_SECOND):  # 40 s of 20 ms frames, simulated time
+        now = i * 0.02
+        frame = (i % 251).to_bytes(1, "big") * 160
+        sent.append(frame)
+        assert call.handle(TwilioMedia(frame, SID), now) == []
+        if i % 25 == 0:
+            assert not any(isinstance(a, EndCall) for a in call.handle(Tick(), now))
+    flushed = [a.data for a in call.handle(AgentSettingsApplied(), now) if isinstance(a, SendToAgent)]
+    assert not call.ended and call.state is CallState.LIVE
+    assert b"".join(flushed) == b"".join(sent) and call.stats.caller_bytes_dropped == 0  # nothing lost
+    assert len(flushed) <= options.agent_queue_limit
