@@ -8,12 +8,14 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import app
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
@@ -115,6 +117,27 @@ def test_caller_audio_before_settings_applied_arrives_intact(
     assert bytes(session.audio_in) == bytes(result.sent)
     ready = bridge.wait_for("agent_ready")
     assert ready["buffered_caller_bytes"] >= len(audio)
+
+
+def test_long_prebuffer_flush_fits_the_agent_queue(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    """A profile may keep 60 s of caller audio while the agent gets ready; its flush (here
+    40 s, more than the 30 s the agent queue used to hold) must reach the agent, not end the
+    call as a stuck peer."""
+    agent = start_agent(LocalAgentConfig(script=[ScriptStep(on="settings", do="delay", seconds=2.0)]))
+    profile = json.loads((Path(app.__file__).parent / "profiles" / "default.json").read_text())
+    profile["bridge"].update(max_prebuffer_seconds=60, agent_ready_timeout_seconds=60)
+    bridge = start_bridge(agent.url, profile=profile)
+    audio = caller_audio(("silence", 40.0))
+    result = place_call(bridge, audio, fast=True, tail=4.0)  # hangs up after the agent is ready
+
+    session = agent.agent.sessions[0]
+    assert wait_until(lambda: session.closed)
+    assert bridge.wait_for("agent_ready")["buffered_caller_bytes"] >= len(audio)
+    assert bytes(session.audio_in) == bytes(result.sent)
+    ended = bridge.wait_for("call_ended")
+    assert ended["outcome"] == "caller_hangup" and ended["overflows"] == {} and ended["caller_bytes_dropped"] == 0
 
 
 def test_bad_webhook_signature_is_rejected(bridge: BridgeHandle, agent: AgentHandle) -> None:
