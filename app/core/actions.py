@@ -15,7 +15,7 @@ from app.core.vocabulary import LogLevel, MetricName, Outcome, RejectReason
 # --- Twilio outbox items -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per frame: not frozen, frozen init costs twice as much (measured)
 class SendMedia:
     """A serialised Twilio ``media`` frame carrying ``audio_bytes`` of mu-law."""
 
@@ -44,7 +44,7 @@ TwilioOut = SendMedia | SendMark | ClearTwilio
 # --- agent -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # per frame: not frozen, frozen init costs twice as much (measured)
 class SendToAgent:
     """Binary audio (``bytes``) or a JSON text message (``str``) for the agent."""
 

@@ -15,8 +15,9 @@ Where things are:
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Callable
-from typing import Any, assert_never
+from typing import Any, assert_never, cast
 
 from app.agent import messages as agent_msg
 from app.core.actions import Action, BindLogContext, EndCall, Log, Measure, RedeemStreamToken, SendToAgent
@@ -73,7 +74,8 @@ __all__ = ["Call", "CallOptions", "ended_by"]  # CallOptions: where config and t
 NORMAL_CLOSURE = 1000
 POLICY_VIOLATION = 1008  # the close code for a refused stream
 
-_CARRIES_STREAM_SID = (TwilioMedia, TwilioMark, TwilioDtmf, TwilioStop)
+_WithStreamSid = TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop
+_CARRIES_STREAM_SID: frozenset[type[Event]] = frozenset(typing.get_args(_WithStreamSid))
 
 
 class Call:
@@ -103,18 +105,15 @@ class Call:
         if state is CallState.ENDED:
             self.stats.ignored_after_end += 1
             return []
-        # another stream's frame is dropped; an empty id on either side is not a mismatch
-        if (
-            isinstance(event, _CARRIES_STREAM_SID)
-            and event.stream_sid != self.stream_sid
-            and event.stream_sid
-            and self.stream_sid
-        ):
-            return self._foreign_stream(type(event).__name__, event.stream_sid)
-        target = self._row.get(type(event))
+        kind = type(event)
+        if kind in _CARRIES_STREAM_SID:  # another stream's frame is dropped (empty ids never mismatch)
+            sid = cast(_WithStreamSid, event).stream_sid
+            if sid != self.stream_sid and sid and self.stream_sid:
+                return self._foreign_stream(kind.__name__, sid)
+        target = self._row.get(kind)
         if target is None:
             return self._out_of_order(event)
-        actions = _HANDLERS[type(event)](self, event, now)
+        actions = _HANDLERS[kind](self, event, now)
         if target is state or self.state is not state:  # handled in place, or a timer already moved it
             return actions
         if isinstance(target, CallState):
