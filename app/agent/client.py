@@ -13,6 +13,17 @@ from app.agent import messages as agent_msg
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentConnectFailed, AgentEvent
 
 MAX_AGENT_MESSAGE = 1 << 20
+"""Largest agent message accepted (websockets' ``max_size``). Agent audio comes in chunks of
+tens of ms to a few seconds (48 kHz linear16: 96 KB a second); text messages are small. A
+larger frame closes the session with 1009 and ends the call as ``agent_closed``."""
+AGENT_READ_QUEUE = 64
+"""Frames websockets buffers from the agent before it stops reading the socket (its
+``max_queue``). The core takes each frame synchronously, so this fills only while the event
+loop is busy; worst case 64 x ``MAX_AGENT_MESSAGE`` = 64 MiB, typically 64 x a few KB."""
+OPEN_TIMEOUT = 5.0
+"""TCP + TLS + upgrade to the agent. Counts against ``CallOptions.agent_ready_timeout``."""
+CLOSE_TIMEOUT = 1.0
+"""The teardown promise: the agent socket is closed within a second of the call's end."""
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -26,16 +37,16 @@ def describe_connect_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def open_session(url: str, api_key: str | None, open_timeout: float = 5.0) -> ClientConnection:
+async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN_TIMEOUT) -> ClientConnection:
     headers = {"Authorization": f"Token {api_key}"} if api_key else {}
     host = urlsplit(url).hostname or ""
     return await connect(
         url,
         additional_headers=headers,
         open_timeout=open_timeout,
-        close_timeout=1.0,  # teardown promise: agent socket closed within a second
+        close_timeout=CLOSE_TIMEOUT,
         max_size=MAX_AGENT_MESSAGE,
-        max_queue=64,
+        max_queue=AGENT_READ_QUEUE,
         compression=None,  # audio does not compress; deflate would only cost CPU
         proxy=None if host in LOOPBACK_HOSTS else True,
         user_agent_header="callbridge",

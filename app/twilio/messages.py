@@ -28,6 +28,10 @@ from app.core.events import (
 from app.core.vocabulary import InvalidKind
 
 MAX_TEXT_FRAME = 64 * 1024
+"""Largest Twilio text frame parsed. A 20 ms media frame is ~250 characters and ``start``
+with custom parameters a few KB; anything bigger is refused (``InvalidKind.OVERSIZE``) before
+JSON parsing, so a hostile peer costs at most this much per frame. The server's WebSocket
+limit (``serving.WS_MAX_SIZE``) closes the stream for frames beyond it."""
 SID_PATTERN = re.compile(r"[A-Za-z0-9]{2,64}")
 
 

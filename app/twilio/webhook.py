@@ -15,7 +15,7 @@ MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
-MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB
+MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB; read at most this (413 beyond)
 
 
 async def read_form(request: Request) -> dict[str, str] | None:
