@@ -6,12 +6,18 @@ FROM python:3.13-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# dependencies first, so code changes do not reinstall them
-COPY pyproject.toml README.md ./
+# 1. The dependencies alone, at the versions in constraints.txt (what CI tested): this layer is
+#    rebuilt only when pyproject.toml or constraints.txt change, never for a code change.
+#    Every dependency ships manylinux wheels (uvloop, httptools, audioop-lts...): no compiler.
+COPY pyproject.toml constraints.txt bin/_pyproject_deps.py ./
+RUN python _pyproject_deps.py pyproject.toml > requirements.txt \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -c constraints.txt -r requirements.txt
+# 2. The code, on top, without touching the dependencies.
+COPY README.md ./
 COPY app ./app
-# every dependency ships manylinux wheels (uvloop, httptools, audioop-lts...): no compiler needed
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: --no-binary=callbridge . \
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c "import app, uvloop, httptools, audioop"
 
 FROM python:3.13-slim
