@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import OFFLINE_TWILIO_AUTH_TOKEN, ConfigError, load_settings, resolve
+from app.config import ConfigError, load_settings, resolve
 from app.observability import logging as logs
 
 
@@ -72,10 +72,9 @@ def default_caller_audio() -> bytes:
 
 @dataclass(frozen=True)
 class BridgeSide:
-    """What `serve` on this machine would use (environment and .env), for simulate-call's defaults."""
+    """Where `serve` on this machine listens and what PUBLIC_URL it has (environment and .env)."""
 
     port: int
-    auth_token: str | None
     public_url: str | None
 
     @classmethod
@@ -83,9 +82,8 @@ class BridgeSide:
         try:
             settings = load_settings()
         except ConfigError:  # serve would refuse to start; the caller can still try --url
-            return cls(8080, os.environ.get("TWILIO_AUTH_TOKEN") or None, None)
-        token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else None
-        return cls(settings.port, token, settings.public_url)
+            return cls(8080, None)
+        return cls(settings.port, settings.public_url)
 
 
 def writable_file_problem(path: Path) -> str | None:
@@ -115,6 +113,7 @@ def webhook_refusal_hint(url: str, token_source: str, public_url: str | None) ->
 
 
 def cmd_simulate_call(args: argparse.Namespace) -> int:
+    from app.devtools.loadtest import signing_token
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
     from app.devtools.wavio import load_caller_audio, write_mulaw_as_wav
 
@@ -129,12 +128,7 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
         print(f"callbridge: {exc}", file=sys.stderr)
         return 2
     bridge = BridgeSide.read()
-    if args.auth_token:
-        token, token_source = args.auth_token, "the token given with --auth-token"
-    elif bridge.auth_token:
-        token, token_source = bridge.auth_token, "TWILIO_AUTH_TOKEN from the environment or .env"
-    else:
-        token, token_source = OFFLINE_TWILIO_AUTH_TOKEN, "the offline development token (no TWILIO_AUTH_TOKEN set)"
+    token, token_source = signing_token(args.auth_token)
     url = (args.url or f"http://127.0.0.1:{bridge.port}").rstrip("/")
     caller = SimulatedCaller(url, token, fast=args.fast, tail=args.tail)
     print(
@@ -144,7 +138,7 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(caller.run(audio))
     except (SimulationError, OSError) as exc:
-        if str(exc).startswith("webhook answered HTTP 403"):
+        if isinstance(exc, SimulationError) and "HTTP 403" in str(exc):
             print(
                 f"callbridge: call failed: {webhook_refusal_hint(url, token_source, bridge.public_url)}",
                 file=sys.stderr,
