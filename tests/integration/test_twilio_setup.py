@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from app.cli import main
+from app.devtools.endpoints import free_port
 from tests.conftest import AgentHandle, BridgeHandle
 
 ACCOUNT = "AC" + "a" * 32
@@ -170,7 +171,8 @@ def test_check_reports_each_problem(
     start_agent: Callable[..., AgentHandle],
     start_bridge: Callable[..., BridgeHandle],
 ) -> None:
-    # https://bridge.example.com is not reachable from here: check must say so
+    # nothing listens at this https PUBLIC_URL: check must say so
+    monkeypatch.setenv("PUBLIC_URL", f"https://127.0.0.1:{free_port()}")
     assert main(["twilio", "check", "--number", NUMBER]) == 1
     out = capsys.readouterr().out
     assert "ok   credentials: account " + ACCOUNT + " is active" in out
