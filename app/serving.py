@@ -52,6 +52,7 @@ class DrainingServer(uvicorn.Server):
             if loop is not None and not self.should_exit:
                 forced = self.state.draining
                 loop.call_soon_threadsafe(self._say_stopping_now, forced)
+            self.state.stopping = True  # sockets closed from now on are closed by us: bridge_shutdown
             super().handle_exit(sig, frame)
             return
         self.state.draining = True
@@ -84,6 +85,7 @@ class DrainingServer(uvicorn.Server):
             say(f"waited {self.drain_seconds:g} s: stopping, cutting the {calls(left)} still in progress")
         elif active and not self.should_exit:
             say("all calls ended: stopping")
+        self.state.stopping = True
         self.should_exit = True
 
 
