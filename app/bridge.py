@@ -48,9 +48,18 @@ from app.core.events import (
     TwilioClosed,
     TwilioInvalid,
 )
-from app.core.options import TICK_SECONDS, TWILIO_QUEUE_LIMIT, CallOptions
+from app.core.options import TICK_SECONDS, TWILIO_QUEUE_AUDIO_BYTES, TWILIO_QUEUE_LIMIT, CallOptions
 from app.core.stats import CallStats
-from app.core.vocabulary import Direction, DropReason, InvalidKind, LogLevel, Outcome, Overflow, RejectReason
+from app.core.vocabulary import (
+    Direction,
+    DropReason,
+    InvalidKind,
+    LogLevel,
+    MetricName,
+    Outcome,
+    Overflow,
+    RejectReason,
+)
 from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
@@ -61,6 +70,7 @@ AGENT_DRAIN_SECONDS = 0.25
 """At the end of a call, caller audio already queued for the agent may still reach it for
 this long; then the agent socket is closed (within a second in all: the teardown promise)."""
 SERVICE_RESTART = 1012  # the close code uvicorn gives every WebSocket when it shuts down
+MESSAGE_TOO_BIG = 1009  # uvicorn's close for a frame over its ws_max_size
 
 
 @dataclass
@@ -107,6 +117,9 @@ class CallSession:
         self.twilio_bytes_dropped_on_clear = 0
         self._flushed = CallStats()  # what the metrics have been given so far
         self._flushed_cleared_bytes = 0
+        self._twilio_audio_queued = 0  # bytes of agent audio in twilio_out
+        self._overflowed: Overflow | None = None
+        self._twilio_writer_task: asyncio.Task[None] | None = None
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -115,14 +128,26 @@ class CallSession:
         self.perform(self.call.handle(event, now))
 
     def perform(self, actions: list[Action]) -> None:
+        """Carry out the core's actions in order. Nothing more is sent once the call has
+        ended; a full queue is reported to the core once, after the list (so the core is
+        never re-entered in the middle of it)."""
         for action in actions:
             match action:
                 case SendToAgent(data=data):
-                    self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
-                case SendMedia() | SendMark():
-                    self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
+                    if self.end is None:
+                        self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
+                case SendMedia(audio_bytes=size):
+                    if self.end is None:
+                        if self._twilio_audio_queued + size > TWILIO_QUEUE_AUDIO_BYTES:
+                            self._overflowed = self._overflowed or Overflow.TWILIO_QUEUE
+                        elif self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE):
+                            self._twilio_audio_queued += size
+                case SendMark():
+                    if self.end is None:
+                        self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
                 case ClearTwilio():
-                    self._clear(action)
+                    if self.end is None:
+                        self._clear(action)
                 case Log(level=level, event=event, fields=fields):
                     self._log(level, event, fields)
                 case BindLogContext(fields=fields):
@@ -137,10 +162,15 @@ class CallSession:
                 case Measure(metric=metric, value=value, label=label):
                     self.metrics.record(metric, value, label)
                 case EndCall():
-                    self.end = action
-                    self.done.set()
+                    if self.end is None:
+                        self.end = action
+                        self.done.set()
+                        self._stop_twilio_writer()
                 case _:
                     assert_never(action)
+        if self._overflowed is not None and self.end is None:
+            which, self._overflowed = self._overflowed, None
+            self.feed(OutboxFull(which))
 
     def _log(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
         match level:
@@ -155,16 +185,18 @@ class CallSession:
             case _:
                 assert_never(level)
 
-    def _put(self, queue: asyncio.Queue[Any], item: Any, which: Overflow) -> None:
+    def _put(self, queue: asyncio.Queue[Any], item: Any, which: Overflow) -> bool:
         try:
             queue.put_nowait(item)
         except asyncio.QueueFull:
-            self.feed(OutboxFull(which))
+            self._overflowed = self._overflowed or which
+            return False
+        return True
 
     def _clear(self, clear: ClearTwilio) -> None:
-        """Barge-in: drop media and marks still queued here, then make ``clear`` the next frame."""
+        """Barge-in, the pump's half (the core's is ``Playback.barge_in``): drop the media and
+        marks still queued here, then make ``clear`` the next frame out."""
         queue = self.twilio_out
-        kept: list[TwilioOut] = []
         while not queue.empty():
             item = queue.get_nowait()
             queue.task_done()
@@ -175,18 +207,18 @@ class CallSession:
                 case SendMark():
                     pass  # its audio is gone; the core has forgotten the mark
                 case ClearTwilio():
-                    kept.append(item)
+                    pass  # not sent yet, and the new one does the same
                 case _:
                     assert_never(item)
+        self._twilio_audio_queued = 0
         queue.put_nowait(clear)
-        for item in kept:
-            queue.put_nowait(item)
         self._clear_requested_at = self._event_at
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         task.add_done_callback(self._task_finished)
         self.tasks.append(task)
+        return task
 
     def _task_finished(self, task: asyncio.Task[Any]) -> None:
         """A pump that dies of a bug must end the call loudly, never leave it hanging."""
@@ -195,6 +227,11 @@ class CallSession:
         exc = task.exception()
         self.log.error("call_task_crashed", task=task.get_coro().__qualname__, exc_info=exc)  # type: ignore[union-attr]
         self.feed(BridgeFailed(f"internal error: {type(exc).__name__}"))
+
+    def _stop_twilio_writer(self) -> None:
+        """The call has ended: not one more frame to Twilio, whatever is still queued."""
+        if self._twilio_writer_task is not None:
+            self._twilio_writer_task.cancel()
 
     def _agent_opened(self, ws: ClientConnection) -> None:
         self.agent_ws = ws
@@ -208,6 +245,8 @@ class CallSession:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 code = message.get("code")
+                if code == MESSAGE_TOO_BIG:  # the server refused a frame over serving.WS_MAX_SIZE
+                    self.feed(TwilioInvalid(InvalidKind.OVERSIZE, "frame over the WebSocket size limit"))
                 ours = code == SERVICE_RESTART and self.deps.shutting_down()  # uvicorn closing at exit
                 self.feed(BridgeShuttingDown() if ours else TwilioClosed(code))
                 return
@@ -222,6 +261,8 @@ class CallSession:
         try:
             while True:
                 item = await queue.get()
+                if isinstance(item, SendMedia):
+                    self._twilio_audio_queued -= item.audio_bytes
                 await self.ws.send_text(item.text)
                 queue.task_done()
                 if isinstance(item, ClearTwilio):
@@ -277,7 +318,7 @@ class CallSession:
 
     async def run(self) -> None:
         """Pump until the core ends the call (or the task is cancelled), then tear down."""
-        self._spawn(self._twilio_writer())
+        self._twilio_writer_task = self._spawn(self._twilio_writer())
         self._spawn(self._twilio_reader())
         self._spawn(self._ticker())
         try:
@@ -286,6 +327,8 @@ class CallSession:
             await self._teardown()
 
     async def _teardown(self) -> None:
+        """Close the agent (letting queued caller audio reach it, briefly), then Twilio, then
+        write the record. Twilio gets nothing more once the call has ended."""
         if self.end is None:  # cancelled from outside (server shutdown)
             self.feed(BridgeShuttingDown())
         if self.agent_ws is not None:
@@ -299,7 +342,11 @@ class CallSession:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         end = self.end
-        assert end is not None  # the core ends on BridgeShuttingDown from any state
+        if end is None:  # only if the core itself failed: still close, count and record
+            self.log.error("call_not_ended_by_core", state=self.call.state.value)
+            end = self.end = EndCall(Outcome.BRIDGE_ERROR, "internal error: the call did not end", 1011)
+            self.metrics.record(MetricName.ACTIVE_CALLS, -1 if self.call.accepted else 0)
+            self.metrics.record(MetricName.CALLS, 1, Outcome.BRIDGE_ERROR.value)
         await self._close_twilio(end.twilio_close_code)
         self._flush_metrics()
         match end.outcome:

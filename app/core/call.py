@@ -15,9 +15,8 @@ Where things are:
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Callable
-from typing import Any, assert_never, cast
+from typing import Any, assert_never
 
 from app.agent import messages as agent_msg
 from app.core.actions import Action, BindLogContext, EndCall, Log, Measure, RedeemStreamToken, SendToAgent
@@ -64,18 +63,17 @@ from app.core.events import (
 )
 from app.core.options import MAX_LOGGED_UNKNOWN_AGENT_TYPES, CallOptions
 from app.core.playback import Playback
-from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState
+from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, Target
 from app.core.stats import CallStats
 from app.core.vocabulary import InvalidKind, LogLevel, MetricName, Outcome, RejectReason
 from app.twilio.stream_token import TOKEN_PARAMETER
 
-__all__ = ["Call", "CallOptions", "ended_by"]  # CallOptions: where config and the pumps expect it
-
 NORMAL_CLOSURE = 1000
-POLICY_VIOLATION = 1008  # the close code for a refused stream
+GOING_AWAY = 1001  # this process is stopping
+POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
+INTERNAL_ERROR = 1011
 
-_WithStreamSid = TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop
-_CARRIES_STREAM_SID: frozenset[type[Event]] = frozenset(typing.get_args(_WithStreamSid))
+_CARRIES_STREAM_SID: frozenset[type[Event]] = frozenset({TwilioMedia, TwilioMark, TwilioDtmf, TwilioStop})
 
 
 class Call:
@@ -84,13 +82,12 @@ class Call:
         self.started_at = now
         self.stats = stats = CallStats()
         self.state = CallState.AWAITING_START
-        self._row = TRANSITIONS[self.state]
+        self._dispatch = _DISPATCH[self.state]
         self.outcome: Outcome | RejectReason | None = None
         self.end_reason = ""
         self.stream_sid = ""
         self.call_sid = ""
         self.custom_parameters: dict[str, str] = {}
-        self.stream_started_at: float | None = None
         self.caller = CallerInput(options, stats)
         self.playback = Playback(options, stats)
         self.agent = AgentLink(options, stats, now)
@@ -101,19 +98,29 @@ class Call:
     # --- entry point ---------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Action]:
+        """Take one event; the actions to perform, in order.
+
+        The state's row of ``TRANSITIONS`` decides whether the event is taken and where it
+        leads; the event's handler then runs, then the entry into the new state (or the end).
+        Only ``Tick`` re-enters ``handle`` (with the deadline event it finds passed), which is
+        why a transition made inside a handler wins over the row's "stay". The pump may feed
+        the answer to an action (``StreamTokenAccepted`` for ``RedeemStreamToken``) while
+        performing the list: such actions always come last in it.
+        """
         state = self.state
         if state is CallState.ENDED:
             self.stats.ignored_after_end += 1
             return []
         kind = type(event)
         if kind in _CARRIES_STREAM_SID:  # another stream's frame is dropped (empty ids never mismatch)
-            sid = cast(_WithStreamSid, event).stream_sid
+            sid = event.stream_sid  # type: ignore[union-attr]
             if sid != self.stream_sid and sid and self.stream_sid:
                 return self._foreign_stream(kind.__name__, sid)
-        target = self._row.get(kind)
-        if target is None:
+        taken = self._dispatch.get(kind)
+        if taken is None:
             return self._out_of_order(event)
-        actions = _HANDLERS[kind](self, event, now)
+        handler, target = taken
+        actions = handler(self, event, now)
         if target is state or self.state is not state:  # handled in place, or a timer already moved it
             return actions
         if isinstance(target, CallState):
@@ -137,12 +144,12 @@ class Call:
 
     def _enter(self, state: CallState, now: float) -> list[Action]:
         self.state = state
-        self._row = TRANSITIONS[state]
+        self._dispatch = _DISPATCH[state]
         match state:
             case CallState.CONNECTING_AGENT:
                 return [Measure(MetricName.ACTIVE_CALLS, 1), *self.agent.connect(now)]
             case CallState.LIVE:
-                return [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.start_flowing()]
+                return [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
             case (
                 CallState.AWAITING_START
                 | CallState.CHECKING_TOKEN
@@ -156,7 +163,7 @@ class Call:
 
     def _end(self, target: Outcome | RejectReason, reason: str) -> list[Action]:
         self.state = CallState.ENDED
-        self._row = TRANSITIONS[CallState.ENDED]
+        self._dispatch = _DISPATCH[CallState.ENDED]
         self.outcome = target
         self.end_reason = reason
         match target:
@@ -165,13 +172,13 @@ class Call:
                 return [
                     Measure(MetricName.ACTIVE_CALLS, -1),
                     Measure(MetricName.CALLS, 1, target.value),
-                    EndCall(target, reason, NORMAL_CLOSURE),
+                    EndCall(target, reason, close_code(target)),
                 ]
             case RejectReason():
                 return [
                     Log(LogLevel.WARNING, "stream_rejected", {"reason": target.value, "detail": reason}),
                     Measure(MetricName.STREAMS_REJECTED, 1, target.value),
-                    EndCall(target, reason, POLICY_VIOLATION),
+                    EndCall(target, reason, close_code(target)),
                 ]
             case _:
                 assert_never(target)
@@ -193,13 +200,12 @@ class Call:
     # --- Twilio events -------------------------------------------------------------------
 
     def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
-        caller = self.caller
-        if caller.flowing:
+        if self.state is CallState.LIVE:
             self.agent.last_sent = now
-        return caller.push(event.payload)
+            return self.caller.push(event.payload, relay=True)
+        return self.caller.push(event.payload, relay=False)
 
     def _on_start(self, event: TwilioStart, now: float) -> list[Action]:
-        self.stream_started_at = now
         self.stream_sid = self.playback.stream_sid = event.stream_sid
         self.playback.stream_started_at = now
         self.call_sid = event.call_sid
@@ -315,9 +321,7 @@ class Call:
 
     def _on_tick(self, event: Tick, now: float) -> list[Action]:
         """Turn the deadline this state watches (``DEADLINES``) into its event when passed."""
-        timer = DEADLINES.get(self.state)
-        if timer is None:
-            return []
+        timer = DEADLINES[self.state]  # every state that takes Tick watches one
         if timer is KeepAliveDue:
             due = self.agent.keepalive_at()
         elif timer is AgentReadyDeadlinePassed:
@@ -367,15 +371,30 @@ class Call:
             ),
             "invalid_inputs": {kind.value: n for kind, n in s.invalid.items()},
             "overflows": {kind.value: n for kind, n in s.overflows.items()},
+            "events_after_end": s.ignored_after_end,
         }
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
         first = self.playback.first_audio_at
         if first is not None:
-            since = self.stream_started_at if self.stream_started_at is not None else self.started_at
-            record["first_agent_audio_s"] = round(first - since, 3)
+            record["first_agent_audio_s"] = round(first - self.playback.stream_started_at, 3)
         return record
+
+
+def close_code(end: Outcome | RejectReason) -> int:
+    """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
+    match end:
+        case Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED:
+            return NORMAL_CLOSURE
+        case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
+            return INTERNAL_ERROR
+        case Outcome.BRIDGE_SHUTDOWN | RejectReason.SHUTTING_DOWN:
+            return GOING_AWAY
+        case RejectReason.NO_START | RejectReason.BAD_START | RejectReason.BAD_TOKEN | RejectReason.BAD_SIGNATURE:
+            return POLICY_VIOLATION
+        case _:
+            assert_never(end)
 
 
 def ended_by(outcome: Outcome) -> str:
@@ -461,3 +480,8 @@ _HANDLERS: dict[type[Event], _Handler] = {
     KeepAliveDue: Call._on_keepalive_due,
 }
 """What each event does, whatever the state (the state decides whether it is taken at all)."""
+
+_DISPATCH: dict[CallState, dict[type[Event], tuple[_Handler, Target]]] = {
+    state: {kind: (_HANDLERS[kind], target) for kind, target in row.items()} for state, row in TRANSITIONS.items()
+}
+"""``TRANSITIONS`` joined with ``_HANDLERS`` once, so each frame costs one lookup."""

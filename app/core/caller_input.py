@@ -2,7 +2,7 @@
 and held in a bounded pre-buffer until the agent session is ready, then delivered in order.
 
 Nothing is lost silently: past the bound the oldest audio is dropped, counted and logged
-once. The call opens the gate when it enters LIVE.
+once. Whether the agent is ready is the call's state (``states.py``), passed in per frame.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from app.core.vocabulary import LogLevel, Overflow
 
 
 class CallerInput:
-    __slots__ = ("_buffer", "_buffered", "_frame_bytes", "_limit", "_stats", "_to_agent", "flowing")
+    __slots__ = ("_buffer", "_buffered", "_frame_bytes", "_limit", "_stats", "_to_agent")
 
     def __init__(self, options: CallOptions, stats: CallStats) -> None:
         self._stats = stats
@@ -28,21 +28,21 @@ class CallerInput:
         self._buffered = 0
         self._limit = options.prebuffer_bytes
         self._frame_bytes = options.agent_frame_bytes
-        self.flowing = False
 
     @property
     def buffered_bytes(self) -> int:
         return self._buffered
 
-    def push(self, payload: bytes) -> list[Action]:
-        """One frame of caller audio (Twilio's mu-law): relayed when flowing, else buffered."""
+    def push(self, payload: bytes, relay: bool) -> list[Action]:
+        """One frame of caller audio (Twilio's mu-law): relayed once the call says the agent
+        is ready (``relay``), else held."""
         stats = self._stats
         stats.caller_frames += 1
         stats.caller_bytes += len(payload)
         data = payload if self._to_agent is None else self._to_agent.convert(payload)
         if not data:
             return []  # a partial sample, carried by the transcoder into the next frame
-        if self.flowing:
+        if relay:
             return [SendToAgent(data)]
         return self._hold(data)
 
@@ -67,11 +67,10 @@ class CallerInput:
             ]
         return []
 
-    def start_flowing(self) -> list[Action]:
+    def flush(self) -> list[Action]:
         """The agent is ready: everything held goes out first, in order, in 20 ms frames (so
         the agent queue's size depends only on the pre-buffer's duration, however the caller's
-        frames were cut), and later audio is relayed as it comes."""
-        self.flowing = True
+        frames were cut)."""
         if not self._buffer:
             return []
         held = b"".join(self._buffer)

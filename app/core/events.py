@@ -216,7 +216,7 @@ class BridgeShuttingDown:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Time passed. The pump feeds one every ``limits.TICK_SECONDS``; the call turns the
+    """Time passed. The pump feeds one every ``options.TICK_SECONDS``; the call turns the
     deadlines it finds passed into the timer events below, so the table can name them."""
 
 

@@ -23,10 +23,18 @@ AGENT_BACKLOG_SECONDS = 30.0
 (``Overflow.AGENT_QUEUE``): far beyond any network hiccup, short of growing without bound."""
 
 TWILIO_QUEUE_LIMIT = 4000
-"""Twilio-bound frames queued in the bridge. The agent sends speech faster than real time,
-in bursts of a whole utterance; Twilio reads at socket speed, so the queue is normally near
-empty. 4000 frames of ~20-500 ms of agent audio each hold minutes of speech; at ~250 bytes
-of base64 text per 20 ms frame plus object overhead, the worst case is about 2 MB per call."""
+"""Twilio-bound items (media, marks, clear) queued in the bridge. The agent sends speech
+faster than real time, in bursts of a whole utterance; Twilio reads at socket speed, so the
+queue is normally near empty and fills only when Twilio stops reading. The items' audio is
+bounded apart, by ``TWILIO_QUEUE_AUDIO_BYTES``; this bounds their count (~150 bytes of
+overhead each, so 0.6 MB at most)."""
+
+TWILIO_QUEUE_AUDIO_SECONDS = 120.0
+TWILIO_QUEUE_AUDIO_BYTES = TWILIO_FORMAT.bytes_for(TWILIO_QUEUE_AUDIO_SECONDS)
+"""Agent audio queued for Twilio, in mu-law bytes (what Twilio gets, whatever the agent's
+format): two minutes, longer than any one answer, so only a Twilio that stopped reading
+reaches it (``Overflow.TWILIO_QUEUE``). As base64 text that is 1.3 MB per call at most,
+however large the agent's chunks are."""
 
 MAX_OUTSTANDING_MARKS = 256
 """Marks sent to Twilio and not yet returned, and marks cleared by barge-in that Twilio has
@@ -72,8 +80,10 @@ class CallOptions:
     @property
     def agent_queue_limit(self) -> int:
         """Items the agent send queue must hold: the whole pre-buffer flushed at once when the
-        agent becomes ready (in 20 ms frames, plus a partial one), then the live backlog, plus a
-        few control messages (Settings, KeepAlive, function responses). At 20 ms of mu-law a
-        frame that is ~200 bytes an item, so 60 s + 30 s is about 1 MB in the worst case."""
-        flush = int(self.max_prebuffer_seconds * FRAMES_PER_SECOND) + 1
+        agent becomes ready (in 20 ms frames, the last one partial, plus the frame that
+        overflowed the bound), then the live backlog, plus a few control messages (Settings,
+        KeepAlive, function responses). An item is one 20 ms frame in the agent's input
+        format plus ~100 bytes of overhead: the 60 s + 30 s maximum is 4.5k items, 1.2 MB for
+        mu-law 8 kHz and 9 MB for linear16 48 kHz, per call, only while the agent is stuck."""
+        flush = -(-self.prebuffer_bytes // self.agent_frame_bytes) + 2
         return flush + int(AGENT_BACKLOG_SECONDS * FRAMES_PER_SECOND) + 16

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
+from types import MappingProxyType
 
 from app.core.events import (
     AgentAudio,
@@ -78,10 +79,10 @@ class CallState(Enum):
 Target = CallState | Outcome | RejectReason
 """Where an event leads: a state, or the end of the call with this outcome or reason."""
 
-S = CallState
+Row = Mapping[type[Event], Target]
 
 # Parts of rows shared by several states, so each row below reads as what is special to it.
-_BEFORE_CALL: dict[type[Event], Target] = {
+_BEFORE_CALL: Row = {
     # a stream that ends before its token is redeemed was never a call: it is refused
     TwilioStop: RejectReason.NO_START,
     TwilioClosed: RejectReason.NO_START,
@@ -90,96 +91,110 @@ _BEFORE_CALL: dict[type[Event], Target] = {
     OutboxFull: RejectReason.INTERNAL_ERROR,
     BridgeShuttingDown: RejectReason.SHUTTING_DOWN,
 }
-_IN_CALL: dict[type[Event], Target] = {
+_IN_CALL: Row = {
     TwilioStop: Outcome.CALLER_HANGUP,
     TwilioClosed: Outcome.CALLER_HANGUP,
     BridgeFailed: Outcome.BRIDGE_ERROR,
     OutboxFull: Outcome.BRIDGE_ERROR,  # a peer stopped reading
     BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
 }
-_AGENT_SESSION_ENDS: dict[type[Event], Target] = {
-    AgentError: Outcome.AGENT_ERROR,
-    AgentClosed: Outcome.AGENT_CLOSED,
-}
-_AGENT_NOT_READY_IN_TIME: dict[type[Event], Target] = {AgentReadyDeadlinePassed: Outcome.AGENT_ERROR}
+_AGENT_SESSION_ENDS: Row = {AgentError: Outcome.AGENT_ERROR, AgentClosed: Outcome.AGENT_CLOSED}
+_AGENT_NOT_READY_IN_TIME: Row = {AgentReadyDeadlinePassed: Outcome.AGENT_ERROR}
+
+_AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid)  # never change the call
+# Twilio's inputs, and the clock, during a call; until LIVE the media is pre-buffered and a
+# returned mark is unknown
+_TWILIO_AND_CLOCK = (TwilioConnected, TwilioMedia, TwilioMark, TwilioDtmf, TwilioInvalid, Tick)
 
 
-def _stay(state: CallState, *events: type[Event]) -> dict[type[Event], Target]:
+def _stay(state: CallState, *events: type[Event]) -> Row:
     """Events ``state`` handles in place."""
     return dict.fromkeys(events, state)
 
 
-_AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid)  # never change the call
-# Twilio's inputs during a call; until LIVE the media is pre-buffered and a mark is unknown
-_TWILIO_IN_CALL = (TwilioConnected, TwilioMedia, TwilioMark, TwilioDtmf, TwilioInvalid, Tick)
+def _row(*parts: Row) -> Row:
+    """One state's row from its parts; an event listed twice is a mistake, not an override."""
+    row: dict[type[Event], Target] = {}
+    for part in parts:
+        for event, target in part.items():
+            if event in row:
+                raise ValueError(f"{event.__name__} listed twice in one row")
+            row[event] = target
+    return MappingProxyType(row)
 
-TRANSITIONS: Mapping[CallState, Mapping[type[Event], Target]] = {
-    S.AWAITING_START: {
-        **_stay(S.AWAITING_START, TwilioConnected, TwilioMedia, TwilioInvalid, Tick),
-        TwilioStart: S.CHECKING_TOKEN,
-        TwilioBadStart: RejectReason.BAD_START,
-        **_BEFORE_CALL,
-    },
-    S.CHECKING_TOKEN: {
-        **_stay(S.CHECKING_TOKEN, TwilioConnected, TwilioMedia, TwilioInvalid, Tick),
-        StreamTokenAccepted: S.CONNECTING_AGENT,
-        StreamTokenRefused: RejectReason.BAD_TOKEN,
-        **_BEFORE_CALL,
-    },
-    S.CONNECTING_AGENT: {
-        **_stay(S.CONNECTING_AGENT, *_TWILIO_IN_CALL),
-        AgentConnected: S.AWAITING_WELCOME,
-        AgentConnectFailed: Outcome.AGENT_ERROR,
-        **_AGENT_SESSION_ENDS,
-        **_AGENT_NOT_READY_IN_TIME,
-        **_IN_CALL,
-    },
-    S.AWAITING_WELCOME: {
-        **_stay(S.AWAITING_WELCOME, *_TWILIO_IN_CALL, *_AGENT_CHATTER),
-        AgentWelcome: S.AWAITING_SETTINGS_APPLIED,
-        **_AGENT_SESSION_ENDS,
-        **_AGENT_NOT_READY_IN_TIME,
-        **_IN_CALL,
-    },
-    S.AWAITING_SETTINGS_APPLIED: {
-        # a function request is answered whenever the session has its Settings
-        **_stay(S.AWAITING_SETTINGS_APPLIED, *_TWILIO_IN_CALL, *_AGENT_CHATTER, AgentFunctionCallRequest),
-        AgentSettingsApplied: S.LIVE,
-        **_AGENT_SESSION_ENDS,
-        **_AGENT_NOT_READY_IN_TIME,
-        **_IN_CALL,
-    },
-    S.LIVE: {
-        **_stay(
-            S.LIVE,
-            *_TWILIO_IN_CALL,  # media is relayed now, not buffered
-            KeepAliveDue,
-            AgentAudio,
-            AgentAudioDone,
-            AgentStartedSpeaking,
-            AgentUserStartedSpeaking,  # barge-in
-            AgentConversationText,
-            AgentThinking,
-            AgentFunctionCallRequest,
-            *_AGENT_CHATTER,
+
+_AWAITING_START, _CHECKING_TOKEN = CallState.AWAITING_START, CallState.CHECKING_TOKEN
+_CONNECTING, _AWAITING_WELCOME = CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME
+_AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
+
+TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
+    {
+        _AWAITING_START: _row(
+            _stay(_AWAITING_START, TwilioConnected, TwilioMedia, TwilioInvalid, Tick),
+            {TwilioStart: _CHECKING_TOKEN, TwilioBadStart: RejectReason.BAD_START},
+            _BEFORE_CALL,
         ),
-        **_AGENT_SESSION_ENDS,
-        **_IN_CALL,
-    },
-    S.ENDED: {},
-}
+        _CHECKING_TOKEN: _row(
+            _stay(_CHECKING_TOKEN, TwilioConnected, TwilioMedia, TwilioInvalid, Tick),
+            {StreamTokenAccepted: _CONNECTING, StreamTokenRefused: RejectReason.BAD_TOKEN},
+            _BEFORE_CALL,
+        ),
+        _CONNECTING: _row(
+            _stay(_CONNECTING, *_TWILIO_AND_CLOCK),
+            {AgentConnected: _AWAITING_WELCOME, AgentConnectFailed: Outcome.AGENT_ERROR},
+            _AGENT_SESSION_ENDS,
+            _AGENT_NOT_READY_IN_TIME,
+            _IN_CALL,
+        ),
+        _AWAITING_WELCOME: _row(
+            _stay(_AWAITING_WELCOME, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER),
+            {AgentWelcome: _AWAITING_SETTINGS},
+            _AGENT_SESSION_ENDS,
+            _AGENT_NOT_READY_IN_TIME,
+            _IN_CALL,
+        ),
+        _AWAITING_SETTINGS: _row(
+            # a function request is answered whenever the session has its Settings
+            _stay(_AWAITING_SETTINGS, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentFunctionCallRequest),
+            {AgentSettingsApplied: _LIVE},
+            _AGENT_SESSION_ENDS,
+            _AGENT_NOT_READY_IN_TIME,
+            _IN_CALL,
+        ),
+        _LIVE: _row(
+            _stay(
+                _LIVE,
+                *_TWILIO_AND_CLOCK,  # media is relayed now, not buffered
+                KeepAliveDue,
+                AgentAudio,
+                AgentAudioDone,
+                AgentStartedSpeaking,
+                AgentUserStartedSpeaking,  # barge-in
+                AgentConversationText,
+                AgentThinking,
+                AgentFunctionCallRequest,
+                *_AGENT_CHATTER,
+            ),
+            _AGENT_SESSION_ENDS,
+            _IN_CALL,
+        ),
+        CallState.ENDED: _row(),
+    }
+)
 
-DEADLINES: Mapping[CallState, type[StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue]] = {
-    S.AWAITING_START: StartDeadlinePassed,
-    S.CHECKING_TOKEN: StartDeadlinePassed,
-    S.CONNECTING_AGENT: AgentReadyDeadlinePassed,
-    S.AWAITING_WELCOME: AgentReadyDeadlinePassed,
-    S.AWAITING_SETTINGS_APPLIED: AgentReadyDeadlinePassed,
-    S.LIVE: KeepAliveDue,
-}
-"""The one deadline a ``Tick`` checks in each state (none in ENDED)."""
+DEADLINES: Mapping[CallState, type[StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue]] = MappingProxyType(
+    {
+        _AWAITING_START: StartDeadlinePassed,
+        _CHECKING_TOKEN: StartDeadlinePassed,  # the token check is synchronous today; later a store
+        _CONNECTING: AgentReadyDeadlinePassed,
+        _AWAITING_WELCOME: AgentReadyDeadlinePassed,
+        _AWAITING_SETTINGS: AgentReadyDeadlinePassed,
+        _LIVE: KeepAliveDue,
+    }
+)
+"""The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken)."""
 
-ACCEPTED_STATES = frozenset({S.CONNECTING_AGENT, S.AWAITING_WELCOME, S.AWAITING_SETTINGS_APPLIED, S.LIVE})
+ACCEPTED_STATES = frozenset({_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE})
 """States of a call whose stream token was redeemed: it counts as active and gets a record."""
 
 
@@ -198,25 +213,25 @@ class PlaybackInput(Enum):
     BARGE_IN = "barge_in"  # UserStartedSpeaking: clear sent, every mark forgotten
 
 
-P, In = PlaybackState, PlaybackInput
+_P, _In = PlaybackState, PlaybackInput
 PLAYBACK_TRANSITIONS: Mapping[PlaybackState, Mapping[PlaybackInput, PlaybackState]] = {
-    P.QUIET: {
-        In.AGENT_SPEAKS: P.SPEAKING,
-        In.AUDIO_DONE: P.PLAYING_OUT,  # AgentAudioDone with no audio still sends a mark
-        In.LAST_MARK_PLAYED: P.QUIET,
-        In.BARGE_IN: P.QUIET,
+    _P.QUIET: {
+        _In.AGENT_SPEAKS: _P.SPEAKING,
+        _In.AUDIO_DONE: _P.PLAYING_OUT,  # AgentAudioDone with no audio still sends a mark
+        _In.LAST_MARK_PLAYED: _P.QUIET,
+        _In.BARGE_IN: _P.QUIET,
     },
-    P.SPEAKING: {
-        In.AGENT_SPEAKS: P.SPEAKING,
-        In.AUDIO_DONE: P.PLAYING_OUT,
-        In.LAST_MARK_PLAYED: P.SPEAKING,  # an earlier utterance finished while this one streams
-        In.BARGE_IN: P.QUIET,
+    _P.SPEAKING: {
+        _In.AGENT_SPEAKS: _P.SPEAKING,
+        _In.AUDIO_DONE: _P.PLAYING_OUT,
+        _In.LAST_MARK_PLAYED: _P.SPEAKING,  # an earlier utterance finished while this one streams
+        _In.BARGE_IN: _P.QUIET,
     },
-    P.PLAYING_OUT: {
-        In.AGENT_SPEAKS: P.SPEAKING,
-        In.AUDIO_DONE: P.PLAYING_OUT,
-        In.LAST_MARK_PLAYED: P.QUIET,
-        In.BARGE_IN: P.QUIET,
+    _P.PLAYING_OUT: {
+        _In.AGENT_SPEAKS: _P.SPEAKING,
+        _In.AUDIO_DONE: _P.PLAYING_OUT,
+        _In.LAST_MARK_PLAYED: _P.QUIET,
+        _In.BARGE_IN: _P.QUIET,
     },
 }
 """Total: every (state, input) pair is listed. A barge-in counts when the state was not QUIET."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from app.core.vocabulary import InvalidKind, Overflow
 
 
-@dataclass
+@dataclass(slots=True)  # incremented every frame
 class CallStats:
     caller_frames: int = 0
     caller_bytes: int = 0

@@ -14,8 +14,9 @@ from app.agent import messages as agent_msg
 from app.codecs import TWILIO_FORMAT, AudioFormat
 from app.config import Settings, resolve
 from app.core.actions import SendToAgent
-from app.core.call import Call, CallOptions
+from app.core.call import Call
 from app.core.events import AgentConnected, AgentWelcome, StreamTokenAccepted, TwilioStart
+from app.core.options import CallOptions
 from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
 from app.devtools.simulated_caller import SimulatedCaller

@@ -23,7 +23,7 @@ from app.core.actions import (
     SendMedia,
     SendToAgent,
 )
-from app.core.call import Call, CallOptions
+from app.core.call import Call
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -59,6 +59,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
+from app.core.options import CallOptions
 from app.core.states import CallState
 from app.core.vocabulary import InvalidKind, Outcome, RejectReason
 

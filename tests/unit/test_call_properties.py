@@ -1,5 +1,8 @@
 """Random event sequences through the core and the pump's real send queues (no sockets),
-checking the invariants a caller and the agent rely on, whatever order the peers choose."""
+checking the invariants a caller and the agent rely on, whatever order the peers choose.
+
+What the call should do is written here apart from the code (``Model``: the protocol's
+phases as a caller and the agent see them), so a wrong row in ``states.py`` fails too."""
 
 from __future__ import annotations
 
@@ -11,27 +14,34 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.websockets import WebSocketState
 
 from app.bridge import CallDeps, CallSession
 from app.core.actions import ClearTwilio, SendMark, SendMedia, TwilioOut
-from app.core.call import CallOptions
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
     AgentClosed,
     AgentConnected,
+    AgentConnectFailed,
+    AgentConversationText,
     AgentError,
     AgentFunctionCallRequest,
+    AgentInfo,
+    AgentInvalid,
     AgentSettingsApplied,
     AgentStartedSpeaking,
+    AgentThinking,
     AgentUnknown,
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
+    BridgeFailed,
     BridgeShuttingDown,
     Event,
     FunctionCall,
     Tick,
+    TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
@@ -41,8 +51,9 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.states import TRANSITIONS
-from app.core.vocabulary import InvalidKind, Overflow
+from app.core.options import CallOptions
+from app.core.states import CallState
+from app.core.vocabulary import InvalidKind, Outcome, Overflow
 from app.twilio.stream_token import StreamTokens
 
 SID = "MZ" + "a" * 32
@@ -77,6 +88,13 @@ KINDS = [
     "agent_error",
     "agent_closed",
     "shutdown",
+    "bad_start",
+    "connect_failed",
+    "bridge_failed",
+    "thinking",
+    "conversation_text",
+    "info",
+    "agent_invalid",
 ]
 
 
@@ -118,6 +136,57 @@ class ObservedSession(CallSession):
         super()._clear(clear)
 
 
+READY_TIMEOUT = START_TIMEOUT = 10.0  # CallOptions' defaults, used by run()
+WAITING_FOR_AGENT = ("connecting", "awaiting_welcome", "awaiting_settings")
+
+
+@dataclass
+class Model:
+    """The call's phases as the protocol describes them: a reference, not the code's table."""
+
+    phase: str = "awaiting_start"
+    stream_sid: str = ""
+    accepted_at: float = 0.0
+
+    def foreign(self, event: Event) -> bool:
+        with_sid = isinstance(event, TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop)
+        sid = event.stream_sid if with_sid else ""  # type: ignore[union-attr]
+        return bool(sid and self.stream_sid and sid != self.stream_sid)
+
+    def takes_media(self, event: TwilioMedia) -> bool:
+        return self.phase != "ended" and not self.foreign(event)
+
+    def answers_functions(self) -> bool:
+        return self.phase in ("awaiting_settings", "live")
+
+    def step(self, event: Event, now: float, token_ok: bool) -> None:
+        phase = self.phase
+        if phase == "ended" or self.foreign(event):
+            return
+        match event:
+            case TwilioStart() if phase == "awaiting_start":
+                self.stream_sid = event.stream_sid
+                self.phase, self.accepted_at = ("connecting", now) if token_ok else ("ended", now)
+            case TwilioBadStart() if phase == "awaiting_start":
+                self.phase = "ended"
+            case TwilioStop() | TwilioClosed() | BridgeShuttingDown() | BridgeFailed():
+                self.phase = "ended"
+            case AgentConnected() if phase == "connecting":
+                self.phase = "awaiting_welcome"
+            case AgentConnectFailed() if phase == "connecting":
+                self.phase = "ended"
+            case AgentWelcome() if phase == "awaiting_welcome":
+                self.phase = "awaiting_settings"
+            case AgentSettingsApplied() if phase == "awaiting_settings":
+                self.phase = "live"
+            case AgentError() | AgentClosed() if phase in (*WAITING_FOR_AGENT, "live"):
+                self.phase = "ended"
+            case Tick() if phase == "awaiting_start" and now >= START_TIMEOUT:
+                self.phase = "ended"
+            case Tick() if phase in WAITING_FOR_AGENT and now >= self.accepted_at + READY_TIMEOUT:
+                self.phase = "ended"
+
+
 @dataclass
 class Observer:
     """The test's own account of what went in, against which the outputs are checked."""
@@ -131,37 +200,60 @@ class Observer:
     seq: int = 0
 
 
-def run(script: list[Step]) -> None:
+class StubTwilioSocket:
+    """Only what teardown touches: the state and ``close``; every frame goes through the queue."""
+
+    def __init__(self) -> None:
+        self.application_state = WebSocketState.CONNECTED
+        self.closed_with: int | None = None
+
+    async def close(self, code: int) -> None:
+        self.closed_with = code
+        self.application_state = WebSocketState.DISCONNECTED
+
+
+def run(script: list[Step], queue_size: int | None = None) -> None:
+    """Feed ``script`` to a real CallSession; with ``queue_size`` its send queues are that
+    small, so peers that stop reading (queues that fill) are part of the sequence."""
+
     async def main() -> None:
         tokens = StreamTokens(b"k" * 32)
         clock = [0.0]
         deps = CallDeps(tokens=tokens, agent_url="ws://127.0.0.1:9/", agent_api_key=None)
-        options = CallOptions(agent="id", max_prebuffer_seconds=0.5)  # small, so overflow happens
-        session = ObservedSession(ws=None, options=options, deps=deps, clock=lambda: clock[0])  # type: ignore[arg-type]
-        call = session.call
-        seen = Observer()
+        options = CallOptions(agent="id", max_prebuffer_seconds=0.5)  # small, so the pre-buffer overflows
+        ws = StubTwilioSocket()
+        session = ObservedSession(ws=ws, options=options, deps=deps, clock=lambda: clock[0])  # type: ignore[arg-type]
+        if queue_size is not None:
+            session.agent_out = asyncio.Queue(queue_size)
+            session.twilio_out = asyncio.Queue(queue_size)
+        call, model, seen = session.call, Model(), Observer()
         ended_at: tuple[int, int] | None = None
         for step in script:
             clock[0] += step.dt
-            state = call.state
             if step.kind == "writer":
                 send_from_twilio_queue(session, seen, step.count)
                 continue
             event = make_event(step, seen, tokens)
-            takes_it = type(event) in TRANSITIONS[state]
-            if isinstance(event, TwilioMedia) and takes_it and not foreign(event.stream_sid, call.stream_sid):
+            if isinstance(event, TwilioMedia) and model.takes_media(event):
                 seen.accepted_caller += event.payload
-            if isinstance(event, AgentFunctionCallRequest) and takes_it:
+            if isinstance(event, AgentFunctionCallRequest) and model.answers_functions():
                 seen.functions_owed |= {fn.id for fn in event.functions if fn.client_side}
-            clears_before = session.clears_made
+            token_ok = isinstance(event, TwilioStart) and event.custom_parameters["stream_token"] != "forged"
+            model.step(event, clock[0], token_ok)
             session.feed(event)
             if isinstance(event, AgentAudio):
                 seen.audio_generation[int.from_bytes(event.data[:4], "big")] = session.clears_made
-            assert session.clears_made >= clears_before
             take_agent_queue(session, seen)
+            overflowed = any(kind is not Overflow.CALLER_PREBUFFER for kind in call.stats.overflows)
+            if overflowed:  # a peer stopped reading: the bridge ends the call, as its own fault
+                assert call.outcome is Outcome.BRIDGE_ERROR
+                model.phase = "ended"
 
+            # the call is where the protocol says it is
+            assert call.ended == (model.phase == "ended"), (model.phase, call.state)
+            assert (call.state is CallState.LIVE) == (model.phase == "live"), (model.phase, call.state)
             # no media (nor mark nor clear) for Twilio before the stream's start
-            if not call.stream_sid:
+            if not model.stream_sid:
                 assert session.twilio_items == 0
             # no caller audio to the agent before SettingsApplied
             if call.agent.ready_at is None:
@@ -169,26 +261,26 @@ def run(script: list[Step]) -> None:
             # nothing lost: what was taken is sent, still held, or dropped and counted
             expected = bytes(seen.accepted_caller[call.stats.caller_bytes_dropped :])
             assert bytes(seen.to_agent_audio) == expected[: len(seen.to_agent_audio)]
-            assert len(expected) - len(seen.to_agent_audio) == call.caller.buffered_bytes
+            if not overflowed:
+                assert len(expected) - len(seen.to_agent_audio) == call.caller.buffered_bytes
             # nothing after the end
             if call.ended:
                 produced = (session.twilio_items, len(seen.to_agent_text) + len(seen.to_agent_audio))
-                if ended_at is None:
-                    ended_at = produced
+                ended_at = ended_at or produced
                 assert produced == ended_at and session.done.is_set()
         send_from_twilio_queue(session, seen, 10_000)
-        # every client-side function the agent asked for was answered
+        # every client-side function the agent asked for was answered (while it could be sent)
         answered = {msg["id"] for msg in seen.to_agent_text if msg.get("type") == "FunctionCallResponse"}
-        assert seen.functions_owed <= answered
-        for task in session.tasks:
-            task.cancel()
-        await asyncio.gather(*session.tasks, return_exceptions=True)
+        if not call.stats.overflows.get(Overflow.AGENT_QUEUE):
+            assert seen.functions_owed <= answered
+        # the end: the gauge of active calls comes back to zero, Twilio's socket gets its code
+        await session._teardown()
+        assert session.end is not None and ws.closed_with == session.end.twilio_close_code
+        assert session.metrics.registry.get_sample_value("callbridge_active_calls") == 0
+        done = session.metrics.registry.get_sample_value("callbridge_calls_total", {"outcome": str(call.outcome)})
+        assert done == (1 if call.accepted else None)
 
     asyncio.run(main())
-
-
-def foreign(sid: str, ours: str) -> bool:
-    return bool(sid and ours and sid != ours)
 
 
 def make_event(step: Step, seen: Observer, tokens: StreamTokens) -> Event:
@@ -245,6 +337,20 @@ def make_event(step: Step, seen: Observer, tokens: StreamTokens) -> Event:
             return AgentClosed(1011, "bye")
         case "shutdown":
             return BridgeShuttingDown()
+        case "bad_start":
+            return TwilioBadStart("callSid missing")
+        case "connect_failed":
+            return AgentConnectFailed("HTTP 429")
+        case "bridge_failed":
+            return BridgeFailed("internal error: KeyError")
+        case "thinking":
+            return AgentThinking("hmm")
+        case "conversation_text":
+            return AgentConversationText("user", "hello")
+        case "info":
+            return AgentInfo("History", {})
+        case "agent_invalid":
+            return AgentInvalid("bad JSON")
     raise AssertionError(step.kind)
 
 
@@ -282,6 +388,12 @@ def send_from_twilio_queue(session: CallSession, seen: Observer, count: int) -> 
 @given(st.lists(steps, min_size=1, max_size=60))
 def test_random_event_sequences_keep_the_call_invariants(script: list[Step]) -> None:
     run(script)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(steps, min_size=1, max_size=60), st.integers(min_value=1, max_value=6))
+def test_the_invariants_hold_when_a_peer_stops_reading(script: list[Step], queue_size: int) -> None:
+    run(script, queue_size)
 
 
 def test_a_typical_call_sequence_meets_them_too() -> None:

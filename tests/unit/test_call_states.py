@@ -8,8 +8,18 @@ from typing import Any
 
 import pytest
 
-from app.core.actions import Action, EndCall, SendToAgent
-from app.core.call import _HANDLERS, Call, CallOptions
+from app.codecs import TWILIO_FORMAT, AudioFormat
+from app.core.actions import (
+    Action,
+    ClearTwilio,
+    ConnectAgent,
+    EndCall,
+    RedeemStreamToken,
+    SendMark,
+    SendMedia,
+    SendToAgent,
+)
+from app.core.call import _HANDLERS, Call, close_code
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -49,7 +59,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND
+from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND, CallOptions
 from app.core.states import (
     ACCEPTED_STATES,
     DEADLINES,
@@ -58,6 +68,7 @@ from app.core.states import (
     CallState,
     PlaybackInput,
     PlaybackState,
+    _row,
 )
 from app.core.vocabulary import InvalidKind, Outcome, Overflow, RejectReason
 
@@ -155,6 +166,22 @@ def test_outcomes_only_end_accepted_calls_and_reasons_only_refuse_streams() -> N
                 assert state not in ACCEPTED_STATES, (state, event_type)
 
 
+def test_close_codes_tell_twilio_why() -> None:
+    assert close_code(Outcome.CALLER_HANGUP) == close_code(Outcome.AGENT_CLOSED) == 1000
+    assert close_code(Outcome.BRIDGE_SHUTDOWN) == close_code(RejectReason.SHUTTING_DOWN) == 1001
+    assert close_code(RejectReason.BAD_TOKEN) == close_code(RejectReason.NO_START) == 1008
+    assert close_code(Outcome.BRIDGE_ERROR) == close_code(RejectReason.INTERNAL_ERROR) == 1011
+
+
+def test_the_table_cannot_be_changed_at_run_time_nor_list_an_event_twice() -> None:
+    with pytest.raises(TypeError):
+        TRANSITIONS[CallState.LIVE][TwilioStart] = CallState.LIVE  # type: ignore[index]
+    with pytest.raises(TypeError):
+        TRANSITIONS[CallState.ENDED] = {}  # type: ignore[index]
+    with pytest.raises(ValueError, match="TwilioStop listed twice"):
+        _row({TwilioStop: Outcome.CALLER_HANGUP}, {TwilioStop: RejectReason.NO_START})
+
+
 def test_every_live_state_can_end_and_watches_a_deadline() -> None:
     for state in set(CallState) - {CallState.ENDED}:
         row = TRANSITIONS[state]
@@ -162,7 +189,7 @@ def test_every_live_state_can_end_and_watches_a_deadline() -> None:
             target = row[ending]
             assert isinstance(target, Outcome | RejectReason), (state, ending)
         assert row[Tick] is state
-        assert row[DEADLINES[state]] is not None  # the deadline's event is taken there
+        assert DEADLINES[state] in row  # the deadline's event is taken there
 
 
 def test_every_state_is_reachable_from_a_fresh_call() -> None:
@@ -191,9 +218,11 @@ def test_every_state_event_pair_has_its_defined_outcome(state: CallState, event_
         assert call.state is state and not ends
         assert call.stats.invalid[InvalidKind.OUT_OF_ORDER] == before_invalid + 1
     elif isinstance(target, Outcome | RejectReason):
-        assert call.state is CallState.ENDED and ends == [EndCall(target, call.end_reason, ends[0].twilio_close_code)]
-        assert ends[0].twilio_close_code == (1000 if isinstance(target, Outcome) else 1008)
-        assert call.end_reason  # always said in words
+        assert call.state is CallState.ENDED and ends == [EndCall(target, call.end_reason, close_code(target))]
+        assert actions[-1] == ends[0]  # the end is the last thing asked of the pump
+        assert call.end_reason and call.end_reason != event_type.__name__  # said in words
+        sends = (SendMedia, SendMark, ClearTwilio, SendToAgent, ConnectAgent, RedeemStreamToken)
+        assert not [a for a in actions if isinstance(a, sends)]  # an ending sends nothing
     elif event_type is Tick:  # a Tick late enough fires the state's own deadline
         expected = TRANSITIONS[state][DEADLINES[state]]
         assert call.state is (expected if isinstance(expected, CallState) else CallState.ENDED)
@@ -234,10 +263,24 @@ def test_playback_states_follow_an_utterance_and_its_mark() -> None:
 # --- limits derived from the profile --------------------------------------------------------
 
 
-@pytest.mark.parametrize("prebuffer", [0.1, 10.0, 30.0, 60.0])
-def test_agent_queue_takes_the_whole_prebuffer_flush_for_any_accepted_profile(prebuffer: float) -> None:
-    options = CallOptions(agent="id", max_prebuffer_seconds=prebuffer)
-    assert options.agent_queue_limit >= (prebuffer + AGENT_BACKLOG_SECONDS) * FRAMES_PER_SECOND
+@pytest.mark.parametrize("prebuffer", [0.1, 10.0, 60.0])
+@pytest.mark.parametrize(
+    "agent_input",
+    [TWILIO_FORMAT, AudioFormat("linear16", 16000), AudioFormat("linear16", 11025), AudioFormat("linear16", 8049)],
+    ids=str,
+)
+def test_agent_queue_takes_the_real_prebuffer_flush_for_any_accepted_profile(
+    prebuffer: float, agent_input: AudioFormat
+) -> None:
+    """Fill the pre-buffer to its bound with the caller's 20 ms frames, flush it, and count
+    what the flush really puts in the queue (odd sample rates cut frames unevenly)."""
+    options = CallOptions(agent="id", agent_input=agent_input, max_prebuffer_seconds=prebuffer)
+    call = call_in(CallState.AWAITING_SETTINGS_APPLIED, agent_input=agent_input, max_prebuffer_seconds=prebuffer)
+    for i in range(int((prebuffer + 1) * FRAMES_PER_SECOND)):
+        call.handle(TwilioMedia(bytes([i % 200]) * 160, SID), 0.0)
+    flushed = [a for a in call.handle(AgentSettingsApplied(), 0.0) if isinstance(a, SendToAgent)]
+    backlog = int(AGENT_BACKLOG_SECONDS * FRAMES_PER_SECOND)
+    assert len(flushed) + backlog <= options.agent_queue_limit
 
 
 def test_agent_ready_after_40_seconds_delivers_all_buffered_audio_within_the_queue_bound() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from app.bridge import CallDeps, CallSession
 from app.core.actions import ClearTwilio, SendMark, SendMedia
-from app.core.call import CallOptions
+from app.core.options import CallOptions
 from app.devtools.simulated_caller import Player
 from app.twilio import messages as tm
 from app.twilio.stream_token import StreamTokens
@@ -83,3 +83,64 @@ def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
     assert session.end is not None and session.end.outcome == "bridge_error"
     assert session.call.stats.overflows == {"agent_queue": 1} and session.call.stats.invalid == {}
     assert session.call.ended
+
+
+def live_session() -> CallSession:
+    """A session whose core is LIVE, reached by feeding the core directly (no agent task)."""
+    from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, StreamTokenAccepted, TwilioStart
+
+    session = CallSession(
+        ws=Any,  # type: ignore[arg-type]
+        options=CallOptions(agent="id"),
+        deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
+    )
+    start = TwilioStart(SID, "CA" + "2" * 32)
+    for event in (start, StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
+        session.call.handle(event, 0.0)
+    return session
+
+
+def test_a_new_clear_replaces_one_still_queued() -> None:
+    async def run() -> list[Any]:
+        session = live_session()
+        session._clear(ClearTwilio(tm.clear(SID)))
+        session.twilio_out.put_nowait(SendMedia(tm.media(SID, b"a"), 1))
+        session._clear(ClearTwilio(tm.clear(SID)))
+        return [session.twilio_out.get_nowait() for _ in range(session.twilio_out.qsize())]
+
+    assert asyncio.run(run()) == [ClearTwilio(tm.clear(SID))]  # one clear: Twilio needs no second
+
+
+def test_twilio_not_reading_is_bounded_by_audio_bytes_not_only_by_items() -> None:
+    """Large agent chunks fill few items but much memory: the byte bound ends the call."""
+    from app.core.events import AgentAudio
+    from app.core.options import TWILIO_QUEUE_AUDIO_BYTES, TWILIO_QUEUE_LIMIT
+
+    async def run() -> CallSession:
+        session = live_session()
+        chunk = b"\xff" * 64_000  # 8 s of mu-law per agent message
+        while not session.done.is_set():
+            session.feed(AgentAudio(chunk))
+        return session
+
+    session = asyncio.run(run())
+    assert session.twilio_out.qsize() < TWILIO_QUEUE_LIMIT
+    queued = sum(item.audio_bytes for item in session.twilio_out._queue if isinstance(item, SendMedia))  # type: ignore[attr-defined]
+    assert queued <= TWILIO_QUEUE_AUDIO_BYTES
+    assert session.end is not None and session.end.outcome == "bridge_error"
+    assert session.call.stats.overflows == {"twilio_queue": 1}
+
+
+def test_nothing_is_queued_once_the_call_has_ended() -> None:
+    from app.core.actions import SendToAgent
+    from app.core.events import TwilioStop
+
+    async def run() -> CallSession:
+        session = live_session()
+        session.feed(TwilioStop(SID))
+        session.perform([SendToAgent(b"late"), SendMedia(tm.media(SID, b"late"), 4), ClearTwilio(tm.clear(SID))])
+        return session
+
+    session = asyncio.run(run())
+    assert session.agent_out.empty() and session.twilio_out.empty()
+    assert session.end is not None and session.end.outcome == "caller_hangup"
