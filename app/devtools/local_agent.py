@@ -5,8 +5,12 @@ and the "reply" echoes each utterance back in the session's output format. Every
 follows the real service: Welcome, Settings checks and errors, SettingsApplied, the greeting
 spoken as audio, UserStartedSpeaking (and it stops talking when interrupted),
 AgentStartedSpeaking with latencies, AgentAudioDone, ConversationText, KeepAlive, and
-CLIENT_MESSAGE_TIMEOUT when the client goes quiet. A script makes it misbehave on purpose for
-tests: request a function call, send an Error or Warning, close abruptly, delay a reply.
+CLIENT_MESSAGE_TIMEOUT when the client goes quiet, InjectAgentMessage (spoken, or
+InjectionRefused while anyone speaks), InjectUserMessage (a user turn) and FunctionCallResponse
+(once every client-side function of a request is answered, it "continues" with a short spoken
+reply, as an LLM would). A script makes it misbehave on purpose for tests: request functions,
+send an Error or Warning, close abruptly, delay a reply. Each session's record keeps what the
+client declared, answered and injected, with arrival times, for tests to inspect.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -50,28 +55,67 @@ UPDATE_REPLIES = {
 }
 
 
+SCRIPT_EVENTS = frozenset({"settings", "settings_applied", "utterance", "user_message"})
+SCRIPT_ACTIONS = frozenset({"delay", "warning", "error", "close", "function_call", "unknown"})
+
+
 @dataclass
 class ScriptStep:
-    """One scripted misbehaviour. ``on`` is "settings" (before SettingsApplied is sent),
-    "settings_applied" (after it) or "utterance" (before the reply to utterance ``n``).
+    """One scripted misbehaviour.
 
-    ``do``: function_call (``name``, ``arguments``), error/warning (``code``, ``description``),
-    close (abrupt, no close frame), delay (``seconds`` before the reply), unknown (a message
-    type the client cannot know).
+    ``on``: "settings" (before SettingsApplied is sent), "settings_applied" (after it),
+    "utterance" (before the reply to the caller's ``n``-th spoken utterance) or "user_message"
+    (before the reply to the ``n``-th InjectUserMessage).
+
+    ``do``: function_call, error/warning (``code``, ``description``), close (abrupt, no close
+    frame), delay (``seconds`` before the reply), unknown (a message type the client cannot know).
+
+    function_call sends one FunctionCallRequest with ``functions`` (a list of
+    ``{"name": .., "arguments": "<JSON string or an object>", "client_side": true}``), or, without
+    ``functions``, the single function ``name``/``arguments``. Each gets its own id. A request
+    made in reply to a user turn replaces that turn's spoken reply: once every client-side function
+    in it is answered, the agent speaks ``reply`` (default: the config's ``function_reply``; ""
+    for nothing). Server-side functions (``"client_side": false``) are answered by the agent
+    itself with a FunctionCallResponse, as Deepgram does for functions with an ``endpoint``.
     """
 
     on: str
     do: str
     n: int = 1
     name: str = "lookup"
-    arguments: str = "{}"
+    arguments: str | dict[str, Any] = "{}"
+    functions: list[dict[str, Any]] | None = None
+    reply: str | None = None
     code: str = "INTERNAL_SERVER_ERROR"
     description: str = "scripted"
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.on not in SCRIPT_EVENTS:
+            raise ValueError(f"script step: 'on' must be one of {sorted(SCRIPT_EVENTS)}, not {self.on!r}")
+        if self.do not in SCRIPT_ACTIONS:
+            raise ValueError(f"script step: 'do' must be one of {sorted(SCRIPT_ACTIONS)}, not {self.do!r}")
+        for entry in self.functions or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ValueError(f"script step: each of 'functions' needs a 'name': {entry!r}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScriptStep:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"script step: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+    def requested(self) -> list[tuple[str, str, bool]]:
+        """(name, arguments as a JSON string, client_side) for each function this step requests."""
+        entries = self.functions if self.functions is not None else [{"name": self.name, "arguments": self.arguments}]
+        out = []
+        for entry in entries:
+            arguments = entry.get("arguments", "{}")
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            out.append((str(entry["name"]), text, bool(entry.get("client_side", True))))
+        return out
 
 
 @dataclass
@@ -85,11 +129,57 @@ class LocalAgentConfig:
     idle_timeout: float = 10.0
     require_key: str | None = None
     script: list[ScriptStep] = field(default_factory=list)
+    function_reply: str = "Done."  # spoken once a request's client-side functions are all answered
+    server_function_result: str = '{"result": "ok"}'  # content of the agent's own server-side answers
+
+
+@dataclass
+class FunctionRequest:
+    """A function the agent asked for. ``answered_at`` is set when the client answers its id."""
+
+    id: str
+    name: str
+    arguments: str
+    client_side: bool
+    at: float  # time.monotonic() when the request was sent
+    answered_at: float | None = None
+
+
+@dataclass
+class FunctionResponse:
+    """A FunctionCallResponse the client sent; ``matched`` if it answered a pending request."""
+
+    id: str
+    name: str
+    content: str
+    at: float  # time.monotonic() when it arrived
+    matched: bool
+
+
+@dataclass
+class Injection:
+    """An InjectAgentMessage or InjectUserMessage the client sent."""
+
+    kind: str  # "InjectAgentMessage" | "InjectUserMessage"
+    text: str  # its ``message`` / ``content``
+    at: float  # time.monotonic() when it arrived
+    refused: bool = False  # answered with InjectionRefused
+    message: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Speech:
+    """One thing the agent said: the greeting, a reply, an injected message, a function follow-up."""
+
+    text: str
+    started_at: float  # AgentStartedSpeaking
+    done_at: float | None = None  # AgentAudioDone; None if interrupted (or cut by the close)
+    interrupted: bool = False
 
 
 @dataclass
 class SessionRecord:
-    """What one client did, for tests to inspect."""
+    """What one client did, for tests to inspect. Times are time.monotonic()."""
 
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)
@@ -100,11 +190,44 @@ class SessionRecord:
     audio_out: bytearray = field(default_factory=bytearray)
     keepalives: int = 0
     utterances: int = 0
+    user_messages: int = 0
     errors_sent: list[str] = field(default_factory=list)
+    declared_functions: list[str] = field(default_factory=list)  # agent.think.functions names
+    function_requests: list[FunctionRequest] = field(default_factory=list)
+    function_responses: list[FunctionResponse] = field(default_factory=list)
+    injections: list[Injection] = field(default_factory=list)
+    speeches: list[Speech] = field(default_factory=list)
     closed: bool = False
     close_code: int | None = None
     opened_at: float = field(default_factory=time.monotonic)
+    settings_applied_at: float | None = None
     closed_at: float | None = None
+
+    @property
+    def unanswered_functions(self) -> list[FunctionRequest]:
+        """Client-side requests the client has not answered (yet)."""
+        return [r for r in self.function_requests if r.client_side and r.answered_at is None]
+
+
+@dataclass
+class _Batch:
+    """The client-side functions of one request still unanswered, and what to say after."""
+
+    waiting: set[str]
+    reply: str
+
+
+def declared_function_names(agent: Any) -> list[str]:
+    """Names in ``agent.think.functions``; ``think`` may be one provider or a list (fallbacks)."""
+    think = agent.get("think") if isinstance(agent, dict) else None
+    names: list[str] = []
+    for provider in think if isinstance(think, list) else [think]:
+        functions = provider.get("functions") if isinstance(provider, dict) else None
+        for function in functions if isinstance(functions, list) else []:
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
 
 
 class _Session:
@@ -124,9 +247,29 @@ class _Session:
         self.utterance = bytearray()  # linear16 at the input rate
         # the frames that made the onset belong to the utterance
         self.preroll: deque[bytes] = deque(maxlen=self.detector.onset_frames)
-        self.speaking: asyncio.Task[None] | None = None
-        self.function_replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=16)
-        self.utterance_ended_at = 0.0
+        self.speaking: asyncio.Task[None] | None = None  # the greeting, or the reply to the last user turn
+        self.voice = asyncio.Lock()  # one thing said at a time
+        self.voice_owner: asyncio.Task[Any] | None = None  # who is speaking now (barge-in cancels it)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[str, FunctionRequest] = {}  # client-side requests not yet answered, by id
+        self.batches: list[_Batch] = []
+        self.turn_ended_at = 0.0
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(coro))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("local_agent_task_failed", error=repr(task.exception()))
+
+    @staticmethod
+    async def _guarded(coro: Coroutine[Any, Any, None]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await coro
 
     async def send_json(self, msg: dict[str, Any]) -> None:
         self.rec.sent.append(msg)
@@ -137,7 +280,8 @@ class _Session:
         await self.send_json({"type": "Error", "description": description, "code": code})
 
     def steps(self, on: str, n: int = 0) -> list[ScriptStep]:
-        return [s for s in self.cfg.script if s.on == on and (on != "utterance" or s.n == n)]
+        per_turn = on in ("utterance", "user_message")
+        return [s for s in self.cfg.script if s.on == on and (not per_turn or s.n == n)]
 
     async def run(self) -> None:
         await self.send_json({"type": "Welcome", "request_id": self.rec.request_id})
@@ -165,10 +309,12 @@ class _Session:
         except ConnectionClosed:
             pass
         finally:
-            if self.speaking:
-                self.speaking.cancel()
+            tasks = list(self.tasks)
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                    await self.speaking
+                    await task
 
     async def on_text(self, text: str) -> bool:
         try:
@@ -191,6 +337,7 @@ class _Session:
                 if not await self.perform(step):
                     return False
             await self.send_json({"type": "SettingsApplied"})
+            self.rec.settings_applied_at = time.monotonic()
             return await self.after_settings()
         if kind not in CLIENT_MESSAGE_TYPES:
             await self.error("UNPARSABLE_CLIENT_MESSAGE", f"Unknown message type {str(kind)[:40]}")
@@ -205,8 +352,11 @@ class _Session:
         if kind in UPDATE_REPLIES:
             await self.send_json({"type": UPDATE_REPLIES[kind]})
         elif kind == "FunctionCallResponse":
-            with contextlib.suppress(asyncio.QueueFull):
-                self.function_replies.put_nowait(msg)
+            await self.on_function_response(msg)
+        elif kind == "InjectAgentMessage":
+            await self.on_inject_agent(msg)
+        elif kind == "InjectUserMessage":
+            await self.on_inject_user(msg)
         return True
 
     def apply_settings(self, msg: dict[str, Any]) -> str | None:
@@ -229,6 +379,7 @@ class _Session:
         self.frame_bytes = self.in_fmt.sample_rate * 2 // 50  # 20 ms of linear16
         if isinstance(agent, dict) and isinstance(agent.get("greeting"), str):
             self.greeting = agent["greeting"]
+        self.rec.declared_functions = declared_function_names(agent)
         self.rec.settings = msg
         return None
 
@@ -237,8 +388,7 @@ class _Session:
             if not await self.perform(step):
                 return False
         if self.greeting:
-            pcm = synth.speech_like(self.greeting)
-            self.speaking = asyncio.create_task(self.speak(pcm, synth.SAMPLE_RATE, self.greeting, 0.0))
+            self.speaking = self.spawn(self.say(self.greeting, 0.0))
         return True
 
     async def perform(self, step: ScriptStep) -> bool:
@@ -257,16 +407,96 @@ class _Session:
         elif step.do == "unknown":
             await self.send_json({"type": "SomethingNewFromTheFuture", "detail": "ignore me"})
         elif step.do == "function_call":
-            call_id = f"call-{uuid.uuid4().hex[:12]}"
+            await self.request_functions(step)
+        return True
+
+    # --- functions and injected messages -------------------------------------------------
+
+    async def request_functions(self, step: ScriptStep) -> None:
+        """Send one FunctionCallRequest; never waits for the answers (they arrive as messages)."""
+        now = time.monotonic()
+        wire: list[dict[str, Any]] = []
+        server_side: list[FunctionRequest] = []
+        waiting: set[str] = set()
+        for name, arguments, client_side in step.requested():
+            request = FunctionRequest(f"call-{uuid.uuid4().hex[:12]}", name, arguments, client_side, now)
+            self.rec.function_requests.append(request)
+            wire.append({"id": request.id, "name": name, "arguments": arguments, "client_side": client_side})
+            if client_side:
+                self.pending[request.id] = request
+                waiting.add(request.id)
+            else:
+                server_side.append(request)
+        reply = self.cfg.function_reply if step.reply is None else step.reply
+        self.log.info("function_call_requested", functions=[f["name"] for f in wire])
+        await self.send_json({"type": "FunctionCallRequest", "functions": wire})
+        for request in server_side:  # Deepgram calls the endpoint and reports the result itself
+            request.answered_at = time.monotonic()
             await self.send_json(
                 {
-                    "type": "FunctionCallRequest",
-                    "functions": [{"id": call_id, "name": step.name, "arguments": step.arguments, "client_side": True}],
+                    "type": "FunctionCallResponse",
+                    "id": request.id,
+                    "name": request.name,
+                    "content": self.cfg.server_function_result,
                 }
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.function_replies.get(), 5.0)
-        return True
+        if waiting:
+            self.batches.append(_Batch(waiting, reply))
+        elif reply:
+            self.spawn(self.say(reply, 0.05))
+
+    async def on_function_response(self, msg: dict[str, Any]) -> None:
+        call_id, name, content = msg.get("id"), msg.get("name"), msg.get("content")
+        if not isinstance(name, str) or not isinstance(content, str) or not isinstance(call_id, str | None):
+            await self.error("UNPARSABLE_CLIENT_MESSAGE", "FunctionCallResponse needs string name and content")
+            return
+        now = time.monotonic()
+        request = self.pending.pop(call_id, None) if call_id is not None else None
+        self.rec.function_responses.append(FunctionResponse(call_id or "", name, content, now, request is not None))
+        self.log.info("function_call_answered", function=name, matched=request is not None)
+        if request is None:
+            return
+        request.answered_at = now
+        for batch in list(self.batches):
+            batch.waiting.discard(request.id)
+            if not batch.waiting:
+                self.batches.remove(batch)
+                if batch.reply:  # the LLM goes on with the results: a short spoken reply
+                    self.spawn(self.say(batch.reply, 0.05))
+
+    def busy(self) -> str | None:
+        """Why an agent message cannot be injected now, as the real service words it."""
+        if self.voice.locked():
+            return "Agent is currently speaking"
+        if self.detector.in_speech:
+            return "User is currently speaking"
+        return None
+
+    async def on_inject_agent(self, msg: dict[str, Any]) -> None:
+        text = msg.get("message")
+        if not isinstance(text, str):
+            await self.error("UNPARSABLE_CLIENT_MESSAGE", "InjectAgentMessage needs a string message")
+            return
+        refusal = self.busy()
+        self.rec.injections.append(Injection("InjectAgentMessage", text, time.monotonic(), refusal is not None, msg))
+        self.log.info("inject_agent_message", refused=refusal is not None)
+        if refusal is not None:
+            await self.send_json({"type": "InjectionRefused", "message": refusal})
+            return
+        self.spawn(self.say(text, 0.0))
+
+    async def on_inject_user(self, msg: dict[str, Any]) -> None:
+        text = msg.get("content")
+        if not isinstance(text, str):
+            await self.error("UNPARSABLE_CLIENT_MESSAGE", "InjectUserMessage needs a string content")
+            return
+        self.rec.injections.append(Injection("InjectUserMessage", text, time.monotonic(), False, msg))
+        self.rec.user_messages += 1
+        self.turn_ended_at = time.monotonic()
+        await self.send_json({"type": "ConversationText", "role": "user", "content": text})
+        self.interrupt_reply()
+        reply = f"[reply to: {text[:80]}]"
+        self.speaking = self.spawn(self.respond("user_message", self.rec.user_messages, reply, None))
 
     # --- listening -----------------------------------------------------------------------
 
@@ -286,8 +516,9 @@ class _Session:
             self.utterance = bytearray(b"".join(self.preroll))
             self.preroll.clear()
             await self.send_json({"type": "UserStartedSpeaking"})
-            if self.speaking and not self.speaking.done():
-                self.speaking.cancel()  # interrupted: stop talking at once
+            self.interrupt_reply()  # interrupted: stop talking at once
+            if self.voice_owner is not None and not self.voice_owner.done():
+                self.voice_owner.cancel()
             return
         if event is None and not self.detector.in_speech:  # still quiet
             self.preroll.append(pcm)
@@ -297,28 +528,50 @@ class _Session:
             # the quiet hangover frames are not part of what was said
             spoken = bytes(self.utterance[: len(self.utterance) - self.detector.hangover_frames * len(pcm)])
             self.rec.utterances += 1
-            self.utterance_ended_at = time.monotonic()
-            if self.speaking and not self.speaking.done():
-                self.speaking.cancel()
-            self.speaking = asyncio.create_task(self.reply(self.rec.utterances, spoken))
+            self.turn_ended_at = time.monotonic()
+            self.interrupt_reply()
+            n = self.rec.utterances
+            seconds = len(spoken) / (2 * self.in_fmt.sample_rate)
+            await self.send_json(
+                {"type": "ConversationText", "role": "user", "content": f"[utterance {n}: {seconds:.2f} s]"}
+            )
+            self.speaking = self.spawn(self.respond("utterance", n, f"[echo of utterance {n}]", spoken))
+
+    def interrupt_reply(self) -> None:
+        if self.speaking is not None and not self.speaking.done():
+            self.speaking.cancel()
 
     # --- speaking ------------------------------------------------------------------------
 
-    async def reply(self, n: int, pcm: bytes) -> None:
-        rate = self.in_fmt.sample_rate
-        seconds = len(pcm) / (2 * rate)
-        await self.send_json(
-            {"type": "ConversationText", "role": "user", "content": f"[utterance {n}: {seconds:.2f} s]"}
-        )
+    async def respond(self, on: str, n: int, text: str, pcm: bytes | None) -> None:
+        """The reply to a user turn: scripted steps first; a function request replaces the reply."""
         await asyncio.sleep(self.cfg.reply_delay)
-        for step in self.steps("utterance", n):
+        requested = False
+        for step in self.steps(on, n):
+            requested |= step.do == "function_call"
             if not await self.perform(step):
                 return
-        think_s = time.monotonic() - self.utterance_ended_at
-        await self.speak(pcm, rate, f"[echo of utterance {n}]", think_s)
+        if requested:
+            return  # the reply comes once the functions are answered
+        think_s = time.monotonic() - self.turn_ended_at
+        if pcm is None:
+            await self.say(text, think_s)
+        else:
+            await self.say(text, think_s, pcm, self.in_fmt.sample_rate)
+
+    async def say(self, text: str, think_s: float, pcm: bytes | None = None, rate: int = synth.SAMPLE_RATE) -> None:
+        """Speak once nothing else is being said; ``pcm`` (linear16) defaults to ``text`` synthesised."""
+        async with self.voice:
+            self.voice_owner = asyncio.current_task()
+            try:
+                await self.speak(synth.speech_like(text) if pcm is None else pcm, rate, text, think_s)
+            finally:
+                self.voice_owner = None
 
     async def speak(self, pcm: bytes, rate: int, text: str, think_s: float) -> None:
         audio = synth.encode(pcm, self.out_fmt, rate)
+        speech = Speech(text, time.monotonic())
+        self.rec.speeches.append(speech)
         await self.send_json(
             {
                 "type": "AgentStartedSpeaking",
@@ -330,13 +583,18 @@ class _Session:
         chunk = self.out_fmt.bytes_for(self.cfg.chunk_ms / 1000)
         pace = (self.cfg.chunk_ms / 1000) / self.cfg.speak_rate if self.cfg.speak_rate > 0 else 0.0
         start = time.monotonic()
-        for i, offset in enumerate(range(0, len(audio), chunk)):
-            piece = audio[offset : offset + chunk]
-            self.rec.audio_out += piece
-            await self.ws.send(piece)
-            delay = start + (i + 1) * pace - time.monotonic()
-            await asyncio.sleep(max(0.0, delay))
+        try:
+            for i, offset in enumerate(range(0, len(audio), chunk)):
+                piece = audio[offset : offset + chunk]
+                self.rec.audio_out += piece
+                await self.ws.send(piece)
+                delay = start + (i + 1) * pace - time.monotonic()
+                await asyncio.sleep(max(0.0, delay))
+        except asyncio.CancelledError:
+            speech.interrupted = True
+            raise
         await self.send_json({"type": "AgentAudioDone"})
+        speech.done_at = time.monotonic()
         await self.send_json({"type": "ConversationText", "role": "assistant", "content": text})
 
 

@@ -1,0 +1,427 @@
+"""A local stand-in for Twilio's REST API (api.twilio.com), for tests and offline runs.
+
+A small threaded HTTP server on the loopback interface. It checks HTTP Basic auth with the
+account SID and auth token, as Twilio does, records every request (method, path, query, form,
+time, status answered), and serves what callbridge uses:
+
+- the account (``GET /2010-04-01/Accounts/{sid}.json``), for ``callbridge twilio check``;
+- incoming phone numbers: list by ``PhoneNumber`` and update, for ``configure-number``;
+- calls: fetch, and update (``POST .../Calls/{CallSid}.json``) with ``Status=completed`` (hang
+  up) or ``Twiml=`` / ``Url=`` (redirect, e.g. a transfer with ``<Dial>``).
+
+Calls are known once registered (the simulated caller registers its CallSid, as Twilio knows
+a call before the webhook fires). An update of a known, live call answers 200 with a call
+resource shaped like Twilio's and notifies whoever registered the call, which then behaves
+like Twilio: it ends the media stream. An unknown or already-ended call answers 404 with
+Twilio's error body (code 20404). Point the twilio SDK at it with ``TWILIO_API_BASE`` (see
+``app.twilio.rest.make_client``) or :meth:`TwilioApiStandIn.client`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from app.devtools.endpoints import LOOPBACK
+
+if TYPE_CHECKING:
+    from twilio.rest import Client
+
+API_VERSION = "2010-04-01"
+DEFAULT_ACCOUNT_SID = "AC" + "0" * 32
+DEFAULT_AUTH_TOKEN = "local-twilio-stand-in-token"
+NUMBER_FIELDS = {
+    "VoiceUrl": "voice_url",
+    "VoiceMethod": "voice_method",
+    "StatusCallback": "status_callback",
+    "StatusCallbackMethod": "status_callback_method",
+}
+ENDING_STATUSES = frozenset({"completed", "canceled"})
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RestRequest:
+    """One request the stand-in received."""
+
+    method: str
+    path: str  # without the query string
+    query: dict[str, str]
+    form: dict[str, str]  # the urlencoded body of a POST
+    at: float  # time.monotonic() on arrival
+    status: int  # what the stand-in answered
+
+    @property
+    def call_sid(self) -> str | None:
+        """The CallSid in the path, for requests about one call."""
+        parts = self.path.removesuffix(".json").split("/")
+        if len(parts) >= 6 and parts[4] == "Calls":
+            return parts[5]
+        return None
+
+
+@dataclass(frozen=True)
+class CallUpdate:
+    """What the bridge asked Twilio to do with a call, as the registered caller is told."""
+
+    call_sid: str
+    kind: str  # "hangup" (Status=completed/canceled) | "redirect" (Twiml= or Url=)
+    twiml: str | None
+    url: str | None
+    form: dict[str, str]
+    at: float
+
+
+@dataclass
+class CallState:
+    sid: str
+    from_: str
+    to: str
+    on_update: Callable[[CallUpdate], None] | None
+    status: str = "in-progress"
+    created: float = field(default_factory=time.time)
+    ended: float | None = None
+    twiml: str | None = None  # the last TwiML (or Url) it was redirected to
+
+    def resource(self, account_sid: str) -> dict[str, Any]:
+        """A call resource shaped like Twilio's JSON (the fields the SDK reads)."""
+        uri = f"/{API_VERSION}/Accounts/{account_sid}/Calls/{self.sid}.json"
+        ended = self.ended is not None
+        return {
+            "sid": self.sid,
+            "account_sid": account_sid,
+            "parent_call_sid": None,
+            "date_created": formatdate(self.created, usegmt=True),
+            "date_updated": formatdate(time.time(), usegmt=True),
+            "start_time": formatdate(self.created, usegmt=True),
+            "end_time": formatdate(self.ended, usegmt=True) if self.ended is not None else None,
+            "duration": str(int(self.ended - self.created)) if self.ended is not None else None,
+            "to": self.to,
+            "to_formatted": self.to,
+            "from": self.from_,
+            "from_formatted": self.from_,
+            "phone_number_sid": None,
+            "status": self.status,
+            "direction": "inbound",
+            "answered_by": None,
+            "api_version": API_VERSION,
+            "forwarded_from": None,
+            "group_sid": None,
+            "caller_name": None,
+            "queue_time": "0",
+            "trunk_sid": None,
+            "price": None if not ended else "-0.00850",
+            "price_unit": "USD",
+            "uri": uri,
+            "subresource_uris": {"notifications": uri.replace(".json", "/Notifications.json")},
+        }
+
+
+class TwilioApiStandIn:
+    """Twilio's REST API on ``127.0.0.1:port`` (0: a free port). Use as a context manager, or
+    :meth:`start` / :meth:`stop`.
+
+    ``requests`` records every request; ``numbers`` holds the account's phone numbers (by SID)
+    and ``number_updates`` the forms of their updates; ``calls`` the registered calls.
+    ``fail_call_updates`` (status, Twilio error code, message) makes call updates fail;
+    ``call_update_delay`` makes them slow (seconds), both for tests of the bridge's handling.
+    """
+
+    def __init__(
+        self,
+        account_sid: str = DEFAULT_ACCOUNT_SID,
+        auth_token: str = DEFAULT_AUTH_TOKEN,
+        *,
+        port: int = 0,
+        account_status: str = "active",
+    ) -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.account_status = account_status
+        self.requests: list[RestRequest] = []
+        self.numbers: dict[str, dict[str, Any]] = {}
+        self.number_updates: list[dict[str, str]] = []
+        self.calls: dict[str, CallState] = {}
+        self.fail_call_updates: tuple[int, int, str] | None = None
+        self.call_update_delay = 0.0
+        self._lock = threading.Lock()
+        self._port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> TwilioApiStandIn:
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._server = ThreadingHTTPServer((LOOPBACK, self._port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="twilio-api-stand-in", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> TwilioApiStandIn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the Twilio API stand-in is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def base_url(self) -> str:
+        """What to set ``TWILIO_API_BASE`` to."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The variables that point callbridge (``serve`` and ``callbridge twilio``) here."""
+        return {
+            "TWILIO_API_BASE": self.base_url,
+            "TWILIO_ACCOUNT_SID": self.account_sid,
+            "TWILIO_AUTH_TOKEN": self.auth_token,
+        }
+
+    def client(self) -> Client:
+        """A twilio SDK ``Client`` whose requests come here (as callbridge builds it)."""
+        from app.twilio.rest import make_client
+
+        return make_client(self.account_sid, self.auth_token, self.base_url)
+
+    # --- the account's numbers and calls ---------------------------------------------------
+
+    def add_number(self, phone_number: str, sid: str | None = None, **fields: str) -> str:
+        """Give the account a phone number (fields: voice_url, voice_method, status_callback, ...)."""
+        sid = sid or "PN" + format(len(self.numbers) + 1, "032x")
+        record: dict[str, Any] = {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "phone_number": phone_number,
+            "friendly_name": phone_number,
+            "voice_url": "",
+            "voice_method": "POST",
+            "status_callback": "",
+            "status_callback_method": "POST",
+            "api_version": API_VERSION,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}/IncomingPhoneNumbers/{sid}.json",
+        }
+        record.update(fields)
+        with self._lock:
+            self.numbers[sid] = record
+        return sid
+
+    def register_call(
+        self,
+        call_sid: str,
+        on_update: Callable[[CallUpdate], None] | None = None,
+        *,
+        from_: str = "+15550000001",
+        to: str = "+15550000002",
+    ) -> None:
+        """Make ``call_sid`` a live call. ``on_update`` is called (from the server's thread) for
+        each accepted update of it: hang-up or redirect."""
+        with self._lock:
+            self.calls[call_sid] = CallState(call_sid, from_, to, on_update)
+
+    def end_call(self, call_sid: str) -> None:
+        """The call ended on its own (the caller hung up, or the stream closed): further updates
+        answer 404, like Twilio's for a call that is over."""
+        with self._lock:
+            call = self.calls.get(call_sid)
+            if call is not None and call.ended is None:
+                call.status = "completed"
+                call.ended = time.time()
+
+    def requests_for(self, call_sid: str) -> list[RestRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.call_sid == call_sid]
+
+    def call_updates(self, call_sid: str | None = None) -> list[RestRequest]:
+        """The POSTs to calls (all, or one call's), whatever they were answered."""
+        with self._lock:
+            return [
+                r
+                for r in self.requests
+                if r.method == "POST" and r.call_sid is not None and (call_sid is None or r.call_sid == call_sid)
+            ]
+
+    # --- request handling (server threads) -------------------------------------------------
+
+    def _authorized(self, header: str | None) -> bool:
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        return header == expected
+
+    def _record(self, request: RestRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def handle(
+        self, method: str, path: str, query: dict[str, str], form: dict[str, str]
+    ) -> tuple[int, dict[str, Any], Callable[[], None] | None]:
+        """(status, JSON body, what to do once the answer is sent) for one authorised request."""
+        base = f"/{API_VERSION}/Accounts/{self.account_sid}"
+        if not path.startswith(base):
+            return self._not_found(path)
+        rest = path[len(base) :]
+        if method == "GET" and rest == ".json":
+            return 200, self._account(), None
+        if rest == "/IncomingPhoneNumbers.json" and method == "GET":
+            return 200, self._number_page(path, query.get("PhoneNumber", "")), None
+        if rest.startswith("/IncomingPhoneNumbers/") and method == "POST":
+            return self._update_number(path, rest.split("/")[2].removesuffix(".json"), form)
+        if rest.startswith("/Calls/") and rest.endswith(".json") and rest.count("/") == 2:
+            sid = rest.split("/")[2].removesuffix(".json")
+            if method == "GET":
+                with self._lock:
+                    call = self.calls.get(sid)
+                    return (200, call.resource(self.account_sid), None) if call else self._not_found(path)
+            if method == "POST":
+                return self._update_call(path, sid, form)
+        return self._not_found(path)
+
+    def _not_found(self, path: str) -> tuple[int, dict[str, Any], None]:
+        return (
+            404,
+            {
+                "code": 20404,
+                "message": f"The requested resource {path} was not found",
+                "more_info": "https://www.twilio.com/docs/errors/20404",
+                "status": 404,
+            },
+            None,
+        )
+
+    def _account(self) -> dict[str, Any]:
+        return {
+            "sid": self.account_sid,
+            "friendly_name": "callbridge stand-in",
+            "status": self.account_status,
+            "type": "Full",
+            "auth_token": "",
+            "owner_account_sid": self.account_sid,
+            "uri": f"/{API_VERSION}/Accounts/{self.account_sid}.json",
+        }
+
+    def _number_page(self, path: str, wanted: str) -> dict[str, Any]:
+        with self._lock:
+            found = [dict(n) for n in self.numbers.values() if n["phone_number"] == wanted]
+        return {
+            "incoming_phone_numbers": found,
+            "next_page_uri": None,
+            "page": 0,
+            "page_size": 50,
+            "first_page_uri": path,
+            "previous_page_uri": None,
+            "uri": path,
+            "start": 0,
+            "end": len(found),
+        }
+
+    def _update_number(self, path: str, sid: str, form: dict[str, str]) -> tuple[int, dict[str, Any], None]:
+        with self._lock:
+            number = self.numbers.get(sid)
+            if number is None:
+                return self._not_found(path)
+            self.number_updates.append(dict(form))
+            for key, value in form.items():
+                if key in NUMBER_FIELDS:
+                    number[NUMBER_FIELDS[key]] = value
+            return 200, dict(number), None
+
+    def _update_call(
+        self, path: str, sid: str, form: dict[str, str]
+    ) -> tuple[int, dict[str, Any], Callable[[], None] | None]:
+        if self.call_update_delay > 0:
+            time.sleep(self.call_update_delay)
+        if self.fail_call_updates is not None:
+            status, code, message = self.fail_call_updates
+            body = {
+                "code": code,
+                "message": message,
+                "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                "status": status,
+            }
+            return status, body, None
+        with self._lock:
+            call = self.calls.get(sid)
+            if call is None or call.ended is not None:
+                return self._not_found(path)
+            new_status = form.get("Status")
+            if new_status is not None and new_status not in ENDING_STATUSES:
+                return (
+                    400,
+                    {
+                        "code": 21218,
+                        "message": f"Invalid Status: {new_status}",
+                        "more_info": "https://www.twilio.com/docs/errors/21218",
+                        "status": 400,
+                    },
+                    None,
+                )
+            if new_status is not None:
+                update = CallUpdate(sid, "hangup", None, None, dict(form), time.monotonic())
+                call.status = "completed"
+                call.ended = time.time()
+            elif "Twiml" in form or "Url" in form:
+                update = CallUpdate(sid, "redirect", form.get("Twiml"), form.get("Url"), dict(form), time.monotonic())
+                call.twiml = form.get("Twiml") or form.get("Url")
+            else:  # nothing to do (e.g. only a status callback): answer with the call as it is
+                return 200, call.resource(self.account_sid), None
+            body = call.resource(self.account_sid)
+            callback = call.on_update
+        return 200, body, (lambda: callback(update)) if callback is not None else None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: TwilioApiStandIn
+    protocol_version = "HTTP/1.1"
+
+    def _serve(self, method: str) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, MAX_BODY)) if length else b""
+        form = dict(urllib.parse.parse_qsl(body.decode(errors="replace"))) if method == "POST" else {}
+        after: Callable[[], None] | None = None
+        if not self.api._authorized(self.headers.get("Authorization")):
+            status, answer = 401, {"code": 20003, "message": "Authenticate", "more_info": "", "status": 401}
+        else:
+            status, answer, after = self.api.handle(method, url.path, query, form)
+        self.api._record(RestRequest(method, url.path, query, form, time.monotonic(), status))
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        if after is not None:  # like Twilio: the API answers, then the call changes
+            after()
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
