@@ -28,19 +28,24 @@ from app.core.actions import (
     ClearTwilio,
     ConnectAgent,
     EndCall,
+    HangUpCall,
     Log,
     Measure,
     RedeemStreamToken,
+    RunFunction,
     SendMark,
     SendMedia,
     SendToAgent,
+    TransferCall,
     TwilioOut,
 )
 from app.core.call import Call
 from app.core.events import (
     BridgeFailed,
     BridgeShuttingDown,
+    CallUpdated,
     Event,
+    FunctionDone,
     OutboxFull,
     StreamTokenAccepted,
     StreamTokenRefused,
@@ -59,11 +64,14 @@ from app.core.vocabulary import (
     Outcome,
     Overflow,
     RejectReason,
+    RestResult,
 )
 from app.observability.call_records import CallRecordSender
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
+from app.operator_tools import call_tool
 from app.twilio import messages as twilio_msg
+from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
 
 AGENT_DRAIN_SECONDS = 0.25
@@ -83,6 +91,8 @@ class CallDeps:
     metrics: Metrics = field(default_factory=Metrics)
     records: CallRecordSender | None = None
     record_transcript: bool = False
+    call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
+    tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
     shutting_down: Callable[[], bool] = lambda: False
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
     us, not by the caller."""
@@ -156,6 +166,12 @@ class CallSession:
                     self._spawn(
                         run_session(self.deps.agent_url, self.deps.agent_api_key, self.feed, self._agent_opened)
                     )
+                case RunFunction():
+                    self._spawn(self._run_function(action))
+                case HangUpCall(call_sid=call_sid):
+                    self._spawn(self._update_call(call_sid, None))
+                case TransferCall(call_sid=call_sid, twiml=twiml):
+                    self._spawn(self._update_call(call_sid, twiml))
                 case RedeemStreamToken(token=token, call_sid=call_sid):
                     problem = self.deps.tokens.redeem(token, call_sid)
                     self.feed(StreamTokenAccepted() if problem is None else StreamTokenRefused(problem))
@@ -232,6 +248,29 @@ class CallSession:
         """The call has ended: not one more frame to Twilio, whatever is still queued."""
         if self._twilio_writer_task is not None:
             self._twilio_writer_task.cancel()
+
+    async def _run_function(self, run: RunFunction) -> None:
+        """An operator tool, in its own task: the audio and barge-in never wait for it. The
+        core keeps its deadline; this one only frees the request a little later."""
+        try:
+            content, failed = await asyncio.wait_for(
+                call_tool(run.url, run.payload, self.deps.tools_secret, run.timeout), run.timeout + 1.0
+            )
+        except TimeoutError:
+            return  # the core has answered the agent already
+        except Exception as exc:  # a bug in the tool client must not end the call
+            self.log.error("function_crashed", name=run.name, exc_info=exc)
+            content, failed = f"{run.name} failed: internal error.", True
+        self.feed(FunctionDone(run.id, run.name, content, failed))
+
+    async def _update_call(self, call_sid: str, twiml: str | None) -> None:
+        """Hang up (``twiml`` None) or transfer through Twilio's REST API, in its own task."""
+        updater = self.deps.call_updater
+        if updater is None:
+            self.feed(CallUpdated(RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed"))
+            return
+        result = await (updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml))
+        self.feed(result)
 
     def _agent_opened(self, ws: ClientConnection) -> None:
         self.agent_ws = ws

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
-from app.core.options import CallOptions
+from app.core.options import CallOptions, Telephony, ToolSpec
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -135,6 +135,51 @@ class AgentAudioModel(BaseModel):
     output: AudioFormatModel = AudioFormatModel()
 
 
+TRANSFER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+E164 = re.compile(r"\+[1-9]\d{6,14}")
+
+
+class TelephonyModel(BaseModel):
+    """``bridge.telephony``: what the agent may do to the call (README, "Call control")."""
+
+    model_config = ConfigDict(extra="forbid")
+    end_call: bool = True
+    transfer: dict[str, str] = {}
+    dtmf: bool = True
+    silence_check_in_seconds: float = Field(default=15.0, ge=0, le=3600)
+    max_call_seconds: float = Field(default=3600.0, gt=0, le=7200)  # Deepgram's session limit is 2 hours
+    check_in_message: str | None = Field(default=None, min_length=1, max_length=500)
+    silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
+    time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)
+    hold_message: str | None = Field(default=None, min_length=1, max_length=500)
+
+    @field_validator("transfer")
+    @classmethod
+    def _destinations(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, destination in value.items():
+            if not TRANSFER_NAME.fullmatch(name):
+                raise ValueError(f"name {name!r} must be lower-case letters, digits, - or _ (at most 32)")
+            if not (E164.fullmatch(destination) or re.fullmatch(r"sip:[^\s<>]+@[^\s<>]+", destination)):
+                raise ValueError(f"{name}: {destination!r} must be an E.164 number (+15551230001) or a sip: URI")
+        return value
+
+
+class ToolModel(BaseModel):
+    """One of ``bridge.tools``: a client-side function answered by the operator's endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class BridgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     agent_audio: AgentAudioModel = AgentAudioModel()
@@ -142,6 +187,8 @@ class BridgeOptions(BaseModel):
     keepalive_after_seconds: float = Field(default=5.0, gt=0, le=8)
     agent_ready_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     max_prebuffer_seconds: float = Field(default=10.0, gt=0, le=60)
+    telephony: TelephonyModel = TelephonyModel()
+    tools: dict[str, ToolModel] = {}
 
 
 class AgentBlock(BaseModel):
@@ -187,7 +234,50 @@ def load_profile(path: Path) -> AgentProfile:
         raise ConfigError(f"AGENT_PROFILE {path}: " + "; ".join(profile_problems(data, exc))) from exc
     if profile.prompt_length() > PROMPT_LIMIT:
         raise ConfigError(f"AGENT_PROFILE {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
+    problem = function_problem(profile)
+    if problem:
+        raise ConfigError(f"AGENT_PROFILE {path}: {problem}")
     return profile
+
+
+def declared_functions(profile: AgentProfile) -> dict[str, dict[str, Any]]:
+    """The functions the profile declares in ``agent.think.functions`` (every think provider)."""
+    if isinstance(profile.agent, str):
+        return {}
+    thinks = profile.agent.think if isinstance(profile.agent.think, list) else [profile.agent.think]
+    found: dict[str, dict[str, Any]] = {}
+    for think in thinks:
+        for fn in think.get("functions", []) or []:
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                found[fn["name"]] = fn
+    return found
+
+
+def function_problem(profile: AgentProfile) -> str:
+    """Built-in telephony functions and operator tools against what the agent declares."""
+    declared = declared_functions(profile)
+    telephony, tools = profile.bridge.telephony, profile.bridge.tools
+    builtins = {"end_call": telephony.end_call, "transfer_call": bool(telephony.transfer)}
+    for name, offered in builtins.items():
+        if offered and name in declared:
+            return (
+                f"agent.think.functions declares {name}, which the bridge provides itself "
+                f"(bridge.telephony); remove it from the profile's functions"
+            )
+        if name in tools:
+            return f"bridge.tools.{name}: {name} is a built-in telephony function; give the tool another name"
+    for name in tools:
+        if isinstance(profile.agent, str):
+            return f"bridge.tools.{name}: tools need the agent configured in the profile, not a stored agent id"
+        if name not in declared:
+            return (
+                f"bridge.tools.{name} is not declared in agent.think.functions; declare it there "
+                '(e.g. {"name": "%s", "description": "...", "parameters": {"type": "object", "properties": {}}}), '
+                "without an endpoint" % name
+            )
+        if "endpoint" in declared[name]:
+            return f"bridge.tools.{name} is declared with an endpoint, so Deepgram would call it; remove the endpoint"
+    return ""
 
 
 # What a valid value looks like, for each profile field an error can name.
@@ -211,11 +301,19 @@ PROFILE_EXAMPLES = {
     "bridge.keepalive_after_seconds": "5",
     "bridge.agent_ready_timeout_seconds": "10",
     "bridge.max_prebuffer_seconds": "10",
+    "bridge.telephony": '{"end_call": true, "transfer": {"sales": "+15551230001"}, "dtmf": true}',
+    "bridge.telephony.end_call": "true",
+    "bridge.telephony.transfer": '{"sales": "+15551230001", "support": "sip:support@pbx.example.com"}',
+    "bridge.telephony.dtmf": "true",
+    "bridge.telephony.silence_check_in_seconds": "15 (0 turns the check-in off)",
+    "bridge.telephony.max_call_seconds": "3600",
+    "bridge.tools": '{"lookup_order": {"url": "https://ops.example.com/tools/lookup_order", "timeout_seconds": 10}}',
 }
 PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
     "": tuple(AgentProfile.model_fields),
     "bridge": tuple(BridgeOptions.model_fields),
     "bridge.agent_audio": tuple(AgentAudioModel.model_fields),
+    "bridge.telephony": tuple(TelephonyModel.model_fields),
     "bridge.agent_audio.input": tuple(AudioFormatModel.model_fields),
     "bridge.agent_audio.output": tuple(AudioFormatModel.model_fields),
 }
@@ -330,6 +428,30 @@ class RuntimeConfig:
             agent_ready_timeout=bridge.agent_ready_timeout_seconds,
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
+            telephony=self.telephony(),
+        )
+
+    @property
+    def rest_available(self) -> bool:
+        """Twilio REST credentials for hang-ups and transfers (not the offline token)."""
+        return bool(self.settings.twilio_account_sid and self.settings.twilio_auth_token)
+
+    def telephony(self) -> Telephony:
+        telephony, tools = self.profile.bridge.telephony, self.profile.bridge.tools
+        messages = {
+            key: value
+            for key in ("check_in_message", "silence_goodbye_message", "time_limit_message", "hold_message")
+            if (value := getattr(telephony, key)) is not None
+        }
+        return Telephony(
+            end_call=telephony.end_call,
+            transfer=tuple(telephony.transfer.items()),
+            dtmf=telephony.dtmf,
+            silence_check_in=telephony.silence_check_in_seconds,
+            max_call=telephony.max_call_seconds,
+            tools=tuple(ToolSpec(name, tool.url, tool.timeout_seconds) for name, tool in tools.items()),
+            rest_available=self.rest_available,
+            **messages,
         )
 
 
@@ -385,6 +507,13 @@ def resolve(settings: Settings) -> RuntimeConfig:
         warnings.append("PUBLIC_URL is not https: Twilio requires https webhooks and wss streams")
 
     profile = load_profile(settings.agent_profile or DEFAULT_PROFILE)
+    rest = bool(settings.twilio_account_sid and settings.twilio_auth_token)
+    if profile.bridge.telephony.transfer and not rest:
+        warnings.append("bridge.telephony.transfer is set but transfer_call is not offered: needs TWILIO_ACCOUNT_SID")
+    if isinstance(profile.agent, str) and (profile.bridge.telephony.end_call or profile.bridge.telephony.transfer):
+        warnings.append("the agent is a stored configuration id: end_call and transfer_call cannot be added to it")
+    if profile.bridge.tools and settings.webhook_signing_secret is None:
+        warnings.append("bridge.tools is set without WEBHOOK_SIGNING_SECRET: tool requests are sent unsigned")
     return RuntimeConfig(
         settings=settings,
         profile=profile,

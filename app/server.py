@@ -24,6 +24,7 @@ from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
+from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
 
 log = get_logger(component="server")
@@ -114,6 +115,12 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             if state.local_agent is not None:
                 await state.local_agent.stop()
             log.info("service_stopped")
+
+    call_updater = (
+        CallUpdater(settings.twilio_account_sid or "", config.twilio_auth_token or "", settings.twilio_api_base)
+        if config.rest_available
+        else None
+    )
 
     app = FastAPI(title="callbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bridge = state
@@ -211,6 +218,8 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             metrics=metrics,
             records=state.records,
             record_transcript=settings.call_events_transcript,
+            call_updater=call_updater,
+            tools_secret=config.webhook_signing_secret,
             shutting_down=lambda: state.stopping,
         )
         session = CallSession(ws, config.call_options(), deps)

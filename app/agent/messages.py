@@ -17,6 +17,7 @@ from app.core.events import (
     AgentEvent,
     AgentFunctionCallRequest,
     AgentInfo,
+    AgentInjectionRefused,
     AgentInvalid,
     AgentSettingsApplied,
     AgentStartedSpeaking,
@@ -34,7 +35,6 @@ INFO_TYPES = frozenset(
         "SpeakUpdated",
         "ThinkUpdated",
         "ListenUpdated",
-        "InjectionRefused",
         "History",
         "LatencyReport",
         "FunctionCallResponse",
@@ -85,6 +85,8 @@ def parse(text: str) -> AgentEvent:
         return AgentWarning(code=_s(msg.get("code")), description=_s(msg.get("description")))
     if kind == "Error":
         return AgentError(code=_s(msg.get("code")), description=_s(msg.get("description")))
+    if kind == "InjectionRefused":
+        return AgentInjectionRefused(message=_s(msg.get("message"))[:200])
     if kind in INFO_TYPES:
         return AgentInfo(kind, msg)
     return AgentUnknown(kind[:64])
@@ -138,6 +140,16 @@ def settings(
 
 
 KEEP_ALIVE = '{"type":"KeepAlive"}'
+
+
+def inject_agent_message(message: str) -> str:
+    """Have the agent say ``message`` (refused with InjectionRefused while anyone speaks)."""
+    return json.dumps({"type": "InjectAgentMessage", "message": message}, separators=(",", ":"))
+
+
+def inject_user_message(content: str) -> str:
+    """Tell the agent something as if the caller had said it (the keypad)."""
+    return json.dumps({"type": "InjectUserMessage", "content": content}, separators=(",", ":"))
 
 
 def function_call_response(call_id: str, name: str, content: str) -> str:

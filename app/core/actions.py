@@ -56,7 +56,36 @@ class ConnectAgent:
     """Open the agent session; the pump feeds AgentConnected/AgentConnectFailed and the rest."""
 
 
+@dataclass(frozen=True, slots=True)
+class RunFunction:
+    """Run an operator tool: POST ``payload`` (JSON) to ``url``, signed; answer with
+    FunctionDone. The core keeps the deadline; ``timeout`` only frees the request."""
+
+    id: str
+    name: str
+    url: str
+    payload: dict[str, Any]
+    timeout: float
+
+
 # --- the call ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HangUpCall:
+    """End the phone call through Twilio's REST API (``Status=completed``); answer with
+    CallUpdated. Without REST credentials, closing the stream ends the call instead."""
+
+    call_sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCall:
+    """Replace the call's TwiML with ``twiml`` (a ``<Dial>``) through Twilio's REST API;
+    answer with CallUpdated."""
+
+    call_sid: str
+    twiml: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +141,9 @@ Action = (
     | ClearTwilio
     | SendToAgent
     | ConnectAgent
+    | RunFunction
+    | HangUpCall
+    | TransferCall
     | RedeemStreamToken
     | EndCall
     | Log

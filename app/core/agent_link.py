@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from app.agent import messages as agent_msg
 from app.core.actions import Action, BindLogContext, ConnectAgent, Log, Measure, SendToAgent
+from app.core.call_control import with_functions
 from app.core.options import CallOptions
 from app.core.stats import CallStats
 from app.core.vocabulary import LogLevel, MetricName
@@ -33,7 +34,8 @@ class AgentLink:
     def send_settings(self, request_id: str, now: float) -> list[Action]:
         self.request_id = request_id
         options = self._options
-        settings = agent_msg.settings(options.agent, options.agent_input, options.agent_output, tags=list(options.tags))
+        agent = with_functions(options.agent, options.telephony)
+        settings = agent_msg.settings(agent, options.agent_input, options.agent_output, tags=list(options.tags))
         self.last_sent = now
         return [BindLogContext({"request_id": request_id}), SendToAgent(settings)]
 

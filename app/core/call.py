@@ -14,13 +14,21 @@ Where things are:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any, assert_never
 
-from app.agent import messages as agent_msg
-from app.core.actions import Action, BindLogContext, EndCall, Log, Measure, RedeemStreamToken, SendToAgent
+from app.core.actions import (
+    Action,
+    BindLogContext,
+    EndCall,
+    HangUpCall,
+    Log,
+    Measure,
+    RedeemStreamToken,
+    TransferCall,
+)
 from app.core.agent_link import AgentLink
+from app.core.call_control import CallControl
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
 from app.core.events import (
@@ -33,6 +41,7 @@ from app.core.events import (
     AgentError,
     AgentFunctionCallRequest,
     AgentInfo,
+    AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
     AgentSettingsApplied,
@@ -44,13 +53,19 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallUpdated,
+    CallUpdateDeadlinePassed,
+    CallUpdateFailed,
     Event,
+    FunctionDone,
+    HangUpDue,
     KeepAliveDue,
     OutboxFull,
     StartDeadlinePassed,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
+    TransferDue,
     TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
@@ -61,17 +76,21 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import MAX_LOGGED_UNKNOWN_AGENT_TYPES, CallOptions
+from app.core.options import CALL_UPDATE_TIMEOUT_SECONDS, MAX_LOGGED_UNKNOWN_AGENT_TYPES, CallOptions
 from app.core.playback import Playback
-from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, Target
+from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
-from app.core.vocabulary import InvalidKind, LogLevel, MetricName, Outcome, RejectReason
+from app.core.vocabulary import HangupReason, InvalidKind, LogLevel, MetricName, Outcome, RejectReason, RestResult
 from app.twilio.stream_token import TOKEN_PARAMETER
 
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # this process is stopping
 POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
 INTERNAL_ERROR = 1011
+
+_CONTROLLED = frozenset(
+    {CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE, CallState.HANGING_UP, CallState.TRANSFERRING}
+)  # where functions may be running, so call control keeps their deadlines
 
 _CARRIES_STREAM_SID: frozenset[type[Event]] = frozenset({TwilioMedia, TwilioMark, TwilioDtmf, TwilioStop})
 
@@ -92,6 +111,10 @@ class Call:
         self.playback = Playback(options, stats)
         self.agent = AgentLink(options, stats, now)
         self.conversation = Conversation(options.log_transcripts, stats, now)
+        self.control = CallControl(options, stats, now)
+        self.handoff_started_at = 0.0
+        self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
+        self.transferred_to = ""  # the destination's name, when it transfers
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
 
@@ -125,7 +148,7 @@ class Call:
             return actions
         if isinstance(target, CallState):
             return actions + self._enter(target, now)
-        return actions + self._end(target, _end_reason(event))
+        return actions + self._end(target, self._handoff_end_reason(event) or _end_reason(event))
 
     @property
     def ended(self) -> bool:
@@ -150,6 +173,9 @@ class Call:
                 return [Measure(MetricName.ACTIVE_CALLS, 1), *self.agent.connect(now)]
             case CallState.LIVE:
                 return [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
+            case CallState.HANGING_UP | CallState.TRANSFERRING:
+                self.handoff_started_at = now  # the REST request went with the handler's actions
+                return []
             case (
                 CallState.AWAITING_START
                 | CallState.CHECKING_TOKEN
@@ -182,6 +208,24 @@ class Call:
                 ]
             case _:
                 assert_never(target)
+
+    def _handoff_end_reason(self, event: Event) -> str:
+        """How a hang-up or transfer the bridge asked for ended, in words ("" otherwise)."""
+        if self.state not in (CallState.HANGING_UP, CallState.TRANSFERRING):
+            return ""
+        match event:
+            case CallUpdateFailed(detail=detail):
+                problem = f"; Twilio refused: {detail}"
+            case CallUpdateDeadlinePassed():
+                problem = "; Twilio did not answer in time"
+            case CallUpdated() | TwilioStop() | TwilioClosed():
+                problem = ""
+            case _:
+                return ""
+        if self.state is CallState.HANGING_UP:
+            why = f" ({self.hangup_reason.value})" if self.hangup_reason is not None else ""
+            return f"hung up by the bridge after the goodbye{why}{problem}"
+        return f"transfer to {self.transferred_to}" + (f" failed{problem}" if problem else " done")
 
     def _out_of_order(self, event: Event) -> list[Action]:
         """An event this state does not take: ignored, counted, logged once per (state, event)."""
@@ -223,7 +267,8 @@ class Call:
         return self.playback.mark_returned(event.name, now)
 
     def _on_dtmf(self, event: TwilioDtmf, now: float) -> list[Action]:
-        return self.conversation.keypad(event)
+        live = self.state is CallState.LIVE
+        return [*self.conversation.keypad(event), *self.control.keypad(event.digit, now, live)]
 
     def _on_twilio_invalid(self, event: TwilioInvalid, now: float) -> list[Action]:
         if self.stats.count_invalid(event.kind):
@@ -248,33 +293,72 @@ class Call:
         return self.playback.audio(event.data, now)
 
     def _on_user_started_speaking(self, event: AgentUserStartedSpeaking, now: float) -> list[Action]:
+        self.control.activity(now, caller=True)
         return self.playback.barge_in()
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
         self.playback.agent_started_speaking()
+        self.control.agent_speaks()
         return self.conversation.agent_turn(event)
 
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
+        self.control.activity(now, caller=False)
         return self.playback.audio_done(now)
 
     def _on_conversation_text(self, event: AgentConversationText, now: float) -> list[Action]:
+        self.control.activity(now, caller=event.role == "user")
         return self.conversation.text(event, now)
+
+    def _on_injection_refused(self, event: AgentInjectionRefused, now: float) -> list[Action]:
+        self.control.injection_refused()
+        return [Log(LogLevel.INFO, "agent_injection_refused", {"message": event.message})]
+
+    def _on_function_done(self, event: FunctionDone, now: float) -> list[Action]:
+        self.agent.last_sent = now
+        return self.control.function_done(event, now)
+
+    def _on_call_updated(self, event: CallUpdated, now: float) -> list[Action]:
+        return [
+            Log(LogLevel.INFO, "call_updated", {"result": event.result.value, "detail": event.detail}),
+            Measure(MetricName.CALL_UPDATES, 1, event.result.value),
+        ]
+
+    def _on_call_update_failed(self, event: CallUpdateFailed, now: float) -> list[Action]:
+        return [
+            Log(LogLevel.ERROR, "call_update_failed", {"detail": event.detail, "state": self.state.value}),
+            Measure(MetricName.CALL_UPDATES, 1, RestResult.FAILED.value),
+        ]
+
+    def _on_call_update_deadline(self, event: CallUpdateDeadlinePassed, now: float) -> list[Action]:
+        return [
+            Log(
+                LogLevel.ERROR,
+                "call_update_failed",
+                {"detail": "no answer from Twilio in time", "state": self.state.value},
+            ),
+            Measure(MetricName.CALL_UPDATES, 1, RestResult.FAILED.value),
+        ]
+
+    def _on_hang_up_due(self, event: HangUpDue, now: float) -> list[Action]:
+        self.hangup_reason = event.reason
+        return [Log(LogLevel.INFO, "hanging_up", {"reason": event.reason.value}), HangUpCall(self.call_sid)]
+
+    def _on_transfer_due(self, event: TransferDue, now: float) -> list[Action]:
+        self.transferred_to = event.destination
+        transfer = TransferCall(self.call_sid, event.twiml)
+        return [Log(LogLevel.INFO, "transferring", {"destination": event.destination}), transfer]
 
     def _on_thinking(self, event: AgentThinking, now: float) -> list[Action]:
         return self.conversation.thinking(event)
 
     def _on_function_call_request(self, event: AgentFunctionCallRequest, now: float) -> list[Action]:
-        actions: list[Action] = []
-        for fn in event.functions:
-            if not fn.client_side:
-                actions.append(Log(LogLevel.INFO, "agent_server_function_called", {"name": fn.name}))
-                continue
-            # No client-side functions are offered yet: answer so the agent does not wait forever.
-            content = json.dumps({"error": f"function {fn.name!r} is not available"})
-            actions.append(Log(LogLevel.WARNING, "agent_function_unavailable", {"name": fn.name, "id": fn.id}))
-            actions.append(SendToAgent(agent_msg.function_call_response(fn.id, fn.name, content)))
-            self.agent.last_sent = now
-        return actions
+        self.agent.last_sent = now
+        parties = {
+            "call_sid": self.call_sid,
+            "from": self.custom_parameters.get("from", ""),
+            "to": self.custom_parameters.get("to", ""),
+        }
+        return self.control.functions(event, now, parties)
 
     def _on_warning(self, event: AgentWarning, now: float) -> list[Action]:
         return [
@@ -320,15 +404,26 @@ class Call:
     # --- clock ---------------------------------------------------------------------------
 
     def _on_tick(self, event: Tick, now: float) -> list[Action]:
-        """Turn the deadline this state watches (``DEADLINES``) into its event when passed."""
-        timer = DEADLINES[self.state]  # every state that takes Tick watches one
+        """Turn the deadline this state watches (``DEADLINES``) into its event when passed, and
+        let call control act on time (functions' deadlines, keypad, check-in, goodbye played)."""
+        state = self.state
+        actions: list[Action] = []
+        if state in _CONTROLLED:
+            live = state is CallState.LIVE
+            quiet = self.playback.state is PlaybackState.QUIET
+            actions, handoff = self.control.tick(now, self.playback.stream_started_at, live, quiet)
+            if handoff is not None:
+                return actions + self.handle(handoff, now)
+        timer = DEADLINES[state]  # every state that takes Tick watches one
         if timer is KeepAliveDue:
             due = self.agent.keepalive_at()
         elif timer is AgentReadyDeadlinePassed:
             due = self.agent.ready_deadline()
+        elif timer is CallUpdateDeadlinePassed:
+            due = self.handoff_started_at + CALL_UPDATE_TIMEOUT_SECONDS
         else:
             due = self.started_at + self.options.start_timeout
-        return self.handle(timer(), now) if now >= due else []
+        return actions + self.handle(timer(), now) if now >= due else actions
 
     def _on_keepalive_due(self, event: KeepAliveDue, now: float) -> list[Action]:
         return self.agent.keepalive(now)
@@ -353,7 +448,7 @@ class Call:
         outcome = self.outcome
         record: dict[str, Any] = {
             "outcome": outcome.value if outcome is not None else "in_progress",
-            "ended_by": ended_by(outcome) if isinstance(outcome, Outcome) else None,
+            "ended_by": ended_by(outcome, self.hangup_reason) if isinstance(outcome, Outcome) else None,
             "end_reason": self.end_reason,
             "duration_s": round(now - self.started_at, 3),
             "turns": s.turns,
@@ -372,7 +467,12 @@ class Call:
             "invalid_inputs": {kind.value: n for kind, n in s.invalid.items()},
             "overflows": {kind.value: n for kind, n in s.overflows.items()},
             "events_after_end": s.ignored_after_end,
+            "functions_called": s.functions_called,
         }
+        if self.hangup_reason is not None:
+            record["hangup_reason"] = self.hangup_reason.value
+        if self.transferred_to:
+            record["transferred_to"] = self.transferred_to
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
@@ -385,7 +485,9 @@ class Call:
 def close_code(end: Outcome | RejectReason) -> int:
     """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
     match end:
-        case Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED:
+        case (
+            Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED
+        ):
             return NORMAL_CLOSURE
         case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
             return INTERNAL_ERROR
@@ -397,12 +499,14 @@ def close_code(end: Outcome | RejectReason) -> int:
             assert_never(end)
 
 
-def ended_by(outcome: Outcome) -> str:
+def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
     """Who ended the call, for the record: the caller, the agent or the bridge."""
     match outcome:
         case Outcome.CALLER_HANGUP:
             return "caller"
-        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED:
+        case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:
+            return "bridge"  # the caller went silent, or the time limit
+        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED:
             return "agent"
         case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
             return "bridge"
@@ -451,6 +555,13 @@ _HANDLERS: dict[type[Event], _Handler] = {
     TwilioDtmf: Call._on_dtmf,
     TwilioStop: Call._nothing,
     TwilioClosed: Call._nothing,
+    FunctionDone: Call._on_function_done,
+    CallUpdated: Call._on_call_updated,
+    CallUpdateFailed: Call._on_call_update_failed,
+    CallUpdateDeadlinePassed: Call._on_call_update_deadline,
+    HangUpDue: Call._on_hang_up_due,
+    TransferDue: Call._on_transfer_due,
+    AgentInjectionRefused: Call._on_injection_refused,
     TwilioInvalid: Call._on_twilio_invalid,
     StreamTokenAccepted: Call._nothing,
     StreamTokenRefused: Call._on_token_refused,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.vocabulary import InvalidKind, Overflow
+from app.core.vocabulary import HangupReason, InvalidKind, Overflow, RestResult
 
 # --- Twilio side -------------------------------------------------------------------------
 
@@ -174,6 +174,13 @@ class AgentInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentInjectionRefused:
+    """The agent would not say (or hear) an injected message now: someone was speaking."""
+
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentUnknown:
     type: str
 
@@ -197,6 +204,33 @@ class BridgeFailed:
     """The bridge must end the call for a fault of its own (a stuck peer, a crashed task)."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionDone:
+    """An operator tool the core asked for (``RunFunction``) has its answer, in plain words."""
+
+    id: str
+    name: str
+    content: str
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CallUpdated:
+    """Twilio did what ``HangUpCall`` / ``TransferCall`` asked (``OK``), the call was already
+    over (``ALREADY_ENDED``), or there are no REST credentials and closing the stream ends the
+    call (``NO_CREDENTIALS``)."""
+
+    result: RestResult
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallUpdateFailed:
+    """Twilio refused or never answered the update; ``detail`` carries its error code."""
+
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +269,26 @@ class KeepAliveDue:
     """Nothing was sent to the agent for ``CallOptions.keepalive_after`` seconds."""
 
 
+@dataclass(frozen=True, slots=True)
+class HangUpDue:
+    """The goodbye has played (or its wait is over): hang up now."""
+
+    reason: HangupReason
+
+
+@dataclass(frozen=True, slots=True)
+class TransferDue:
+    """The transfer announcement has played (or its wait is over): dial ``destination`` now."""
+
+    destination: str  # the name in the profile
+    twiml: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallUpdateDeadlinePassed:
+    """Twilio did not answer the hang-up or transfer in time: end the stream regardless."""
+
+
 TwilioEvent = (
     TwilioConnected
     | TwilioStart
@@ -261,10 +315,28 @@ AgentEvent = (
     | AgentWarning
     | AgentError
     | AgentInfo
+    | AgentInjectionRefused
     | AgentUnknown
     | AgentInvalid
     | AgentClosed
 )
-BridgeEvent = StreamTokenAccepted | StreamTokenRefused | BridgeFailed | OutboxFull | BridgeShuttingDown
-TimerEvent = Tick | StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue
+BridgeEvent = (
+    StreamTokenAccepted
+    | StreamTokenRefused
+    | FunctionDone
+    | CallUpdated
+    | CallUpdateFailed
+    | BridgeFailed
+    | OutboxFull
+    | BridgeShuttingDown
+)
+TimerEvent = (
+    Tick
+    | StartDeadlinePassed
+    | AgentReadyDeadlinePassed
+    | KeepAliveDue
+    | HangUpDue
+    | TransferDue
+    | CallUpdateDeadlinePassed
+)
 Event = TwilioEvent | AgentEvent | BridgeEvent | TimerEvent

@@ -46,6 +46,67 @@ MAX_LOGGED_UNKNOWN_AGENT_TYPES = 32
 silently so a peer inventing types cannot flood the log."""
 
 
+HOLD_AFTER_SECONDS = 2.0
+"""A function still running this long gets the agent to say it is working on it (once)."""
+
+GOODBYE_GRACE_SECONDS = 4.0
+"""After end_call (or a transfer), how long the bridge waits for the agent to start its
+goodbye before hanging up on a quiet line: the LLM's answer to the function takes 1-2 s."""
+
+GOODBYE_TIMEOUT_SECONDS = 10.0
+"""The longest a goodbye (or transfer announcement) may take to play before the bridge hangs
+up (or transfers) anyway: a stuck agent or Twilio never keeps the line open."""
+
+CALL_UPDATE_TIMEOUT_SECONDS = 20.0
+"""Hang-up or transfer sent to Twilio's REST API and no answer (its own timeout is 15 s):
+the stream is closed regardless, which ends the call, so nothing is left billing."""
+
+KEYPAD_PAUSE_SECONDS = 1.5
+"""Digits pressed within this of each other are one burst, told to the agent in one message
+(``#`` ends a burst at once). Ticks make the real pause 1.5-2 s."""
+
+MAX_KEYPAD_DIGITS = 64
+"""Digits in one burst; beyond it the burst is sent at once (a stuck key cannot grow it)."""
+
+MAX_PENDING_FUNCTIONS = 16
+"""Operator tools running at once in one call; more in flight are answered "busy"."""
+
+MAX_FUNCTION_CONTENT = 16 * 1024
+"""Characters of a tool's answer passed to the agent (the rest is cut, and the agent told)."""
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """An operator tool: a client-side function answered by a signed POST to ``url``."""
+
+    name: str
+    url: str
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Telephony:
+    """The profile's ``bridge.telephony`` and ``bridge.tools``: what the agent may do to the call."""
+
+    end_call: bool = True
+    transfer: tuple[tuple[str, str], ...] = ()  # (name, E.164 number or sip: URI); offered when not empty
+    dtmf: bool = True
+    silence_check_in: float = 15.0  # 0: off
+    max_call: float = 3600.0
+    tools: tuple[ToolSpec, ...] = ()
+    rest_available: bool = False  # Twilio REST credentials: needed to transfer
+    check_in_message: str = "Are you still there?"
+    silence_goodbye_message: str = "I haven't heard from you, so I'll end the call now. Goodbye!"
+    time_limit_message: str = "We've reached the time limit for this call. Thank you for calling, goodbye!"
+    hold_message: str = "One moment please, I'm looking into that."
+
+    def destination(self, name: str) -> str | None:
+        return dict(self.transfer).get(name)
+
+    def tool(self, name: str) -> ToolSpec | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """Per-call settings, derived from the agent profile and the service config."""
@@ -67,6 +128,7 @@ class CallOptions:
     counted. Memory: seconds x agent input bytes per second (80 KB/s for mu-law 8 kHz, 96 KB/s
     for linear16 48 kHz), so the profile's maximum of 60 s costs at most 5.8 MB per call."""
     log_transcripts: bool = False
+    telephony: Telephony = Telephony()
 
     @property
     def prebuffer_bytes(self) -> int:

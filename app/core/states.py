@@ -33,6 +33,7 @@ from app.core.events import (
     AgentError,
     AgentFunctionCallRequest,
     AgentInfo,
+    AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
     AgentSettingsApplied,
@@ -44,13 +45,19 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallUpdated,
+    CallUpdateDeadlinePassed,
+    CallUpdateFailed,
     Event,
+    FunctionDone,
+    HangUpDue,
     KeepAliveDue,
     OutboxFull,
     StartDeadlinePassed,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
+    TransferDue,
     TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
@@ -72,7 +79,9 @@ class CallState(Enum):
     CONNECTING_AGENT = "connecting_agent"  # a call now; the agent socket is being opened
     AWAITING_WELCOME = "awaiting_welcome"  # agent socket open; its Welcome not seen
     AWAITING_SETTINGS_APPLIED = "awaiting_settings_applied"  # Settings sent
-    LIVE = "live"  # agent ready: audio flows both ways, barge-in, keep-alives
+    LIVE = "live"  # agent ready: audio flows both ways, barge-in, keep-alives, functions
+    HANGING_UP = "hanging_up"  # goodbye played; Twilio asked to end the call (REST)
+    TRANSFERRING = "transferring"  # announcement played; Twilio asked to dial the destination
     ENDED = "ended"  # EndCall given; every later event is ignored
 
 
@@ -101,7 +110,27 @@ _IN_CALL: Row = {
 _AGENT_SESSION_ENDS: Row = {AgentError: Outcome.AGENT_ERROR, AgentClosed: Outcome.AGENT_CLOSED}
 _AGENT_NOT_READY_IN_TIME: Row = {AgentReadyDeadlinePassed: Outcome.AGENT_ERROR}
 
-_AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid)  # never change the call
+_AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid, AgentInjectionRefused)  # never change the call
+# what the agent does in a session that has its Settings; a function request is answered
+# (its tool run) whenever the session could take the answer
+_AGENT_TALKING = (
+    AgentAudio,
+    AgentAudioDone,
+    AgentStartedSpeaking,
+    AgentUserStartedSpeaking,  # barge-in
+    AgentConversationText,
+    AgentThinking,
+    AgentFunctionCallRequest,
+    FunctionDone,
+    *_AGENT_CHATTER,
+)
+# ending a call on purpose (states after LIVE): Twilio ends the stream itself once the call is
+# updated, so its stop is the expected end, not the caller hanging up
+_HANDING_OFF_ENDS: Row = {
+    BridgeFailed: Outcome.BRIDGE_ERROR,
+    OutboxFull: Outcome.BRIDGE_ERROR,
+    BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
+}
 # Twilio's inputs, and the clock, during a call; until LIVE the media is pre-buffered and a
 # returned mark is unknown
 _TWILIO_AND_CLOCK = (TwilioConnected, TwilioMedia, TwilioMark, TwilioDtmf, TwilioInvalid, Tick)
@@ -126,6 +155,7 @@ def _row(*parts: Row) -> Row:
 _AWAITING_START, _CHECKING_TOKEN = CallState.AWAITING_START, CallState.CHECKING_TOKEN
 _CONNECTING, _AWAITING_WELCOME = CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME
 _AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
+_HANGING_UP, _TRANSFERRING = CallState.HANGING_UP, CallState.TRANSFERRING
 
 TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     {
@@ -154,35 +184,47 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
             _IN_CALL,
         ),
         _AWAITING_SETTINGS: _row(
-            # a function request is answered whenever the session has its Settings
-            _stay(_AWAITING_SETTINGS, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentFunctionCallRequest),
+            _stay(_AWAITING_SETTINGS, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentFunctionCallRequest, FunctionDone),
             {AgentSettingsApplied: _LIVE},
             _AGENT_SESSION_ENDS,
             _AGENT_NOT_READY_IN_TIME,
             _IN_CALL,
         ),
         _LIVE: _row(
-            _stay(
-                _LIVE,
-                *_TWILIO_AND_CLOCK,  # media is relayed now, not buffered
-                KeepAliveDue,
-                AgentAudio,
-                AgentAudioDone,
-                AgentStartedSpeaking,
-                AgentUserStartedSpeaking,  # barge-in
-                AgentConversationText,
-                AgentThinking,
-                AgentFunctionCallRequest,
-                *_AGENT_CHATTER,
-            ),
+            _stay(_LIVE, *_TWILIO_AND_CLOCK, KeepAliveDue, *_AGENT_TALKING),  # media relayed now, not buffered
+            {HangUpDue: _HANGING_UP, TransferDue: _TRANSFERRING},  # after the goodbye or announcement
             _AGENT_SESSION_ENDS,
             _IN_CALL,
+        ),
+        _HANGING_UP: _row(
+            # the agent's session may end or fail now: the call is ending anyway
+            _stay(_HANGING_UP, *_TWILIO_AND_CLOCK, *_AGENT_TALKING, AgentError, AgentClosed),
+            {
+                CallUpdated: Outcome.COMPLETED,
+                CallUpdateFailed: Outcome.COMPLETED,  # closing the stream ends the call all the same
+                CallUpdateDeadlinePassed: Outcome.COMPLETED,
+                TwilioStop: Outcome.COMPLETED,
+                TwilioClosed: Outcome.COMPLETED,
+            },
+            _HANDING_OFF_ENDS,
+        ),
+        _TRANSFERRING: _row(
+            _stay(_TRANSFERRING, *_TWILIO_AND_CLOCK, *_AGENT_TALKING, AgentError, AgentClosed),
+            {
+                CallUpdated: Outcome.TRANSFERRED,
+                CallUpdateFailed: Outcome.BRIDGE_ERROR,  # not dialled: the line closes, logged with Twilio's code
+                CallUpdateDeadlinePassed: Outcome.BRIDGE_ERROR,
+                TwilioStop: Outcome.TRANSFERRED,  # Twilio leaves the stream for the new TwiML
+                TwilioClosed: Outcome.TRANSFERRED,
+            },
+            _HANDING_OFF_ENDS,
         ),
         CallState.ENDED: _row(),
     }
 )
 
-DEADLINES: Mapping[CallState, type[StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue]] = MappingProxyType(
+Deadline = StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue | CallUpdateDeadlinePassed
+DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
     {
         _AWAITING_START: StartDeadlinePassed,
         _CHECKING_TOKEN: StartDeadlinePassed,  # the token check is synchronous today; later a store
@@ -190,11 +232,13 @@ DEADLINES: Mapping[CallState, type[StartDeadlinePassed | AgentReadyDeadlinePasse
         _AWAITING_WELCOME: AgentReadyDeadlinePassed,
         _AWAITING_SETTINGS: AgentReadyDeadlinePassed,
         _LIVE: KeepAliveDue,
+        _HANGING_UP: CallUpdateDeadlinePassed,
+        _TRANSFERRING: CallUpdateDeadlinePassed,
     }
 )
 """The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken)."""
 
-ACCEPTED_STATES = frozenset({_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE})
+ACCEPTED_STATES = frozenset({_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _HANGING_UP, _TRANSFERRING})
 """States of a call whose stream token was redeemed: it counts as active and gets a record."""
 
 

@@ -22,6 +22,7 @@ class CallStats:
     marks_played: int = 0
     marks_cleared: int = 0
     ignored_after_end: int = 0
+    functions_called: int = 0
     invalid: dict[InvalidKind, int] = field(default_factory=dict)
     overflows: dict[Overflow, int] = field(default_factory=dict)
     agent_latencies: list[float] = field(default_factory=list)

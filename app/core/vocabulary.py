@@ -18,6 +18,35 @@ class Outcome(StrEnum):
     AGENT_CLOSED = "agent_closed"  # the agent closed its socket mid-call
     BRIDGE_ERROR = "bridge_error"  # our fault: a peer stuck on a full queue, an internal error
     BRIDGE_SHUTDOWN = "bridge_shutdown"  # this process stopped while the call was in progress
+    COMPLETED = "completed"  # the bridge hung up after a goodbye (HangupReason says why)
+    TRANSFERRED = "transferred"  # the caller was handed to a listed destination (transfer_call)
+
+
+class HangupReason(StrEnum):
+    """Why the bridge hung up a call that ended ``completed``."""
+
+    END_CALL = "end_call"  # the agent called end_call
+    SILENCE = "silence"  # nobody spoke after a check-in
+    MAX_DURATION = "max_duration"  # the profile's max_call_seconds was reached
+
+
+class FunctionResult(StrEnum):
+    """How a client-side function request was answered (label of callbridge_function_calls_total)."""
+
+    OK = "ok"
+    ERROR = "error"  # the function failed, or its arguments were not valid JSON
+    TIMEOUT = "timeout"
+    UNKNOWN = "unknown"  # no such function here
+    REFUSED = "refused"  # a built-in refused it (a transfer to an unlisted name, a second end_call)
+
+
+class RestResult(StrEnum):
+    """How a Twilio REST call update went (label of callbridge_call_updates_total)."""
+
+    OK = "ok"
+    ALREADY_ENDED = "already_ended"  # Twilio error 20404: the call is over, which is what we wanted
+    FAILED = "failed"
+    NO_CREDENTIALS = "no_credentials"  # offline: the stream is closed instead, ending the call
 
 
 class RejectReason(StrEnum):
@@ -89,3 +118,5 @@ class MetricName(StrEnum):
     AGENT_LATENCY = "agent_latency"  # histogram by kind (total, ttt, tts)
     AGENT_ERRORS = "agent_errors"  # counter by agent code
     AGENT_WARNINGS = "agent_warnings"  # counter by agent code
+    FUNCTION_CALLS = "function_calls"  # counter by FunctionResult
+    CALL_UPDATES = "call_updates"  # counter by RestResult

@@ -111,6 +111,18 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.function_calls = Counter(
+            "callbridge_function_calls_total",
+            "Client-side function requests answered, by result (ok, error, timeout, unknown, refused).",
+            ["result"],
+            registry=r,
+        )
+        self.call_updates = Counter(
+            "callbridge_call_updates_total",
+            "Hang-ups and transfers through Twilio's REST API, by result.",
+            ["result"],
+            registry=r,
+        )
         self.overflows = Counter(
             "callbridge_overflows_total",
             "Times a bound was reached (pre-buffer full, a peer not reading), by kind.",
@@ -149,6 +161,10 @@ class Metrics:
                 self.agent_errors.labels(bounded(label, AGENT_CODES)).inc(value)
             case MetricName.AGENT_WARNINGS:
                 self.agent_warnings.labels(bounded(label, AGENT_CODES)).inc(value)
+            case MetricName.FUNCTION_CALLS:
+                self.function_calls.labels(label).inc(value)
+            case MetricName.CALL_UPDATES:
+                self.call_updates.labels(label).inc(value)
             case _:
                 assert_never(name)
 

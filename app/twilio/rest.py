@@ -6,6 +6,7 @@ SDK's requests elsewhere: an egress proxy, or a local stand-in in tests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -22,6 +23,8 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from app.core.events import CallUpdated, CallUpdateFailed
+from app.core.vocabulary import RestResult
 from app.twilio.webhook import STATUS_PATH, VOICE_PATH
 
 API_BASE = "https://api.twilio.com"
@@ -224,3 +227,33 @@ def _reachable(url: str) -> tuple[bool, str]:
         return False, f"GET {url} answered {exc.code}"
     except (OSError, ValueError) as exc:
         return False, f"GET {url} failed: {exc}"
+
+
+CALL_ENDED = 20404  # Twilio's "not found": the call is already over
+
+
+class CallUpdater:
+    """Hang-ups and transfers of live calls, through the SDK in a thread so the event loop
+    (every call's audio) never waits on Twilio. Answers are core events; nothing raises."""
+
+    def __init__(self, account_sid: str, auth_token: str, api_base: str | None = None) -> None:
+        self._client = make_client(account_sid, auth_token, api_base)
+
+    async def hang_up(self, call_sid: str) -> CallUpdated | CallUpdateFailed:
+        return await asyncio.to_thread(self._update, call_sid, {"status": "completed"})
+
+    async def transfer(self, call_sid: str, twiml: str) -> CallUpdated | CallUpdateFailed:
+        return await asyncio.to_thread(self._update, call_sid, {"twiml": twiml})
+
+    def _update(self, call_sid: str, change: dict[str, str]) -> CallUpdated | CallUpdateFailed:
+        try:
+            _call(self._client, lambda: self._client.calls(call_sid).update(**change))
+        except TwilioRestException as exc:
+            if exc.code == CALL_ENDED:
+                return CallUpdated(RestResult.ALREADY_ENDED, "the call had already ended")
+            return CallUpdateFailed(f"Twilio error {exc.code}: HTTP {exc.status} {str(exc.msg)[:200]}")
+        except TwilioUnreachable as exc:
+            return CallUpdateFailed(str(exc))
+        except TwilioException as exc:
+            return CallUpdateFailed(f"{type(exc).__name__}: {str(exc)[:200]}")
+        return CallUpdated(RestResult.OK, "")

@@ -7,7 +7,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import HTTPConnection, Request
 from twilio.request_validator import RequestValidator
-from twilio.twiml.voice_response import Connect, VoiceResponse
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
 from app.twilio.stream_token import TOKEN_PARAMETER
 
@@ -63,4 +63,16 @@ def connect_twiml(media_url: str, token: str, caller: str, callee: str) -> str:
     stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
     stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
     response.append(connect)
+    return str(response)
+
+
+def transfer_twiml(destination: str) -> str:
+    """TwiML that dials ``destination``: an E.164 number, or a ``sip:`` URI."""
+    response = VoiceResponse()
+    dial = Dial()
+    if destination.startswith("sip:"):
+        dial.sip(destination)
+    else:
+        dial.number(destination)
+    response.append(dial)
     return str(response)

@@ -59,7 +59,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import CallOptions
+from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
 from app.core.vocabulary import InvalidKind, Outcome, RejectReason
 
@@ -267,7 +267,7 @@ def test_twilio_socket_closed_without_stop_ends_call() -> None:
 
 
 def test_keepalive_after_quiet_period_only() -> None:
-    call = ready_call(keepalive_after=5.0)
+    call = ready_call(keepalive_after=5.0, telephony=Telephony(silence_check_in=0))
     assert call.handle(Tick(), 4.0) == []
     assert call.handle(Tick(), 6.1) == [SendToAgent(agent_msg.KEEP_ALIVE)]
     assert call.handle(Tick(), 7.0) == []  # the clock restarts at each send

@@ -30,6 +30,7 @@ from app.core.events import (
     AgentError,
     AgentFunctionCallRequest,
     AgentInfo,
+    AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
     AgentSettingsApplied,
@@ -41,14 +42,20 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallUpdated,
+    CallUpdateDeadlinePassed,
+    CallUpdateFailed,
     Event,
     FunctionCall,
+    FunctionDone,
+    HangUpDue,
     KeepAliveDue,
     OutboxFull,
     StartDeadlinePassed,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
+    TransferDue,
     TwilioBadStart,
     TwilioClosed,
     TwilioConnected,
@@ -70,7 +77,7 @@ from app.core.states import (
     PlaybackState,
     _row,
 )
-from app.core.vocabulary import InvalidKind, Outcome, Overflow, RejectReason
+from app.core.vocabulary import HangupReason, InvalidKind, Outcome, Overflow, RejectReason, RestResult
 
 SID = "MZ" + "a" * 32
 CALL = "CA" + "b" * 32
@@ -111,10 +118,24 @@ SAMPLES: dict[type[Any], Event] = {
     StartDeadlinePassed: StartDeadlinePassed(),
     AgentReadyDeadlinePassed: AgentReadyDeadlinePassed(),
     KeepAliveDue: KeepAliveDue(),
+    FunctionDone: FunctionDone("f1", "lookup", "{}"),
+    CallUpdated: CallUpdated(RestResult.OK),
+    CallUpdateFailed: CallUpdateFailed("Twilio error 20003"),
+    CallUpdateDeadlinePassed: CallUpdateDeadlinePassed(),
+    HangUpDue: HangUpDue(HangupReason.END_CALL),
+    TransferDue: TransferDue("sales", "<Response><Dial>+15551230001</Dial></Response>"),
+    AgentInjectionRefused: AgentInjectionRefused("someone is speaking"),
 }
 
 ALL_EVENT_TYPES = set(typing.get_args(Event))
 
+LIVE_PATH: list[Event] = [
+    TwilioStart(SID, CALL),
+    StreamTokenAccepted(),
+    AgentConnected(),
+    AgentWelcome("r"),
+    AgentSettingsApplied(),
+]
 # the events that lead a fresh call to each state, in order
 PATH: dict[CallState, list[Event]] = {
     CallState.AWAITING_START: [],
@@ -134,6 +155,8 @@ PATH: dict[CallState, list[Event]] = {
         AgentWelcome("r"),
         AgentSettingsApplied(),
     ],
+    CallState.HANGING_UP: [*LIVE_PATH, HangUpDue(HangupReason.END_CALL)],
+    CallState.TRANSFERRING: [*LIVE_PATH, TransferDue("sales", "<Response/>")],
     CallState.ENDED: [TwilioStop()],
 }
 
