@@ -35,9 +35,20 @@ def cmd_emulate_agent(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     script = []
     if args.script:
-        script = [ScriptStep.from_dict(step) for step in json.loads(Path(args.script).read_text())]
+        try:
+            steps = json.loads(Path(args.script).read_text())
+            if not isinstance(steps, list) or not all(isinstance(step, dict) for step in steps):
+                raise ValueError("the script must be a JSON list of objects")
+            script = [ScriptStep.from_dict(step) for step in steps]
+        except (OSError, ValueError, TypeError) as exc:
+            print(f"callbridge: --script {args.script}: {exc}", file=sys.stderr)
+            return 2
     config = LocalAgentConfig(
-        require_key=args.require_key, speak_rate=args.speak_rate, idle_timeout=args.idle_timeout, script=script
+        require_key=args.require_key,
+        speak_rate=args.speak_rate,
+        idle_timeout=args.idle_timeout,
+        script=script,
+        function_reply=args.function_reply,
     )
 
     async def main() -> None:
@@ -76,6 +87,7 @@ class BridgeSide:
 
     port: int
     public_url: str | None
+    account_sid: str | None = None
 
     @classmethod
     def read(cls) -> BridgeSide:
@@ -83,7 +95,7 @@ class BridgeSide:
             settings = load_settings()
         except ConfigError:  # serve would refuse to start; the caller can still try --url
             return cls(8080, None)
-        return cls(settings.port, settings.public_url)
+        return cls(settings.port, settings.public_url, settings.twilio_account_sid)
 
 
 def writable_file_problem(path: Path) -> str | None:
@@ -112,9 +124,20 @@ def webhook_refusal_hint(url: str, token_source: str, public_url: str | None) ->
     return hint
 
 
+def key_presses(spec: str) -> tuple[float, str]:
+    """argparse type of --press: SECONDS:DIGITS."""
+    from app.devtools.simulated_caller import parse_keys
+
+    try:
+        return parse_keys(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_simulate_call(args: argparse.Namespace) -> int:
     from app.devtools.loadtest import signing_token
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
+    from app.devtools.twilio_api import DEFAULT_ACCOUNT_SID, TwilioApiStandIn
     from app.devtools.wavio import load_caller_audio, write_mulaw_as_wav
 
     out = Path(args.out)
@@ -130,7 +153,24 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     bridge = BridgeSide.read()
     token, token_source = signing_token(args.auth_token)
     url = (args.url or f"http://127.0.0.1:{bridge.port}").rstrip("/")
-    caller = SimulatedCaller(url, token, fast=args.fast, tail=args.tail)
+    api: TwilioApiStandIn | None = None
+    if args.twilio_api_port is not None:
+        account_sid = args.account_sid or bridge.account_sid or DEFAULT_ACCOUNT_SID
+        try:
+            api = TwilioApiStandIn(account_sid, token, port=args.twilio_api_port).start()
+        except OSError as exc:
+            print(
+                f"callbridge: cannot serve the Twilio API stand-in on port {args.twilio_api_port}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"Twilio REST API stand-in at {api.base_url} (the bridge needs TWILIO_API_BASE={api.base_url} "
+            f"TWILIO_ACCOUNT_SID={account_sid} and the same TWILIO_AUTH_TOKEN)"
+        )
+    caller = SimulatedCaller(
+        url, token, fast=args.fast, tail=args.tail, keys=args.press or (), key_gap=args.key_gap, twilio_api=api
+    )
     print(
         f"calling {url}/twilio/voice as {caller.caller} (CallSid {caller.call_sid}), "
         f"{len(audio) / 8000:.1f} s of caller audio{' (fast)' if args.fast else ''}"
@@ -146,8 +186,14 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
         else:
             print(f"callbridge: call failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if api is not None:
+            api.stop()
     write_mulaw_as_wav(out, bytes(result.heard))
     print(result.transcript())
+    for request in result.rest_requests:
+        parts = [request.method, request.path, *(f"{k}={v}" for k, v in request.form.items())]
+        print(f"twilio REST: {' '.join(parts)} -> {request.status}")
     print(
         f"heard {len(result.heard) / 8000:.2f} s (agent audio received {len(result.received) / 8000:.2f} s, "
         f"{result.bytes_dropped_by_clear / 8000:.2f} s dropped by {len(result.clears)} clear(s)); "
@@ -249,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=float, default=10.0, help="seconds of client silence before CLIENT_MESSAGE_TIMEOUT"
     )
     agent.add_argument("--script", help="JSON file: a list of scripted steps, see README (default: no script)")
+    agent.add_argument(
+        "--function-reply",
+        default="Done.",
+        help="what the agent says once a function request is answered (empty: nothing)",
+    )
     agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     agent.set_defaults(func=cmd_emulate_agent)
 
@@ -266,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token",
         help="Twilio auth token to sign with (default: TWILIO_AUTH_TOKEN from the environment or .env, "
         "else the offline development token)",
+    )
+    sim.add_argument(
+        "--press",
+        action="append",
+        type=key_presses,
+        metavar="SECONDS:DIGITS",
+        help="press keypad keys (0-9 * # A-D) this many seconds into the call, e.g. 3:1234#; repeatable "
+        "(default: no keys)",
+    )
+    sim.add_argument("--key-gap", type=float, default=0.15, help="seconds between the digits of one --press")
+    sim.add_argument(
+        "--twilio-api-port",
+        type=int,
+        help="serve a stand-in of Twilio's REST API on 127.0.0.1:PORT (0: any free port) so the bridge can hang "
+        "up or transfer the call; the bridge's TWILIO_API_BASE must point there (default: none)",
+    )
+    sim.add_argument(
+        "--account-sid",
+        help="account SID of that stand-in (default: TWILIO_ACCOUNT_SID from the environment or .env, else AC000...)",
     )
     sim.set_defaults(func=cmd_simulate_call)
 

@@ -3,8 +3,11 @@
 It POSTs the voice webhook with a valid signature, follows the TwiML's ``<Connect><Stream>``,
 streams the caller's audio in real time (or as fast as possible), and plays what comes back
 like Twilio's media buffer: audio in real time, a ``mark`` returned once the audio before it
-has played, ``clear`` dropping the buffer and returning pending marks at once. It records what
-the caller heard, every frame received, and a timeline of who spoke when.
+has played, ``clear`` dropping the buffer and returning pending marks at once. It can press
+keypad keys (``dtmf`` events, as Twilio sends them) and, given a local stand-in of Twilio's REST
+API (``app.devtools.twilio_api``), ends the stream when the bridge hangs the call up or
+redirects it (a transfer) through that API, as Twilio does. It records what the caller heard,
+every frame received, and a timeline of who spoke when, keys pressed and REST updates.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +24,7 @@ import urllib.request
 import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,9 +36,12 @@ from websockets.exceptions import ConnectionClosed
 from app.codecs import FRAME_MS, TWILIO_FRAME_BYTES, frames, to_linear16
 from app.devtools.endpoints import LOCAL_HOSTNAMES, VOICE_PATH
 from app.devtools.speech import SpeechDetector, SpeechEvent
+from app.devtools.twilio_api import CallUpdate, RestRequest, TwilioApiStandIn
 
 FRAME_S = FRAME_MS / 1000
 SILENCE = b"\xff"  # mu-law zero
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+KEY_GAP_S = 0.15  # between the digits of one burst of key presses
 
 
 class SimulationError(Exception):
@@ -65,13 +73,62 @@ class CallResult:
     violations: list[str] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
+    # "caller" (hung up: sent stop), "bridge" (closed the socket), "twilio_rest" (hung up through
+    # the REST API: Status=completed) or "transfer" (redirected through the REST API)
     ended_by: str = ""
+    keys_pressed: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the stream, digit)
+    rest_updates: list[CallUpdate] = field(default_factory=list)  # updates of this call the API accepted
+    rest_requests: list[RestRequest] = field(default_factory=list)  # every REST request about this call
+    redirected_to: str | None = None  # the TwiML (or URL) a redirect/transfer sent the call to
     webhook_s: float = 0.0  # POST to TwiML
     connect_s: float = 0.0  # WebSocket open
     first_media_s: float | None = None  # from `start` to the first agent audio received
 
     def transcript(self) -> str:
         return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
+
+
+def parse_keys(spec: str) -> tuple[float, str]:
+    """``SECONDS:DIGITS`` (e.g. ``3:1234#``) as (seconds, digits); ValueError when malformed."""
+    seconds, sep, digits = spec.partition(":")
+    try:
+        at = float(seconds)
+    except ValueError:
+        at = -1.0
+    if not sep or not math.isfinite(at) or at < 0:
+        raise ValueError(f"expected SECONDS:DIGITS such as 3:1234#, not {spec!r}")
+    check_digits(digits)
+    return at, digits
+
+
+def check_digits(digits: str) -> None:
+    bad = sorted(set(digits) - DTMF_DIGITS)
+    if not digits or bad:
+        raise ValueError(f"keys must be among 0-9 * # A-D, not {digits!r}")
+
+
+def dial_target(twiml: str) -> str | None:
+    """The number or SIP URI a ``<Dial>`` in ``twiml`` calls, if any."""
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError:
+        return None
+    dial = root.find(".//Dial")
+    if dial is None:
+        return None
+    nouns = [n.text.strip() for n in dial if n.tag in ("Number", "Sip", "Client") and n.text and n.text.strip()]
+    if nouns:
+        return ", ".join(nouns)
+    return dial.text.strip() if dial.text and dial.text.strip() else None
+
+
+def describe_update(update: CallUpdate) -> str:
+    if update.kind == "hangup":
+        return f"REST update: hang up (Status={update.form.get('Status', '')})"
+    if update.twiml is not None:
+        target = dial_target(update.twiml)
+        return f"REST update: transfer to {target}" if target else f"REST update: redirect to {update.twiml[:120]}"
+    return f"REST update: redirect to {update.url}"
 
 
 def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
@@ -133,7 +190,16 @@ class SimulatedCaller:
         tail: float = 3.0,
         max_tail: float = 30.0,
         sign_upgrade: bool = True,
+        keys: Sequence[tuple[float, str]] = (),
+        key_gap: float = KEY_GAP_S,
+        twilio_api: TwilioApiStandIn | None = None,
     ) -> None:
+        """``keys``: (seconds after the stream starts, digits) bursts of key presses, each digit
+        ``key_gap`` seconds after the previous one; the caller stays on the line until they are
+        pressed. ``twilio_api``: a running REST stand-in where this call is registered (with the
+        stand-in's account SID), so the bridge can hang it up or transfer it through the API."""
+        for _, digits in keys:
+            check_digits(digits)
         self.base_url = base_url.rstrip("/")
         self.validator = RequestValidator(auth_token)
         self.caller = caller
@@ -142,9 +208,12 @@ class SimulatedCaller:
         self.tail = tail
         self.max_tail = max_tail
         self.sign_upgrade = sign_upgrade
+        self.keys = sorted(keys)
+        self.key_gap = key_gap
+        self.twilio_api = twilio_api
         self.call_sid = "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
-        self.account_sid = "AC" + uuid.uuid4().hex
+        self.account_sid = twilio_api.account_sid if twilio_api is not None else "AC" + uuid.uuid4().hex
         self.webhook_s = 0.0
 
     # --- the webhook -------------------------------------------------------------------------
@@ -217,31 +286,52 @@ class SimulatedCaller:
         )
 
     async def run(self, audio: bytes) -> CallResult:
-        status, body = await asyncio.to_thread(self.post_webhook)
-        if status != 200:
-            raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
-        url, parameters = parse_twiml(body)
-        result = CallResult(self.call_sid, body, url, parameters)
-        result.webhook_s = self.webhook_s
-        began = time.monotonic()
-        ws = await self.open_stream(url)
-        result.connect_s = time.monotonic() - began
+        updates: asyncio.Queue[CallUpdate] = asyncio.Queue()
+        if self.twilio_api is not None:
+            loop = asyncio.get_running_loop()
+
+            def notify(update: CallUpdate) -> None:  # on the stand-in's thread
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the call is over
+                    loop.call_soon_threadsafe(updates.put_nowait, update)
+
+            self.twilio_api.register_call(self.call_sid, notify, from_=self.caller, to=self.callee)
         try:
-            await _Stream(self, ws, result).run(audio, parameters)
+            status, body = await asyncio.to_thread(self.post_webhook)
+            if status != 200:
+                raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
+            url, parameters = parse_twiml(body)
+            result = CallResult(self.call_sid, body, url, parameters)
+            result.webhook_s = self.webhook_s
+            began = time.monotonic()
+            ws = await self.open_stream(url)
+            result.connect_s = time.monotonic() - began
+            try:
+                await _Stream(self, ws, result, updates).run(audio, parameters)
+            finally:
+                await ws.close()
+                result.close_code = ws.close_code
         finally:
-            await ws.close()
-            result.close_code = ws.close_code
+            if self.twilio_api is not None:
+                self.twilio_api.end_call(self.call_sid)  # over: later updates answer 20404
+        if self.twilio_api is not None:
+            result.rest_requests = self.twilio_api.requests_for(self.call_sid)
         return result
 
 
 class _Stream:
-    def __init__(self, caller: SimulatedCaller, ws: ClientConnection, result: CallResult) -> None:
+    def __init__(
+        self, caller: SimulatedCaller, ws: ClientConnection, result: CallResult, updates: asyncio.Queue[CallUpdate]
+    ) -> None:
         self.caller = caller
         self.ws = ws
         self.result = result
+        self.updates = updates
         self.player = Player()
         self.t0 = time.monotonic()
         self.seq = 1
+        self.send_lock = asyncio.Lock()  # sequence numbers go out in order
+        self.stopped = False  # `stop` sent: nothing more goes out
+        self.keys_done = not caller.keys
         self.agent_talking_since: float | None = None
         # the local agent's detector, on what the caller sends: "starts speaking" is when it reacts
         self.caller_speech = SpeechDetector()
@@ -255,6 +345,21 @@ class _Stream:
     async def send_json(self, msg: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(msg))
 
+    async def send_event(self, event: str, body: dict[str, Any]) -> None:
+        """One numbered event, as Twilio numbers them; nothing after `stop`."""
+        async with self.send_lock:
+            if self.stopped:
+                return
+            self.seq += 1
+            self.stopped = event == "stop"
+            msg = {"event": event, "sequenceNumber": str(self.seq), "streamSid": self.caller.stream_sid, **body}
+            await self.ws.send(json.dumps(msg))
+
+    async def send_stop(self) -> None:
+        await self.send_event(
+            "stop", {"stop": {"accountSid": self.caller.account_sid, "callSid": self.caller.call_sid}}
+        )
+
     async def run(self, audio: bytes, parameters: dict[str, str]) -> None:
         await self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.ws.send(self.caller.start_message(parameters))
@@ -263,16 +368,51 @@ class _Stream:
         receiver = asyncio.create_task(self.receive())
         player = asyncio.create_task(self.play())
         sender = asyncio.create_task(self.send_audio(audio))
-        done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        keypad = asyncio.create_task(self.press_keys())
+        rest = asyncio.create_task(self.follow_rest())
+        done, _ = await asyncio.wait({receiver, sender, rest}, return_when=asyncio.FIRST_COMPLETED)
         # the caller hung up only if it got to send `stop`; a send failing means the bridge closed
         hung_up = sender in done and sender.exception() is None
-        for task in (receiver, player, sender):
+        update = rest.result() if rest in done and rest.exception() is None else None
+        if update is None and not self.updates.empty():  # accepted by the API as the bridge closed
+            update = self.updates.get_nowait()
+            self.on_update(update)
+        tasks = (receiver, player, sender, keypad, rest)
+        for task in tasks:
             task.cancel()
-        for task in (receiver, player, sender):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await task
-        self.result.ended_by = "caller" if hung_up else "bridge"
+        if update is not None:
+            self.result.ended_by = "twilio_rest" if update.kind == "hangup" else "transfer"
+        else:
+            self.result.ended_by = "caller" if hung_up else "bridge"
         self.note("twilio", f"call ended by {self.result.ended_by}")
+
+    def on_update(self, update: CallUpdate) -> None:
+        self.result.rest_updates.append(update)
+        if update.kind == "redirect":
+            self.result.redirected_to = update.twiml if update.twiml is not None else update.url
+        self.note("twilio", describe_update(update))
+
+    async def follow_rest(self) -> CallUpdate:
+        """Like Twilio when the call is hung up or redirected through the API: the stream stops."""
+        update = await self.updates.get()
+        self.on_update(update)
+        await self.send_stop()
+        return update
+
+    async def press_keys(self) -> None:
+        try:
+            for at, digits in self.caller.keys:
+                await asyncio.sleep(max(0.0, at - self.now()))
+                self.note("caller", f"presses {' '.join(digits)}")
+                for i, digit in enumerate(digits):
+                    await asyncio.sleep(max(0.0, at + i * self.caller.key_gap - self.now()))
+                    await self.send_event("dtmf", {"dtmf": {"track": "inbound_track", "digit": digit}})
+                    self.result.keys_pressed.append((round(self.now(), 3), digit))
+        finally:
+            self.keys_done = True
 
     async def send_audio(self, audio: bytes) -> None:
         chunks = frames(audio)
@@ -287,36 +427,28 @@ class _Stream:
         tail_start = self.now()
         while True:
             waited = self.now() - tail_start
-            if waited >= self.caller.max_tail or (waited >= self.caller.tail and self.player.idle):
+            quiet = self.player.idle and self.keys_done
+            if waited >= self.caller.max_tail or (waited >= self.caller.tail and quiet):
                 break
             await self.send_frame(SILENCE * TWILIO_FRAME_BYTES, i)
             i += 1
             await asyncio.sleep(max(0.0, tail_start + (i - len(chunks) + 1) * FRAME_S - self.now()))
-        self.seq += 1
-        await self.send_json(
-            {
-                "event": "stop",
-                "sequenceNumber": str(self.seq),
-                "streamSid": self.caller.stream_sid,
-                "stop": {"accountSid": self.caller.account_sid, "callSid": self.caller.call_sid},
-            }
-        )
+        await self.send_stop()
 
     async def send_frame(self, frame: bytes, index: int) -> None:
-        self.seq += 1
-        await self.send_json(
+        await self.send_event(
+            "media",
             {
-                "event": "media",
-                "sequenceNumber": str(self.seq),
-                "streamSid": self.caller.stream_sid,
                 "media": {
                     "track": "inbound",
                     "chunk": str(index + 1),
                     "timestamp": str(index * 20),
                     "payload": base64.b64encode(frame).decode(),
                 },
-            }
+            },
         )
+        if self.stopped:
+            return
         self.result.sent += frame
         self.track_caller(frame)
 
@@ -346,15 +478,7 @@ class _Stream:
                 await self.send_mark(name)
 
     async def send_mark(self, name: str) -> None:
-        self.seq += 1
-        await self.send_json(
-            {
-                "event": "mark",
-                "sequenceNumber": str(self.seq),
-                "streamSid": self.caller.stream_sid,
-                "mark": {"name": name},
-            }
-        )
+        await self.send_event("mark", {"mark": {"name": name}})
 
     async def receive(self) -> None:
         async for raw in self.ws:
