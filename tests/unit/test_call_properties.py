@@ -51,7 +51,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import CallOptions
+from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
 from app.core.vocabulary import InvalidKind, Outcome, Overflow
 from app.twilio.stream_token import StreamTokens
@@ -220,7 +220,10 @@ def run(script: list[Step], queue_size: int | None = None) -> None:
         tokens = StreamTokens(b"k" * 32)
         clock = [0.0]
         deps = CallDeps(tokens=tokens, agent_url="ws://127.0.0.1:9/", agent_api_key=None)
-        options = CallOptions(agent="id", max_prebuffer_seconds=0.5)  # small, so the pre-buffer overflows
+        # a small pre-buffer, so it overflows; no silence check-in or time limit (their own tests),
+        # so the call's phases are only the protocol's
+        telephony = Telephony(silence_check_in=0, max_call=1e9)
+        options = CallOptions(agent="id", max_prebuffer_seconds=0.5, telephony=telephony)
         ws = StubTwilioSocket()
         session = ObservedSession(ws=ws, options=options, deps=deps, clock=lambda: clock[0])  # type: ignore[arg-type]
         if queue_size is not None:
