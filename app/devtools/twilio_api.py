@@ -237,8 +237,8 @@ class TwilioApiStandIn:
         from_: str = "+15550000001",
         to: str = "+15550000002",
     ) -> None:
-        """Make ``call_sid`` a live call. ``on_update`` is called (from the server's thread) for
-        each accepted update of it: hang-up or redirect."""
+        """Make ``call_sid`` a live call. ``on_update`` is called for each accepted update of it
+        (hang-up or redirect) on the server's thread, before the API answers: it must not block."""
         with self._lock:
             self.calls[call_sid] = CallState(call_sid, from_, to, on_update)
 
@@ -407,6 +407,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             status, answer, after = self.api.handle(method, url.path, query, form)
         self.api._record(RestRequest(method, url.path, query, form, time.monotonic(), status))
+        if after is not None:  # the call has changed by the time the API answers
+            after()
         data = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -414,8 +416,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         self.wfile.flush()
-        if after is not None:  # like Twilio: the API answers, then the call changes
-            after()
 
     def do_GET(self) -> None:
         self._serve("GET")
