@@ -91,6 +91,8 @@ class CallDeps:
     metrics: Metrics = field(default_factory=Metrics)
     records: CallRecordSender | None = None
     record_transcript: bool = False
+    options_for: Callable[[str], CallOptions | None] = lambda profile: None
+    """The options of the profile a stream token names ("" is the default profile)."""
     call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
     tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
     shutting_down: Callable[[], bool] = lambda: False
@@ -172,9 +174,15 @@ class CallSession:
                     self._spawn(self._update_call(call_sid, None))
                 case TransferCall(call_sid=call_sid, twiml=twiml):
                     self._spawn(self._update_call(call_sid, twiml))
-                case RedeemStreamToken(token=token, call_sid=call_sid):
-                    problem = self.deps.tokens.redeem(token, call_sid)
-                    self.feed(StreamTokenAccepted() if problem is None else StreamTokenRefused(problem))
+                case RedeemStreamToken(token=token, call_sid=call_sid, profile=profile):
+                    problem = self.deps.tokens.redeem(token, call_sid, profile)
+                    if problem is not None:
+                        self.feed(StreamTokenRefused(problem))
+                        continue
+                    options = self.deps.options_for(profile)
+                    if options is not None:  # nothing was sent to the agent yet: size its queue anew
+                        self.agent_out = asyncio.Queue(options.agent_queue_limit)
+                    self.feed(StreamTokenAccepted(options))
                 case Measure(metric=metric, value=value, label=label):
                     self.metrics.record(metric, value, label)
                 case EndCall():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     twilio_validate_signature: bool = True
     public_url: str | None = None
     agent_profile: Path | None = None
+    agent_profiles_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -396,6 +398,11 @@ class RuntimeConfig:
     twilio_auth_token: str | None
     stream_token_secret: bytes
     warnings: tuple[str, ...]
+    profiles: Mapping[str, AgentProfile] = field(default_factory=dict)  # dialled number -> its profile
+
+    def profile_for_number(self, number: str) -> str:
+        """The profile name for a dialled number: the number itself when it has one, else ""."""
+        return number if number in self.profiles else ""
 
     @property
     def deepgram_api_key(self) -> str | None:
@@ -417,10 +424,12 @@ class RuntimeConfig:
         ]
         return [v for v in values if v]
 
-    def call_options(self) -> CallOptions:
-        bridge = self.profile.bridge
+    def call_options(self, profile_name: str = "") -> CallOptions:
+        """The options of a call to ``profile_name``'s number ("" for the default profile)."""
+        profile = self.profiles[profile_name] if profile_name else self.profile
+        bridge = profile.bridge
         return CallOptions(
-            agent=self.profile.agent_payload(),
+            agent=profile.agent_payload(),
             agent_input=bridge.agent_audio.input.to_format(),
             agent_output=bridge.agent_audio.output.to_format(),
             tags=tuple(bridge.tags),
@@ -428,7 +437,7 @@ class RuntimeConfig:
             agent_ready_timeout=bridge.agent_ready_timeout_seconds,
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
-            telephony=self.telephony(),
+            telephony=self.telephony(profile),
         )
 
     @property
@@ -436,8 +445,8 @@ class RuntimeConfig:
         """Twilio REST credentials for hang-ups and transfers (not the offline token)."""
         return bool(self.settings.twilio_account_sid and self.settings.twilio_auth_token)
 
-    def telephony(self) -> Telephony:
-        telephony, tools = self.profile.bridge.telephony, self.profile.bridge.tools
+    def telephony(self, profile: AgentProfile) -> Telephony:
+        telephony, tools = profile.bridge.telephony, profile.bridge.tools
         messages = {
             key: value
             for key in ("check_in_message", "silence_goodbye_message", "time_limit_message", "hold_message")
@@ -507,6 +516,7 @@ def resolve(settings: Settings) -> RuntimeConfig:
         warnings.append("PUBLIC_URL is not https: Twilio requires https webhooks and wss streams")
 
     profile = load_profile(settings.agent_profile or DEFAULT_PROFILE)
+    profiles = load_number_profiles(settings.agent_profiles_dir) if settings.agent_profiles_dir else {}
     rest = bool(settings.twilio_account_sid and settings.twilio_auth_token)
     if profile.bridge.telephony.transfer and not rest:
         warnings.append("bridge.telephony.transfer is set but transfer_call is not offered: needs TWILIO_ACCOUNT_SID")
@@ -522,4 +532,31 @@ def resolve(settings: Settings) -> RuntimeConfig:
         twilio_auth_token=token,
         stream_token_secret=secret,
         warnings=tuple(warnings),
+        profiles=profiles,
     )
+
+
+PROFILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def load_number_profiles(directory: Path) -> dict[str, AgentProfile]:
+    """``AGENT_PROFILES_DIR``: one profile per dialled number, in a file named by the number in
+    E.164 (``+15551230001.yaml``). Every file is checked now, not at the first call."""
+    if not directory.is_dir():
+        raise ConfigError(f"AGENT_PROFILES_DIR: {directory} is not a directory")
+    profiles: dict[str, AgentProfile] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in PROFILE_SUFFIXES or path.name.startswith("."):
+            continue
+        number = path.stem
+        if not E164.fullmatch(number):
+            raise ConfigError(
+                f"AGENT_PROFILES_DIR: {path.name} must be named by the number it answers in E.164, "
+                "e.g. +15551230001.yaml"
+            )
+        if number in profiles:
+            raise ConfigError(f"AGENT_PROFILES_DIR: two profiles for {number}")
+        profiles[number] = load_profile(path)
+    if not profiles:
+        raise ConfigError(f"AGENT_PROFILES_DIR: {directory} holds no profile (+15551230001.json or .yaml)")
+    return profiles

@@ -17,6 +17,7 @@ from twilio.request_validator import RequestValidator
 from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
 from app.core.call import POLICY_VIOLATION
+from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
 from app.observability.call_records import CallRecordSender
@@ -122,6 +123,16 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         else None
     )
 
+    profile_options = {name: config.call_options(name) for name in config.profiles}
+
+    def options_for(profile: str) -> CallOptions | None:
+        if not profile:
+            return None  # the default profile: what the call was created with
+        options = profile_options.get(profile)
+        if options is None:  # the token vouches for the name: the profiles changed under the call
+            log.warning("profile_unknown_at_stream", profile=profile[:40])
+        return options
+
     app = FastAPI(title="callbridge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.bridge = state
 
@@ -190,13 +201,17 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             metrics.webhooks.labels("bad_request").inc()
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
+        profile = config.profile_for_number(params.get("To", ""))
         twiml = webhook.connect_twiml(
             webhook.stream_url(base),
-            state.tokens.mint(call_sid),
+            state.tokens.mint(call_sid, profile),
             params.get("From", ""),
             params.get("To", ""),
+            profile,
         )
-        log.info("call_answered", call_sid=call_sid, direction=params.get("Direction", ""))
+        log.info(
+            "call_answered", call_sid=call_sid, direction=params.get("Direction", ""), profile=profile or "default"
+        )
         metrics.webhooks.labels("answered").inc()
         return Response(twiml, media_type="application/xml")
 
@@ -218,6 +233,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             metrics=metrics,
             records=state.records,
             record_transcript=settings.call_events_transcript,
+            options_for=options_for,
             call_updater=call_updater,
             tools_secret=config.webhook_signing_secret,
             shutting_down=lambda: state.stopping,

@@ -95,6 +95,7 @@ class RedeemStreamToken:
 
     token: str
     call_sid: str
+    profile: str = ""  # the profile named in start's parameters, bound into the token
 
 
 @dataclass(frozen=True, slots=True)

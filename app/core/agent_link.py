@@ -24,6 +24,10 @@ class AgentLink:
         self.ready_at: float | None = None
         self.last_sent = now  # anything sent to the agent, audio included, defers the keep-alive
 
+    def configure(self, options: CallOptions) -> None:
+        """The call's profile is known (before the session is opened)."""
+        self._options = options
+
     def connect(self, now: float) -> list[Action]:
         self.connect_started = now
         return [ConnectAgent()]

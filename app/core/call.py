@@ -81,7 +81,7 @@ from app.core.playback import Playback
 from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
 from app.core.vocabulary import HangupReason, InvalidKind, LogLevel, MetricName, Outcome, RejectReason, RestResult
-from app.twilio.stream_token import TOKEN_PARAMETER
+from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # this process is stopping
@@ -257,7 +257,11 @@ class Call:
         return [
             BindLogContext({"call_sid": event.call_sid, "stream_sid": event.stream_sid}),
             Log(LogLevel.INFO, "stream_started", {"caller_audio_buffered": self.caller.buffered_bytes}),
-            RedeemStreamToken(self.custom_parameters.get(TOKEN_PARAMETER, ""), event.call_sid),
+            RedeemStreamToken(
+                self.custom_parameters.get(TOKEN_PARAMETER, ""),
+                event.call_sid,
+                self.custom_parameters.get(PROFILE_PARAMETER, ""),
+            ),
         ]
 
     def _on_bad_start(self, event: TwilioBadStart, now: float) -> list[Action]:
@@ -273,6 +277,16 @@ class Call:
     def _on_twilio_invalid(self, event: TwilioInvalid, now: float) -> list[Action]:
         if self.stats.count_invalid(event.kind):
             return [Log(LogLevel.WARNING, "twilio_frame_rejected", {"kind": event.kind.value, "detail": event.detail})]
+        return []
+
+    def _on_token_accepted(self, event: StreamTokenAccepted, now: float) -> list[Action]:
+        """This is the call its token names: from now on with its own profile's options."""
+        if event.options is not None and event.options != self.options:
+            options = self.options = event.options
+            self.caller.configure(options)
+            self.playback.configure(options)
+            self.agent.configure(options)
+            self.control = CallControl(options, self.stats, now)
         return []
 
     def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
@@ -563,7 +577,7 @@ _HANDLERS: dict[type[Event], _Handler] = {
     TransferDue: Call._on_transfer_due,
     AgentInjectionRefused: Call._on_injection_refused,
     TwilioInvalid: Call._on_twilio_invalid,
-    StreamTokenAccepted: Call._nothing,
+    StreamTokenAccepted: Call._on_token_accepted,
     StreamTokenRefused: Call._on_token_refused,
     AgentConnected: Call._on_agent_connected,
     AgentConnectFailed: Call._on_agent_connect_failed,

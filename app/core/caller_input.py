@@ -21,11 +21,16 @@ class CallerInput:
 
     def __init__(self, options: CallOptions, stats: CallStats) -> None:
         self._stats = stats
+        self._buffer: deque[bytes] = deque()  # the caller's own mu-law, as it came
+        self._buffered = 0
+        self.configure(options)
+
+    def configure(self, options: CallOptions) -> None:
+        """The call's profile is known (at the stream token): its agent format and bound. What
+        is held is still Twilio's audio, so it does not matter which profile buffered it."""
         self._to_agent = (
             None if options.agent_input == TWILIO_FORMAT else Transcoder(TWILIO_FORMAT, options.agent_input)
         )
-        self._buffer: deque[bytes] = deque()
-        self._buffered = 0
         self._limit = options.prebuffer_bytes
         self._frame_bytes = options.agent_frame_bytes
 
@@ -39,12 +44,12 @@ class CallerInput:
         stats = self._stats
         stats.caller_frames += 1
         stats.caller_bytes += len(payload)
+        if not relay:
+            return self._hold(payload)
         data = payload if self._to_agent is None else self._to_agent.convert(payload)
         if not data:
             return []  # a partial sample, carried by the transcoder into the next frame
-        if relay:
-            return [SendToAgent(data)]
-        return self._hold(data)
+        return [SendToAgent(data)]
 
     def _hold(self, data: bytes) -> list[Action]:
         self._buffer.append(data)
@@ -76,4 +81,6 @@ class CallerInput:
         held = b"".join(self._buffer)
         self._buffer.clear()
         self._buffered = 0
+        if self._to_agent is not None:
+            held = self._to_agent.convert(held)
         return [SendToAgent(frame) for frame in frames(held, self._frame_bytes)]

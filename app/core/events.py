@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.core.options import CallOptions
 from app.core.vocabulary import HangupReason, InvalidKind, Overflow, RestResult
 
 # --- Twilio side -------------------------------------------------------------------------
@@ -74,7 +75,10 @@ class TwilioInvalid:
 
 @dataclass(frozen=True, slots=True)
 class StreamTokenAccepted:
-    """The pump redeemed the stream token of ``start``: this stream is the call it names."""
+    """The pump redeemed the stream token of ``start``: this stream is the call it names.
+    ``options`` are the call's, from the profile of the number dialled (None: as created)."""
+
+    options: CallOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,14 +125,15 @@ class CallOptions:
     """Stream start to SettingsApplied. Meanwhile the caller's audio is pre-buffered."""
     max_prebuffer_seconds: float = 10.0
     """Caller audio kept while the agent is not ready; beyond it the oldest is dropped and
-    counted. Memory: seconds x agent input bytes per second (80 KB/s for mu-law 8 kHz, 96 KB/s
-    for linear16 48 kHz), so the profile's maximum of 60 s costs at most 5.8 MB per call."""
+    counted. It is kept as Twilio sent it (mu-law, 8 KB a second, whatever the agent's format
+    and converted when flushed), so the profile's maximum of 60 s costs 480 KB per call."""
     log_transcripts: bool = False
     telephony: Telephony = Telephony()
 
     @property
     def prebuffer_bytes(self) -> int:
-        return self.agent_input.bytes_for(self.max_prebuffer_seconds)
+        """The pre-buffer's bound, in Twilio's mu-law bytes."""
+        return TWILIO_FORMAT.bytes_for(self.max_prebuffer_seconds)
 
     @property
     def agent_frame_bytes(self) -> int:
@@ -147,5 +148,5 @@ class CallOptions:
         KeepAlive, function responses). An item is one 20 ms frame in the agent's input
         format plus ~100 bytes of overhead: the 60 s + 30 s maximum is 4.5k items, 1.2 MB for
         mu-law 8 kHz and 9 MB for linear16 48 kHz, per call, only while the agent is stuck."""
-        flush = -(-self.prebuffer_bytes // self.agent_frame_bytes) + 2
+        flush = -(-self.agent_input.bytes_for(self.max_prebuffer_seconds) // self.agent_frame_bytes) + 2
         return flush + int(AGENT_BACKLOG_SECONDS * FRAMES_PER_SECOND) + 16

@@ -31,9 +31,7 @@ class Playback:
 
     def __init__(self, options: CallOptions, stats: CallStats) -> None:
         self._stats = stats
-        self._to_twilio = (
-            None if options.agent_output == TWILIO_FORMAT else Transcoder(options.agent_output, TWILIO_FORMAT)
-        )
+        self.configure(options)
         self.stream_sid = ""
         self.stream_started_at = 0.0
         self.state = PlaybackState.QUIET
@@ -42,6 +40,12 @@ class Playback:
         # insertion-ordered, so the oldest is forgotten first when a bound is reached
         self._outstanding_marks: dict[str, float] = {}
         self._cleared_marks: dict[str, None] = {}
+
+    def configure(self, options: CallOptions) -> None:
+        """The call's profile is known (before any agent audio): its output format."""
+        self._to_twilio = (
+            None if options.agent_output == TWILIO_FORMAT else Transcoder(options.agent_output, TWILIO_FORMAT)
+        )
 
     def _go(self, event: PlaybackInput) -> None:
         self.state = PLAYBACK_TRANSITIONS[self.state][event]

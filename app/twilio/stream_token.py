@@ -1,7 +1,8 @@
 """One-time stream tokens: proof that a Media Streams connection follows our own TwiML.
 
-The webhook (which checked Twilio's signature) mints a token bound to the CallSid and an
-expiry; Twilio hands it back in ``start.customParameters``. The media socket opens an agent
+The webhook (which checked Twilio's signature) mints a token bound to the CallSid, the agent
+profile chosen for the dialled number and an expiry; Twilio hands both back in
+``start.customParameters``, and a profile name changed on the way fails the signature. The media socket opens an agent
 session (which costs money) only for a valid, unexpired, unused token for that very call.
 """
 
@@ -14,6 +15,7 @@ import secrets
 import time
 
 TOKEN_PARAMETER = "stream_token"
+PROFILE_PARAMETER = "profile"
 
 
 class StreamTokens:
@@ -25,24 +27,24 @@ class StreamTokens:
         self._used: dict[str, float] = {}  # nonce -> expiry, to refuse replays until expiry
         self._max_remembered = max_remembered
 
-    def _sign(self, call_sid: str, expires: int, nonce: str) -> str:
-        mac = hmac.new(self._secret, f"{call_sid}|{expires}|{nonce}".encode(), hashlib.sha256)
+    def _sign(self, call_sid: str, profile: str, expires: int, nonce: str) -> str:
+        mac = hmac.new(self._secret, f"{call_sid}|{profile}|{expires}|{nonce}".encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
-    def mint(self, call_sid: str, now: float | None = None) -> str:
+    def mint(self, call_sid: str, profile: str = "", now: float | None = None) -> str:
         now = time.time() if now is None else now
         expires = int(now + self.ttl)
         nonce = secrets.token_urlsafe(12)
-        return f"{expires}.{nonce}.{self._sign(call_sid, expires, nonce)}"
+        return f"{expires}.{nonce}.{self._sign(call_sid, profile, expires, nonce)}"
 
-    def redeem(self, token: str, call_sid: str, now: float | None = None) -> str | None:
-        """Consume ``token`` for ``call_sid``. Returns None when accepted, else the reason."""
+    def redeem(self, token: str, call_sid: str, profile: str = "", now: float | None = None) -> str | None:
+        """Consume ``token`` for ``call_sid`` and ``profile``. None when accepted, else why not."""
         now = time.time() if now is None else now
         parts = token.split(".") if isinstance(token, str) else []
         if len(parts) != 3 or not parts[0].isdigit():
             return "malformed"
         expires, nonce, signature = int(parts[0]), parts[1], parts[2]
-        if not hmac.compare_digest(signature, self._sign(call_sid, expires, nonce)):
+        if not hmac.compare_digest(signature, self._sign(call_sid, profile, expires, nonce)):
             return "bad signature or wrong call"
         if expires < now:
             return "expired"

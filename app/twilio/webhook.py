@@ -9,7 +9,7 @@ from starlette.requests import HTTPConnection, Request
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
-from app.twilio.stream_token import TOKEN_PARAMETER
+from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
@@ -55,11 +55,13 @@ def signature_ok(validator: RequestValidator, url: str, params: Mapping[str, str
     return bool(validator.validate(url, dict(params), signature))
 
 
-def connect_twiml(media_url: str, token: str, caller: str, callee: str) -> str:
+def connect_twiml(media_url: str, token: str, caller: str, callee: str, profile: str = "") -> str:
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=media_url)
     stream.parameter(name=TOKEN_PARAMETER, value=token)
+    if profile:
+        stream.parameter(name=PROFILE_PARAMETER, value=profile)
     stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
     stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
     response.append(connect)

@@ -308,3 +308,26 @@ def test_the_maximum_duration_ends_the_call(
     ended = bridge.wait_for("call_ended")
     assert ended["outcome"] == "completed" and ended["hangup_reason"] == "max_duration"
     assert 4.0 <= ended["duration_s"] < 20.0
+
+
+# --- one deployment, several numbers ------------------------------------------------------------
+
+
+def test_each_dialled_number_gets_its_own_profile_and_others_the_default(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle], tmp_path: Path
+) -> None:
+    sales = profile({"dtmf": False})
+    sales["agent"]["greeting"] = "Sales desk, how can I help?"
+    numbers = tmp_path / "numbers"
+    numbers.mkdir()
+    (numbers / "+15551230001.json").write_text(json.dumps(sales))
+    agent = start_agent()
+    bridge = start_bridge(agent.url, profile(), agent_profiles_dir=numbers)
+    audio = caller_audio(("silence", 0.5))
+    to_sales = call(bridge, audio, callee="+15551230001", tail=0.5)
+    to_other = call(bridge, audio, callee="+15559990000", tail=0.5)
+
+    assert 'name="profile" value="+15551230001"' in to_sales.twiml and 'name="profile"' not in to_other.twiml
+    assert wait_until(lambda: len(agent.agent.sessions) == 2 and all(s.closed for s in agent.agent.sessions))
+    greetings = [s.settings["agent"]["greeting"] for s in agent.agent.sessions if s.settings is not None]
+    assert greetings == ["Sales desk, how can I help?", "Hello! Thanks for calling. How can I help you today?"]

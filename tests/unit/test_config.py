@@ -11,6 +11,7 @@ import pytest
 from app.codecs import AudioFormat
 from app.config import (
     DEFAULT_AGENT_URL,
+    DEFAULT_PROFILE,
     OFFLINE_TWILIO_AUTH_TOKEN,
     ConfigError,
     Settings,
@@ -165,3 +166,61 @@ def test_a_missing_twilio_token_with_an_agent_url_says_what_to_do() -> None:
     with pytest.raises(ConfigError) as info:
         resolve(settings(agent_url="ws://127.0.0.1:8765/v1/agent/converse"))
     assert "TWILIO_AUTH_TOKEN" in str(info.value) and "simulate-call" in str(info.value)
+
+
+def _default_profile() -> dict[str, Any]:
+    return json.loads(DEFAULT_PROFILE.read_text())
+
+
+def test_profiles_per_dialled_number_are_all_checked_at_start_up(tmp_path: Path) -> None:
+    sales = _default_profile()
+    sales["agent"]["greeting"] = "Sales, how can I help?"
+    sales["bridge"]["telephony"] = {"transfer": {"desk": "+15551230009"}, "max_call_seconds": 600}
+    (tmp_path / "+15551230001.json").write_text(json.dumps(sales))
+    (tmp_path / "notes.txt").write_text("not a profile")
+    config = resolve(settings(agent_profiles_dir=tmp_path))
+    assert config.profile_for_number("+15551230001") == "+15551230001"
+    assert config.profile_for_number("+15550000000") == ""  # unknown numbers: the default profile
+    options = config.call_options("+15551230001")
+    assert isinstance(options.agent, dict) and options.agent["greeting"] == "Sales, how can I help?"
+    assert options.telephony.max_call == 600 and options.telephony.transfer == (("desk", "+15551230009"),)
+    assert config.call_options().telephony.max_call == 3600
+
+    (tmp_path / "sales.json").write_text(json.dumps(sales))
+    with pytest.raises(ConfigError, match=r"sales.json must be named by the number it answers in E.164"):
+        resolve(settings(agent_profiles_dir=tmp_path))
+    (tmp_path / "sales.json").unlink()
+    (tmp_path / "+15551230002.yaml").write_text("agent: {listen: {}}\n")
+    with pytest.raises(ConfigError, match=r"\+15551230002.yaml.*agent.think is missing"):
+        resolve(settings(agent_profiles_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"telephony": {"transfer": {"Sales Desk": "+15551230001"}}}, "lower-case letters"),
+        ({"telephony": {"transfer": {"sales": "5551230001"}}}, "must be an E.164 number"),
+        ({"tools": {"lookup": {"url": "https://ops.example.com/lookup"}}}, "not declared in agent.think.functions"),
+        ({"tools": {"end_call": {"url": "https://ops.example.com/x"}}}, "is a built-in telephony function"),
+        ({"telephony": {"silence_check_in_seconds": -1}}, "silence_check_in_seconds should be at least 0"),
+    ],
+)
+def test_call_control_profile_mistakes_are_start_up_errors(tmp_path: Path, change: dict[str, Any], said: str) -> None:
+    profile = _default_profile()
+    profile["bridge"].update(change)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match=said):
+        resolve(settings(agent_profile=path))
+
+
+def test_a_profile_may_not_declare_a_built_in_function_itself(tmp_path: Path) -> None:
+    profile = _default_profile()
+    profile["agent"]["think"]["functions"] = [{"name": "end_call", "description": "bye", "parameters": {}}]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(ConfigError, match="declares end_call, which the bridge provides itself"):
+        resolve(settings(agent_profile=path))
+    profile["bridge"]["telephony"] = {"end_call": False}  # turned off: the profile's own is fine
+    path.write_text(json.dumps(profile))
+    assert resolve(settings(agent_profile=path)).call_options().telephony.end_call is False

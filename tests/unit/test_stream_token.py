@@ -46,3 +46,11 @@ def test_used_nonces_are_forgotten_after_expiry() -> None:
         assert t.redeem(t.mint(CALL, now=1000 + i), CALL, now=1000 + i) is None
     t.redeem(t.mint(CALL, now=5000), CALL, now=5000)
     assert len(t._used) == 1
+
+
+def test_the_profile_is_bound_into_the_token() -> None:
+    t = StreamTokens(b"a-very-secret-key-0123")
+    token = t.mint(CALL, "+15551230001", now=1000)
+    assert t.redeem(token, CALL, "+15557654321", now=1001) == "bad signature or wrong call"  # changed on the way
+    assert t.redeem(token, CALL, "", now=1001) == "bad signature or wrong call"
+    assert t.redeem(token, CALL, "+15551230001", now=1001) is None
