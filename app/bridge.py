@@ -44,6 +44,7 @@ from app.core.events import (
     BridgeFailed,
     BridgeShuttingDown,
     CallUpdated,
+    CallUpdateFailed,
     Event,
     FunctionDone,
     OutboxFull,
@@ -275,9 +276,14 @@ class CallSession:
         """Hang up (``twiml`` None) or transfer through Twilio's REST API, in its own task."""
         updater = self.deps.call_updater
         if updater is None:
-            self.feed(CallUpdated(RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed"))
-            return
-        result = await (updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml))
+            result: CallUpdated | CallUpdateFailed = CallUpdated(
+                RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed"
+            )
+        else:
+            result = await (updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml))
+        # counted here: Twilio's stop often ends the call before its answer to us arrives
+        label = result.result if isinstance(result, CallUpdated) else RestResult.FAILED
+        self.metrics.record(MetricName.CALL_UPDATES, 1, label.value)
         self.feed(result)
 
     def _agent_opened(self, ws: ClientConnection) -> None:

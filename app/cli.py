@@ -10,9 +10,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, load_settings, resolve
 from app.observability import logging as logs
+
+if TYPE_CHECKING:
+    from app.devtools.loadtest import MetricsSnapshot
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,6 +138,39 @@ def key_presses(spec: str) -> tuple[float, str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def bridge_metrics(url: str) -> MetricsSnapshot | None:
+    """The bridge's /metrics now, or None if it cannot be read (another host, a proxy)."""
+    from app.devtools.loadtest import scrape
+
+    try:
+        return scrape(url)
+    except (OSError, ValueError):
+        return None
+
+
+def bridge_said(url: str, before: MetricsSnapshot | None) -> str:
+    """What the bridge counted during the call (its outcome, the functions it answered, its
+    REST updates), from /metrics, since the caller cannot see the agent's side."""
+    from app.devtools.loadtest import scrape_settled
+
+    if before is None:
+        return "bridge: /metrics not readable, no counts"
+    try:
+        change = scrape_settled(url, before, calls=1).minus(before)
+    except (OSError, ValueError):
+        return "bridge: /metrics not readable, no counts"
+    parts = []
+    for name, what in (
+        ("callbridge_calls_total", "call ended"),
+        ("callbridge_function_calls_total", "functions answered"),
+        ("callbridge_call_updates_total", "Twilio REST updates"),
+    ):
+        counts = change.by_label(name, "outcome" if name == "callbridge_calls_total" else "result")
+        if counts:
+            parts.append(what + " " + ", ".join(f"{label} {int(n)}" for label, n in sorted(counts.items())))
+    return "bridge: " + ("; ".join(parts) if parts else "nothing counted")
+
+
 def cmd_simulate_call(args: argparse.Namespace) -> int:
     from app.devtools.loadtest import signing_token
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
@@ -171,6 +208,7 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     caller = SimulatedCaller(
         url, token, fast=args.fast, tail=args.tail, keys=args.press or (), key_gap=args.key_gap, twilio_api=api
     )
+    before = bridge_metrics(url)
     print(
         f"calling {url}/twilio/voice as {caller.caller} (CallSid {caller.call_sid}), "
         f"{len(audio) / 8000:.1f} s of caller audio{' (fast)' if args.fast else ''}"
@@ -194,6 +232,7 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
     for request in result.rest_requests:
         parts = [request.method, request.path, *(f"{k}={v}" for k, v in request.form.items())]
         print(f"twilio REST: {' '.join(parts)} -> {request.status}")
+    print(bridge_said(url, before))
     print(
         f"heard {len(result.heard) / 8000:.2f} s (agent audio received {len(result.received) / 8000:.2f} s, "
         f"{result.bytes_dropped_by_clear / 8000:.2f} s dropped by {len(result.clears)} clear(s)); "

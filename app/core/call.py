@@ -332,16 +332,10 @@ class Call:
         return self.control.function_done(event, now)
 
     def _on_call_updated(self, event: CallUpdated, now: float) -> list[Action]:
-        return [
-            Log(LogLevel.INFO, "call_updated", {"result": event.result.value, "detail": event.detail}),
-            Measure(MetricName.CALL_UPDATES, 1, event.result.value),
-        ]
+        return [Log(LogLevel.INFO, "call_updated", {"result": event.result.value, "detail": event.detail})]
 
     def _on_call_update_failed(self, event: CallUpdateFailed, now: float) -> list[Action]:
-        return [
-            Log(LogLevel.ERROR, "call_update_failed", {"detail": event.detail, "state": self.state.value}),
-            Measure(MetricName.CALL_UPDATES, 1, RestResult.FAILED.value),
-        ]
+        return [Log(LogLevel.ERROR, "call_update_failed", {"detail": event.detail, "state": self.state.value})]
 
     def _on_call_update_deadline(self, event: CallUpdateDeadlinePassed, now: float) -> list[Action]:
         return [
