@@ -16,7 +16,7 @@ from twilio.request_validator import RequestValidator
 
 from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
-from app.core.call import POLICY_VIOLATION
+from app.core.endings import POLICY_VIOLATION
 from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent

@@ -31,6 +31,7 @@ from app.core.agent_link import AgentLink
 from app.core.call_control import CallControl
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
+from app.core.endings import close_code, end_reason, ended_by
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -82,11 +83,6 @@ from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, 
 from app.core.stats import CallStats
 from app.core.vocabulary import HangupReason, InvalidKind, LogLevel, MetricName, Outcome, RejectReason, RestResult
 from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
-
-NORMAL_CLOSURE = 1000
-GOING_AWAY = 1001  # this process is stopping
-POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
-INTERNAL_ERROR = 1011
 
 _CONTROLLED = frozenset(
     {CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE, CallState.HANGING_UP, CallState.TRANSFERRING}
@@ -148,7 +144,7 @@ class Call:
             return actions
         if isinstance(target, CallState):
             return actions + self._enter(target, now)
-        return actions + self._end(target, self._handoff_end_reason(event) or _end_reason(event))
+        return actions + self._end(target, self._handoff_end_reason(event) or end_reason(event))
 
     @property
     def ended(self) -> bool:
@@ -488,69 +484,6 @@ class Call:
         if first is not None:
             record["first_agent_audio_s"] = round(first - self.playback.stream_started_at, 3)
         return record
-
-
-def close_code(end: Outcome | RejectReason) -> int:
-    """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
-    match end:
-        case (
-            Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED
-        ):
-            return NORMAL_CLOSURE
-        case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
-            return INTERNAL_ERROR
-        case Outcome.BRIDGE_SHUTDOWN | RejectReason.SHUTTING_DOWN:
-            return GOING_AWAY
-        case RejectReason.NO_START | RejectReason.BAD_START | RejectReason.BAD_TOKEN | RejectReason.BAD_SIGNATURE:
-            return POLICY_VIOLATION
-        case _:
-            assert_never(end)
-
-
-def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
-    """Who ended the call, for the record: the caller, the agent or the bridge."""
-    match outcome:
-        case Outcome.CALLER_HANGUP:
-            return "caller"
-        case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:
-            return "bridge"  # the caller went silent, or the time limit
-        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED:
-            return "agent"
-        case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
-            return "bridge"
-        case _:
-            assert_never(outcome)
-
-
-def _end_reason(event: Event) -> str:
-    """The end of the call in words, for the log and the record."""
-    match event:
-        case TwilioStop():
-            return "caller hung up (stop)"
-        case TwilioClosed(code=code):
-            return f"twilio socket closed (code {code})"
-        case TwilioBadStart(detail=detail):
-            return f"unusable start message: {detail}"
-        case StreamTokenRefused(reason=reason):
-            return f"stream token refused: {reason}"
-        case StartDeadlinePassed():
-            return "no start message in time"
-        case AgentConnectFailed(reason=reason):
-            return f"agent connection failed: {reason}"
-        case AgentReadyDeadlinePassed():
-            return "agent session not ready in time"
-        case AgentError(code=code):
-            return f"agent error {code}"
-        case AgentClosed():
-            return "agent closed the session"
-        case BridgeFailed(reason=reason):
-            return reason
-        case OutboxFull(which=which):
-            return f"{which.value} overflow: peer not reading"
-        case BridgeShuttingDown():
-            return "bridge shutting down"
-        case _:
-            return type(event).__name__
 
 
 _Handler = Callable[[Call, Any, float], list[Action]]

@@ -19,7 +19,8 @@ from app.core.actions import (
     SendMedia,
     SendToAgent,
 )
-from app.core.call import _HANDLERS, Call, close_code
+from app.core.call import _HANDLERS, Call
+from app.core.endings import close_code
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,

@@ -1,0 +1,92 @@
+"""How a call ends, said three ways: in words for the log and the record (``end_reason``),
+as who ended it (``ended_by``), and as the close code of Twilio's socket (``close_code``).
+Each is exhaustive over its vocabulary, so a new outcome cannot be forgotten here."""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+from app.core.events import (
+    AgentClosed,
+    AgentConnectFailed,
+    AgentError,
+    AgentReadyDeadlinePassed,
+    BridgeFailed,
+    BridgeShuttingDown,
+    Event,
+    OutboxFull,
+    StartDeadlinePassed,
+    StreamTokenRefused,
+    TwilioBadStart,
+    TwilioClosed,
+    TwilioStop,
+)
+from app.core.vocabulary import HangupReason, Outcome, RejectReason
+
+NORMAL_CLOSURE = 1000
+GOING_AWAY = 1001  # this process is stopping
+POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
+INTERNAL_ERROR = 1011
+
+
+def close_code(end: Outcome | RejectReason) -> int:
+    """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
+    match end:
+        case (
+            Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED
+        ):
+            return NORMAL_CLOSURE
+        case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
+            return INTERNAL_ERROR
+        case Outcome.BRIDGE_SHUTDOWN | RejectReason.SHUTTING_DOWN:
+            return GOING_AWAY
+        case RejectReason.NO_START | RejectReason.BAD_START | RejectReason.BAD_TOKEN | RejectReason.BAD_SIGNATURE:
+            return POLICY_VIOLATION
+        case _:
+            assert_never(end)
+
+
+def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
+    """Who ended the call, for the record: the caller, the agent or the bridge."""
+    match outcome:
+        case Outcome.CALLER_HANGUP:
+            return "caller"
+        case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:
+            return "bridge"  # the caller went silent, or the time limit
+        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED:
+            return "agent"
+        case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
+            return "bridge"
+        case _:
+            assert_never(outcome)
+
+
+def end_reason(event: Event) -> str:
+    """The end of the call in words, for the log and the record."""
+    match event:
+        case TwilioStop():
+            return "caller hung up (stop)"
+        case TwilioClosed(code=code):
+            return f"twilio socket closed (code {code})"
+        case TwilioBadStart(detail=detail):
+            return f"unusable start message: {detail}"
+        case StreamTokenRefused(reason=reason):
+            return f"stream token refused: {reason}"
+        case StartDeadlinePassed():
+            return "no start message in time"
+        case AgentConnectFailed(reason=reason):
+            return f"agent connection failed: {reason}"
+        case AgentReadyDeadlinePassed():
+            return "agent session not ready in time"
+        case AgentError(code=code):
+            return f"agent error {code}"
+        case AgentClosed():
+            return "agent closed the session"
+        case BridgeFailed(reason=reason):
+            return reason
+        case OutboxFull(which=which):
+            return f"{which.value} overflow: peer not reading"
+        case BridgeShuttingDown():
+            return "bridge shutting down"
+        case _:
+            return type(event).__name__
