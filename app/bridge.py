@@ -279,12 +279,24 @@ class CallSession:
             result: CallUpdated | CallUpdateFailed = CallUpdated(
                 RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed"
             )
+            self._count_update(result)
         else:
-            result = await (updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml))
-        # counted here: Twilio's stop often ends the call before its answer to us arrives
+            request = asyncio.ensure_future(
+                updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml)
+            )
+            # Twilio's stop usually ends the call (and cancels this task) before its answer to
+            # us arrives: the request finishes and is counted all the same
+            request.add_done_callback(self._count_finished_update)
+            result = await asyncio.shield(request)
+        self.feed(result)
+
+    def _count_finished_update(self, request: asyncio.Future[CallUpdated | CallUpdateFailed]) -> None:
+        if not request.cancelled() and request.exception() is None:
+            self._count_update(request.result())
+
+    def _count_update(self, result: CallUpdated | CallUpdateFailed) -> None:
         label = result.result if isinstance(result, CallUpdated) else RestResult.FAILED
         self.metrics.record(MetricName.CALL_UPDATES, 1, label.value)
-        self.feed(result)
 
     def _agent_opened(self, ws: ClientConnection) -> None:
         self.agent_ws = ws

@@ -12,11 +12,11 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
@@ -141,12 +141,24 @@ TRANSFER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 E164 = re.compile(r"\+[1-9]\d{6,14}")
 
 
+def _transfer_name(name: str) -> str:
+    if not TRANSFER_NAME.fullmatch(name):
+        raise ValueError(f"name {name!r} must be lower-case letters, digits, - or _ (at most 32)")
+    return name
+
+
+def _destination(destination: str) -> str:
+    if not (E164.fullmatch(destination) or re.fullmatch(r"sip:[^\s<>]+@[^\s<>]+", destination)):
+        raise ValueError("must be an E.164 number (+15551230001) or a sip: URI (sip:desk@pbx.example.com)")
+    return destination
+
+
 class TelephonyModel(BaseModel):
     """``bridge.telephony``: what the agent may do to the call (README, "Call control")."""
 
     model_config = ConfigDict(extra="forbid")
     end_call: bool = True
-    transfer: dict[str, str] = {}
+    transfer: dict[Annotated[str, AfterValidator(_transfer_name)], Annotated[str, AfterValidator(_destination)]] = {}
     dtmf: bool = True
     silence_check_in_seconds: float = Field(default=15.0, ge=0, le=3600)
     max_call_seconds: float = Field(default=3600.0, gt=0, le=7200)  # Deepgram's session limit is 2 hours
@@ -154,16 +166,6 @@ class TelephonyModel(BaseModel):
     silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
     time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)
     hold_message: str | None = Field(default=None, min_length=1, max_length=500)
-
-    @field_validator("transfer")
-    @classmethod
-    def _destinations(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, destination in value.items():
-            if not TRANSFER_NAME.fullmatch(name):
-                raise ValueError(f"name {name!r} must be lower-case letters, digits, - or _ (at most 32)")
-            if not (E164.fullmatch(destination) or re.fullmatch(r"sip:[^\s<>]+@[^\s<>]+", destination)):
-                raise ValueError(f"{name}: {destination!r} must be an E.164 number (+15551230001) or a sip: URI")
-        return value
 
 
 class ToolModel(BaseModel):
@@ -221,24 +223,24 @@ class AgentProfile(BaseModel):
         return max((len(str(t.get("prompt", ""))) for t in thinks), default=0)
 
 
-def load_profile(path: Path) -> AgentProfile:
+def load_profile(path: Path, variable: str = "AGENT_PROFILE") -> AgentProfile:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"AGENT_PROFILE: cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from exc
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"AGENT_PROFILE: {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from exc
+        raise ConfigError(f"{variable}: {path} is not valid {path.suffix[1:] or 'JSON'}: {exc}") from exc
     try:
         profile = AgentProfile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"AGENT_PROFILE {path}: " + "; ".join(profile_problems(data, exc))) from exc
+        raise ConfigError(f"{variable} {path}: " + "; ".join(profile_problems(data, exc))) from exc
     if profile.prompt_length() > PROMPT_LIMIT:
-        raise ConfigError(f"AGENT_PROFILE {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
+        raise ConfigError(f"{variable} {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
     problem = function_problem(profile)
     if problem:
-        raise ConfigError(f"AGENT_PROFILE {path}: {problem}")
+        raise ConfigError(f"{variable} {path}: {problem}")
     return profile
 
 
@@ -556,7 +558,7 @@ def load_number_profiles(directory: Path) -> dict[str, AgentProfile]:
             )
         if number in profiles:
             raise ConfigError(f"AGENT_PROFILES_DIR: two profiles for {number}")
-        profiles[number] = load_profile(path)
+        profiles[number] = load_profile(path, "AGENT_PROFILES_DIR")
     if not profiles:
         raise ConfigError(f"AGENT_PROFILES_DIR: {directory} holds no profile (+15551230001.json or .yaml)")
     return profiles
