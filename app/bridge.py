@@ -32,11 +32,11 @@ from app.core.actions import (
     Log,
     Measure,
     RedeemStreamToken,
+    RedirectCall,
     RunFunction,
     SendMark,
     SendMedia,
     SendToAgent,
-    TransferCall,
     TwilioOut,
 )
 from app.core.call import Call
@@ -96,6 +96,8 @@ class CallDeps:
     """The options of the profile a stream token names ("" is the default profile)."""
     call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
     tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
+    stream_started: Callable[[str], None] = lambda call_sid: None
+    """Tells admission control that the stream of an admitted call has started."""
     shutting_down: Callable[[], bool] = lambda: False
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
     us, not by the caller."""
@@ -173,10 +175,11 @@ class CallSession:
                     self._spawn(self._run_function(action))
                 case HangUpCall(call_sid=call_sid):
                     self._spawn(self._update_call(call_sid, None))
-                case TransferCall(call_sid=call_sid, twiml=twiml):
+                case RedirectCall(call_sid=call_sid, twiml=twiml):
                     self._spawn(self._update_call(call_sid, twiml))
                 case RedeemStreamToken(token=token, call_sid=call_sid, profile=profile):
                     problem = self.deps.tokens.redeem(token, call_sid, profile)
+                    self.deps.stream_started(call_sid)  # no longer only admitted
                     if problem is not None:
                         self.feed(StreamTokenRefused(problem))
                         continue
@@ -276,8 +279,11 @@ class CallSession:
         """Hang up (``twiml`` None) or transfer through Twilio's REST API, in its own task."""
         updater = self.deps.call_updater
         if updater is None:
-            result: CallUpdated | CallUpdateFailed = CallUpdated(
-                RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed"
+            # a hang-up still happens (closing the stream ends the call); new TwiML cannot
+            result: CallUpdated | CallUpdateFailed = (
+                CallUpdated(RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed")
+                if twiml is None
+                else CallUpdateFailed("no Twilio REST credentials (TWILIO_ACCOUNT_SID) to change the call")
             )
             self._count_update(result)
         else:

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
 from app.core.options import CallOptions, Telephony, ToolSpec
+from app.twilio.webhook import DEFAULT_FALLBACK_SAY, fallback_twiml
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -57,6 +58,7 @@ class Settings(BaseSettings):
     call_events_transcript: bool = False
     webhook_signing_secret: SecretStr | None = None
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
+    max_calls: int = Field(default=100, ge=1, le=10000)
     readiness_check_agent: bool = False
     twilio_api_base: str = "https://api.twilio.com"
 
@@ -168,6 +170,14 @@ class TelephonyModel(BaseModel):
     hold_message: str | None = Field(default=None, min_length=1, max_length=500)
 
 
+class FallbackModel(BaseModel):
+    """``bridge.fallback``: what a caller hears when the agent cannot take the call."""
+
+    model_config = ConfigDict(extra="forbid")
+    say: str = Field(default=DEFAULT_FALLBACK_SAY, min_length=1, max_length=1000)
+    dial: Annotated[str, AfterValidator(_destination)] | None = None
+
+
 class ToolModel(BaseModel):
     """One of ``bridge.tools``: a client-side function answered by the operator's endpoint."""
 
@@ -193,6 +203,7 @@ class BridgeOptions(BaseModel):
     max_prebuffer_seconds: float = Field(default=10.0, gt=0, le=60)
     telephony: TelephonyModel = TelephonyModel()
     tools: dict[str, ToolModel] = {}
+    fallback: FallbackModel = FallbackModel()
 
 
 class AgentBlock(BaseModel):
@@ -311,6 +322,8 @@ PROFILE_EXAMPLES = {
     "bridge.telephony.dtmf": "true",
     "bridge.telephony.silence_check_in_seconds": "15 (0 turns the check-in off)",
     "bridge.telephony.max_call_seconds": "3600",
+    "bridge.fallback": '{"say": "Sorry, our assistant is unavailable right now.", "dial": "+15551230002"}',
+    "bridge.fallback.dial": '"+15551230002" or "sip:desk@pbx.example.com"',
     "bridge.tools": '{"lookup_order": {"url": "https://ops.example.com/tools/lookup_order", "timeout_seconds": 10}}',
 }
 PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -440,7 +453,13 @@ class RuntimeConfig:
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
             telephony=self.telephony(profile),
+            fallback_twiml=self.fallback_twiml(profile_name),
         )
+
+    def fallback_twiml(self, profile_name: str = "") -> str:
+        """The fallback TwiML of ``profile_name``'s number ("" for the default profile)."""
+        fallback = (self.profiles[profile_name] if profile_name else self.profile).bridge.fallback
+        return fallback_twiml(fallback.say, fallback.dial)
 
     @property
     def rest_available(self) -> bool:

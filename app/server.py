@@ -16,7 +16,7 @@ from twilio.request_validator import RequestValidator
 
 from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
-from app.core.endings import POLICY_VIOLATION
+from app.core.endings import POLICY_VIOLATION, close_code
 from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
@@ -32,6 +32,9 @@ log = get_logger(component="server")
 
 
 AGENT_CHECK_TTL = 30.0
+ADMISSION_HOLD_SECONDS = 10.0
+"""How long a call admitted by the webhook holds its place while Twilio opens its stream
+(normally well under a second)."""
 
 
 @dataclass
@@ -47,6 +50,7 @@ class AppState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress
     draining: bool = False
     stopping: bool = False  # set when the server starts closing sockets (see serving.py)
+    admissions: dict[str, float] = field(default_factory=dict)  # CallSid -> admitted at, stream not started
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
 
@@ -66,6 +70,25 @@ class AppState:
             problem = f"agent host {parts.hostname}:{port} unreachable: {type(exc).__name__}"
         self.agent_check = (time.monotonic(), problem)
         return problem
+
+    def admission_problem(self, max_calls: int) -> str | None:
+        """Why a new call cannot be taken here ("draining", "over_capacity"), or None. Calls
+        admitted whose stream has not started yet count, so a burst cannot overshoot."""
+        if self.draining:
+            return "draining"
+        now = time.monotonic()
+        for call_sid, at in list(self.admissions.items()):
+            if now - at > ADMISSION_HOLD_SECONDS:  # Twilio never opened that stream
+                del self.admissions[call_sid]
+        if len(self.calls) + len(self.admissions) >= max_calls:
+            return "over_capacity"
+        return None
+
+    def admit(self, call_sid: str) -> None:
+        self.admissions[call_sid] = time.monotonic()
+
+    def stream_started(self, call_sid: str) -> None:
+        self.admissions.pop(call_sid, None)
 
     async def drain(self, limit_s: float) -> None:
         """Stop being ready, then wait (bounded) for the calls in progress to end."""
@@ -202,6 +225,12 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
         profile = config.profile_for_number(params.get("To", ""))
+        refusal = state.admission_problem(settings.max_calls)
+        if refusal is not None:  # the caller hears the fallback, never a failed call
+            log.warning("call_not_admitted", call_sid=call_sid, reason=refusal, max_calls=settings.max_calls)
+            metrics.webhooks.labels(refusal).inc()
+            return Response(config.fallback_twiml(profile), media_type="application/xml")
+        state.admit(call_sid)
         twiml = webhook.connect_twiml(
             webhook.stream_url(base),
             state.tokens.mint(call_sid, profile),
@@ -217,6 +246,11 @@ def create_app(config: RuntimeConfig) -> FastAPI:
 
     @app.websocket(webhook.MEDIA_PATH)
     async def twilio_media(ws: WebSocket) -> None:
+        if len(state.calls) >= settings.max_calls:  # more streams than calls admitted here
+            log.warning("media_stream_over_capacity", active_calls=len(state.calls), max_calls=settings.max_calls)
+            metrics.streams_rejected.labels(RejectReason.OVER_CAPACITY.value).inc()
+            await ws.close(close_code(RejectReason.OVER_CAPACITY))
+            return
         signature = ws.headers.get("x-twilio-signature")
         if signature is not None and state.validator is not None and settings.twilio_validate_signature:
             url = webhook.stream_url(webhook.public_base_url(ws, settings.public_url))
@@ -236,6 +270,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             options_for=options_for,
             call_updater=call_updater,
             tools_secret=config.webhook_signing_secret,
+            stream_started=state.stream_started,
             shutting_down=lambda: state.stopping,
         )
         session = CallSession(ws, config.call_options(), deps)

@@ -80,9 +80,9 @@ class HangUpCall:
 
 
 @dataclass(frozen=True, slots=True)
-class TransferCall:
-    """Replace the call's TwiML with ``twiml`` (a ``<Dial>``) through Twilio's REST API;
-    answer with CallUpdated."""
+class RedirectCall:
+    """Replace the live call's TwiML with ``twiml`` (a transfer's ``<Dial>``, or the fallback's
+    ``<Say>``) through Twilio's REST API; answer with CallUpdated or CallUpdateFailed."""
 
     call_sid: str
     twiml: str
@@ -144,7 +144,7 @@ Action = (
     | ConnectAgent
     | RunFunction
     | HangUpCall
-    | TransferCall
+    | RedirectCall
     | RedeemStreamToken
     | EndCall
     | Log

@@ -25,13 +25,13 @@ from app.core.actions import (
     Log,
     Measure,
     RedeemStreamToken,
-    TransferCall,
+    RedirectCall,
 )
 from app.core.agent_link import AgentLink
 from app.core.call_control import CallControl
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
-from app.core.endings import close_code, end_reason, ended_by
+from app.core.endings import close_code, end_reason, ended_by, fallback_reason
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -81,8 +81,18 @@ from app.core.options import CALL_UPDATE_TIMEOUT_SECONDS, MAX_LOGGED_UNKNOWN_AGE
 from app.core.playback import Playback
 from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
-from app.core.vocabulary import HangupReason, InvalidKind, LogLevel, MetricName, Outcome, RejectReason, RestResult
+from app.core.vocabulary import (
+    FallbackReason,
+    HangupReason,
+    InvalidKind,
+    LogLevel,
+    MetricName,
+    Outcome,
+    RejectReason,
+    RestResult,
+)
 from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
+from app.twilio.webhook import fallback_twiml
 
 _CONTROLLED = frozenset(
     {CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE, CallState.HANGING_UP, CallState.TRANSFERRING}
@@ -111,6 +121,7 @@ class Call:
         self.handoff_started_at = 0.0
         self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
         self.transferred_to = ""  # the destination's name, when it transfers
+        self.fallback_reason: FallbackReason | None = None  # why the agent could not take the call
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
 
@@ -143,6 +154,8 @@ class Call:
         if target is state or self.state is not state:  # handled in place, or a timer already moved it
             return actions
         if isinstance(target, CallState):
+            if target is CallState.FALLING_BACK:
+                self.fallback_reason = fallback_reason(event)
             return actions + self._enter(target, now)
         return actions + self._end(target, self._handoff_end_reason(event) or end_reason(event))
 
@@ -172,6 +185,15 @@ class Call:
             case CallState.HANGING_UP | CallState.TRANSFERRING:
                 self.handoff_started_at = now  # the REST request went with the handler's actions
                 return []
+            case CallState.FALLING_BACK:
+                self.handoff_started_at = now
+                reason = self.fallback_reason
+                twiml = self.options.fallback_twiml or fallback_twiml()
+                return [
+                    Log(LogLevel.WARNING, "falling_back", {"reason": reason.value if reason else ""}),
+                    Measure(MetricName.FALLBACKS, 1, reason.value if reason else ""),
+                    RedirectCall(self.call_sid, twiml),
+                ]
             case (
                 CallState.AWAITING_START
                 | CallState.CHECKING_TOKEN
@@ -206,8 +228,8 @@ class Call:
                 assert_never(target)
 
     def _handoff_end_reason(self, event: Event) -> str:
-        """How a hang-up or transfer the bridge asked for ended, in words ("" otherwise)."""
-        if self.state not in (CallState.HANGING_UP, CallState.TRANSFERRING):
+        """How a hang-up, transfer or fallback the bridge asked for ended, in words ("" otherwise)."""
+        if self.state not in (CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK):
             return ""
         match event:
             case CallUpdateFailed(detail=detail):
@@ -221,6 +243,11 @@ class Call:
         if self.state is CallState.HANGING_UP:
             why = f" ({self.hangup_reason.value})" if self.hangup_reason is not None else ""
             return f"hung up by the bridge after the goodbye{why}{problem}"
+        if self.state is CallState.FALLING_BACK:
+            why = self.fallback_reason.value if self.fallback_reason is not None else "agent unavailable"
+            return f"agent could not take the call ({why}): " + (
+                f"no fallback{problem}" if problem else "fallback played"
+            )
         return f"transfer to {self.transferred_to}" + (f" failed{problem}" if problem else " done")
 
     def _out_of_order(self, event: Event) -> list[Action]:
@@ -349,7 +376,7 @@ class Call:
 
     def _on_transfer_due(self, event: TransferDue, now: float) -> list[Action]:
         self.transferred_to = event.destination
-        transfer = TransferCall(self.call_sid, event.twiml)
+        transfer = RedirectCall(self.call_sid, event.twiml)
         return [Log(LogLevel.INFO, "transferring", {"destination": event.destination}), transfer]
 
     def _on_thinking(self, event: AgentThinking, now: float) -> list[Action]:
@@ -477,6 +504,8 @@ class Call:
             record["hangup_reason"] = self.hangup_reason.value
         if self.transferred_to:
             record["transferred_to"] = self.transferred_to
+        if self.fallback_reason is not None:
+            record["fallback_reason"] = self.fallback_reason.value
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)

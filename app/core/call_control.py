@@ -3,7 +3,7 @@ agent calls (``end_call``, ``transfer_call``, the operator's tools), the keypad,
 check-in and the time limit.
 
 Pure like the rest of the core: a tool's HTTP request and Twilio's REST updates are asked for
-with actions (``RunFunction``, ``HangUpCall``, ``TransferCall``) and answered with events. Every
+with actions (``RunFunction``, ``HangUpCall``, ``RedirectCall``) and answered with events. Every
 client-side function request gets a ``FunctionCallResponse``: the tool's answer, or in plain
 words why there is none (unknown name, bad arguments, failure, timeout), so the agent is never
 left waiting. The states this part leads to (hanging up, transferring) are in ``states.py``.

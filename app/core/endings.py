@@ -21,19 +21,25 @@ from app.core.events import (
     TwilioClosed,
     TwilioStop,
 )
-from app.core.vocabulary import HangupReason, Outcome, RejectReason
+from app.core.vocabulary import FallbackReason, HangupReason, Outcome, RejectReason
 
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # this process is stopping
 POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
 INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
 
 
 def close_code(end: Outcome | RejectReason) -> int:
     """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
     match end:
         case (
-            Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED
+            Outcome.CALLER_HANGUP
+            | Outcome.AGENT_ERROR
+            | Outcome.AGENT_CLOSED
+            | Outcome.COMPLETED
+            | Outcome.TRANSFERRED
+            | Outcome.FALLBACK
         ):
             return NORMAL_CLOSURE
         case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
@@ -42,6 +48,8 @@ def close_code(end: Outcome | RejectReason) -> int:
             return GOING_AWAY
         case RejectReason.NO_START | RejectReason.BAD_START | RejectReason.BAD_TOKEN | RejectReason.BAD_SIGNATURE:
             return POLICY_VIOLATION
+        case RejectReason.OVER_CAPACITY:
+            return TRY_AGAIN_LATER
         case _:
             assert_never(end)
 
@@ -53,12 +61,25 @@ def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
             return "caller"
         case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:
             return "bridge"  # the caller went silent, or the time limit
-        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED:
+        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED | Outcome.FALLBACK:
             return "agent"
         case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
             return "bridge"
         case _:
             assert_never(outcome)
+
+
+def fallback_reason(event: Event) -> FallbackReason:
+    """Why the agent could not take the call, from the event that said so."""
+    match event:
+        case AgentConnectFailed(reason=reason) if reason.startswith("HTTP "):
+            return FallbackReason.AGENT_REFUSED
+        case AgentConnectFailed():
+            return FallbackReason.AGENT_UNREACHABLE
+        case AgentReadyDeadlinePassed():
+            return FallbackReason.AGENT_NOT_READY
+        case _:
+            return FallbackReason.AGENT_FAILED
 
 
 def end_reason(event: Event) -> str:

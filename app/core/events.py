@@ -222,7 +222,7 @@ class FunctionDone:
 
 @dataclass(frozen=True, slots=True)
 class CallUpdated:
-    """Twilio did what ``HangUpCall`` / ``TransferCall`` asked (``OK``), the call was already
+    """Twilio did what ``HangUpCall`` / ``RedirectCall`` asked (``OK``), the call was already
     over (``ALREADY_ENDED``), or there are no REST credentials and closing the stream ends the
     call (``NO_CREDENTIALS``)."""
 

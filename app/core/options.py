@@ -129,6 +129,9 @@ class CallOptions:
     and converted when flushed), so the profile's maximum of 60 s costs 480 KB per call."""
     log_transcripts: bool = False
     telephony: Telephony = Telephony()
+    fallback_twiml: str = ""
+    """TwiML the live call is redirected to when the agent cannot be reached ("": a short
+    apology, then hang up); see ``webhook.fallback_twiml``."""
 
     @property
     def prebuffer_bytes(self) -> int:

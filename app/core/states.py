@@ -82,6 +82,7 @@ class CallState(Enum):
     LIVE = "live"  # agent ready: audio flows both ways, barge-in, keep-alives, functions
     HANGING_UP = "hanging_up"  # goodbye played; Twilio asked to end the call (REST)
     TRANSFERRING = "transferring"  # announcement played; Twilio asked to dial the destination
+    FALLING_BACK = "falling_back"  # the agent could not be reached: Twilio asked to play the fallback
     ENDED = "ended"  # EndCall given; every later event is ignored
 
 
@@ -108,7 +109,12 @@ _IN_CALL: Row = {
     BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
 }
 _AGENT_SESSION_ENDS: Row = {AgentError: Outcome.AGENT_ERROR, AgentClosed: Outcome.AGENT_CLOSED}
-_AGENT_NOT_READY_IN_TIME: Row = {AgentReadyDeadlinePassed: Outcome.AGENT_ERROR}
+# the agent session fails before it is ready: the caller gets the profile's fallback, not silence
+_AGENT_NEVER_READY: Row = {
+    AgentError: CallState.FALLING_BACK,
+    AgentClosed: CallState.FALLING_BACK,
+    AgentReadyDeadlinePassed: CallState.FALLING_BACK,
+}
 
 _AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid, AgentInjectionRefused)  # never change the call
 # what the agent does in a session that has its Settings; a function request is answered
@@ -156,6 +162,7 @@ _AWAITING_START, _CHECKING_TOKEN = CallState.AWAITING_START, CallState.CHECKING_
 _CONNECTING, _AWAITING_WELCOME = CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME
 _AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
 _HANGING_UP, _TRANSFERRING = CallState.HANGING_UP, CallState.TRANSFERRING
+_FALLING_BACK = CallState.FALLING_BACK
 
 TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     {
@@ -171,23 +178,20 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
         ),
         _CONNECTING: _row(
             _stay(_CONNECTING, *_TWILIO_AND_CLOCK),
-            {AgentConnected: _AWAITING_WELCOME, AgentConnectFailed: Outcome.AGENT_ERROR},
-            _AGENT_SESSION_ENDS,
-            _AGENT_NOT_READY_IN_TIME,
+            {AgentConnected: _AWAITING_WELCOME, AgentConnectFailed: _FALLING_BACK},
+            _AGENT_NEVER_READY,
             _IN_CALL,
         ),
         _AWAITING_WELCOME: _row(
             _stay(_AWAITING_WELCOME, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER),
             {AgentWelcome: _AWAITING_SETTINGS},
-            _AGENT_SESSION_ENDS,
-            _AGENT_NOT_READY_IN_TIME,
+            _AGENT_NEVER_READY,
             _IN_CALL,
         ),
         _AWAITING_SETTINGS: _row(
             _stay(_AWAITING_SETTINGS, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentFunctionCallRequest, FunctionDone),
             {AgentSettingsApplied: _LIVE},
-            _AGENT_SESSION_ENDS,
-            _AGENT_NOT_READY_IN_TIME,
+            _AGENT_NEVER_READY,
             _IN_CALL,
         ),
         _LIVE: _row(
@@ -219,6 +223,18 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
             },
             _HANDING_OFF_ENDS,
         ),
+        _FALLING_BACK: _row(
+            # the agent's late messages change nothing now; its lifecycle events are out of order
+            _stay(_FALLING_BACK, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentError, AgentClosed),
+            {
+                CallUpdated: Outcome.FALLBACK,
+                CallUpdateFailed: Outcome.AGENT_ERROR,  # no fallback possible: the line closes
+                CallUpdateDeadlinePassed: Outcome.AGENT_ERROR,
+                TwilioStop: Outcome.FALLBACK,  # Twilio leaves the stream for the fallback TwiML
+                TwilioClosed: Outcome.FALLBACK,
+            },
+            _HANDING_OFF_ENDS,
+        ),
         CallState.ENDED: _row(),
     }
 )
@@ -234,11 +250,14 @@ DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
         _LIVE: KeepAliveDue,
         _HANGING_UP: CallUpdateDeadlinePassed,
         _TRANSFERRING: CallUpdateDeadlinePassed,
+        _FALLING_BACK: CallUpdateDeadlinePassed,
     }
 )
 """The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken)."""
 
-ACCEPTED_STATES = frozenset({_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _HANGING_UP, _TRANSFERRING})
+ACCEPTED_STATES = frozenset(
+    {_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _HANGING_UP, _TRANSFERRING, _FALLING_BACK}
+)
 """States of a call whose stream token was redeemed: it counts as active and gets a record."""
 
 

@@ -20,6 +20,16 @@ class Outcome(StrEnum):
     BRIDGE_SHUTDOWN = "bridge_shutdown"  # this process stopped while the call was in progress
     COMPLETED = "completed"  # the bridge hung up after a goodbye (HangupReason says why)
     TRANSFERRED = "transferred"  # the caller was handed to a listed destination (transfer_call)
+    FALLBACK = "fallback"  # the agent could not be reached: the caller got the fallback TwiML
+
+
+class FallbackReason(StrEnum):
+    """Why a call was redirected to the profile's fallback (label of callbridge_fallbacks_total)."""
+
+    AGENT_REFUSED = "agent_refused"  # the upgrade was answered with an HTTP error (401, 429, ...)
+    AGENT_UNREACHABLE = "agent_unreachable"  # no connection: DNS, refused, timeout
+    AGENT_NOT_READY = "agent_not_ready"  # no Welcome or SettingsApplied in time
+    AGENT_FAILED = "agent_failed"  # Error, or the socket closed, before the session was ready
 
 
 class HangupReason(StrEnum):
@@ -57,6 +67,7 @@ class RejectReason(StrEnum):
     BAD_TOKEN = "bad_token"  # stream token missing, forged, for another call, expired or reused
     BAD_SIGNATURE = "bad_signature"  # decided at the upgrade by the server, before any Call exists
     SHUTTING_DOWN = "shutting_down"  # the process stopped before the stream started
+    OVER_CAPACITY = "over_capacity"  # decided at the upgrade: this instance is at MAX_CALLS
     INTERNAL_ERROR = "internal_error"  # a bug before the stream started
 
 
@@ -120,3 +131,4 @@ class MetricName(StrEnum):
     AGENT_WARNINGS = "agent_warnings"  # counter by agent code
     FUNCTION_CALLS = "function_calls"  # counter by FunctionResult
     CALL_UPDATES = "call_updates"  # counter by RestResult
+    FALLBACKS = "fallbacks"  # counter by FallbackReason

@@ -123,6 +123,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "callbridge_fallbacks_total",
+            "Calls redirected to the profile's fallback because the agent could not be reached, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.overflows = Counter(
             "callbridge_overflows_total",
             "Times a bound was reached (pre-buffer full, a peer not reading), by kind.",
@@ -165,6 +171,8 @@ class Metrics:
                 self.function_calls.labels(label).inc(value)
             case MetricName.CALL_UPDATES:
                 self.call_updates.labels(label).inc(value)
+            case MetricName.FALLBACKS:
+                self.fallbacks.labels(label).inc(value)
             case _:
                 assert_never(name)
 

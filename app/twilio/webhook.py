@@ -78,3 +78,23 @@ def transfer_twiml(destination: str) -> str:
         dial.number(destination)
     response.append(dial)
     return str(response)
+
+
+DEFAULT_FALLBACK_SAY = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
+
+
+def fallback_twiml(say: str = DEFAULT_FALLBACK_SAY, dial: str | None = None) -> str:
+    """What a caller hears when the agent cannot take the call: ``say``, then a person at
+    ``dial`` (an E.164 number or ``sip:`` URI) or the end of the call."""
+    response = VoiceResponse()
+    response.say(say)
+    if dial is None:
+        response.hangup()
+    else:
+        call = Dial()
+        if dial.startswith("sip:"):
+            call.sip(dial)
+        else:
+            call.number(dial)
+        response.append(call)
+    return str(response)

@@ -19,6 +19,7 @@ from app.core.actions import (
     Log,
     Measure,
     RedeemStreamToken,
+    RedirectCall,
     SendMark,
     SendMedia,
     SendToAgent,
@@ -44,6 +45,8 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallUpdated,
+    CallUpdateFailed,
     Event,
     FunctionCall,
     StreamTokenAccepted,
@@ -61,7 +64,7 @@ from app.core.events import (
 )
 from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
-from app.core.vocabulary import InvalidKind, Outcome, RejectReason
+from app.core.vocabulary import InvalidKind, Outcome, RejectReason, RestResult
 
 AGENT = {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}}, "greeting": "hi"}
 SID = "MZ" + "a" * 32
@@ -282,12 +285,16 @@ def test_no_keepalive_before_settings_applied() -> None:
     assert call.handle(Tick(), 50.0) == []
 
 
-def test_agent_not_ready_in_time_ends_call() -> None:
+def test_agent_not_ready_in_time_redirects_the_call_to_the_fallback() -> None:
     call = make_call(agent_ready_timeout=10)
     feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), now=0.0)
     assert call.handle(Tick(), 9.0) == []
     actions = call.handle(Tick(), 10.5)
-    assert of(actions, EndCall)[0].outcome == "agent_error"
+    (redirect,) = of(actions, RedirectCall)
+    assert "<Say>Sorry, our assistant is not available right now." in redirect.twiml and "<Hangup />" in redirect.twiml
+    assert Measure("fallbacks", 1, "agent_not_ready") in actions and of(actions, EndCall) == []
+    assert of(feed(call, CallUpdated(RestResult.OK), now=11.0), EndCall)[0].outcome == "fallback"
+    assert call.summary(11.0)["fallback_reason"] == "agent_not_ready"
 
 
 def test_agent_error_is_logged_and_ends_call() -> None:
@@ -297,11 +304,15 @@ def test_agent_error_is_logged_and_ends_call() -> None:
     assert of(actions, EndCall)[0].outcome == "agent_error"
 
 
-def test_agent_connect_failure_and_close_end_call() -> None:
-    call = started_call()
-    assert of(feed(call, AgentConnectFailed("HTTP 401")), EndCall)[0].outcome == "agent_error"
+def test_agent_refused_at_start_gets_the_fallback_and_a_failed_fallback_ends_the_call() -> None:
+    call = started_call(fallback_twiml="<Response><Say>custom</Say></Response>")
+    actions = feed(call, AgentConnectFailed("HTTP 401 on upgrade (bad API key)"))
+    assert of(actions, RedirectCall) == [RedirectCall(CALL, "<Response><Say>custom</Say></Response>")]
+    assert Measure("fallbacks", 1, "agent_refused") in actions
+    ended = of(feed(call, CallUpdateFailed("no Twilio REST credentials")), EndCall)
+    assert ended[0].outcome == "agent_error" and "no fallback" in call.end_reason
     other = ready_call()
-    assert of(feed(other, AgentClosed(1011, "bye")), EndCall)[0].outcome == "agent_closed"
+    assert of(feed(other, AgentClosed(1011, "bye")), EndCall)[0].outcome == "agent_closed"  # mid-call: no fallback yet
 
 
 def test_warning_unknown_info_and_invalid_messages_never_end_the_call() -> None:

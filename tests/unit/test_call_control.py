@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.core.actions import Action, EndCall, HangUpCall, Log, RunFunction, SendMark, SendToAgent, TransferCall
+from app.core.actions import Action, EndCall, HangUpCall, Log, RedirectCall, RunFunction, SendMark, SendToAgent
 from app.core.call import Call
 from app.core.call_control import END_CALL, TRANSFER_CALL, builtin_functions, with_functions
 from app.core.events import (
@@ -194,18 +194,18 @@ def test_transfer_to_an_unlisted_name_is_refused_naming_the_allowed_ones_and_not
     assert "sales, support" in content and "no transfer destination" in content
     for t in range(2, 30):
         actions += feed(call, Tick(), now=float(t))
-    assert not [a for a in actions if isinstance(a, TransferCall | HangUpCall)] and call.state is CallState.LIVE
+    assert not [a for a in actions if isinstance(a, RedirectCall | HangUpCall)] and call.state is CallState.LIVE
 
 
 def test_transfer_to_a_listed_name_dials_exactly_that_number_after_the_announcement() -> None:
     call = live_call()
     feed(call, request(("t1", TRANSFER_CALL, '{"destination": "sales"}')), now=1.0)
     mark = say(call, 2.0)
-    assert not [a for a in feed(call, Tick(), now=2.5) if isinstance(a, TransferCall)]
+    assert not [a for a in feed(call, Tick(), now=2.5) if isinstance(a, RedirectCall)]
     feed(call, TwilioMark(mark, SID), now=3.0)
-    transfer = [a for a in feed(call, Tick(), now=3.5) if isinstance(a, TransferCall)]
+    transfer = [a for a in feed(call, Tick(), now=3.5) if isinstance(a, RedirectCall)]
     assert transfer == [
-        TransferCall(
+        RedirectCall(
             CALL,
             '<?xml version="1.0" encoding="UTF-8"?><Response><Dial><Number>+15551230001</Number></Dial></Response>',
         )
@@ -218,7 +218,7 @@ def test_a_transfer_twilio_refuses_ends_as_the_bridges_error() -> None:
     call = live_call()
     feed(call, request(("t1", TRANSFER_CALL, '{"destination": "support"}')), now=1.0)
     actions = feed(call, Tick(), now=5.5)
-    assert "<Sip>sip:support@pbx.example.com</Sip>" in next(a.twiml for a in actions if isinstance(a, TransferCall))
+    assert "<Sip>sip:support@pbx.example.com</Sip>" in next(a.twiml for a in actions if isinstance(a, RedirectCall))
     ended = [a for a in feed(call, CallUpdateFailed("Twilio error 21220"), now=6.0) if isinstance(a, EndCall)]
     assert ended[0].outcome is Outcome.BRIDGE_ERROR and "failed" in call.end_reason
 

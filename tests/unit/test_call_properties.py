@@ -51,6 +51,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
+from app.core.options import CALL_UPDATE_TIMEOUT_SECONDS as CALL_UPDATE_TIMEOUT
 from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
 from app.core.vocabulary import InvalidKind, Outcome, Overflow
@@ -147,6 +148,7 @@ class Model:
     phase: str = "awaiting_start"
     stream_sid: str = ""
     accepted_at: float = 0.0
+    fallback_at: float = 0.0
 
     def foreign(self, event: Event) -> bool:
         with_sid = isinstance(event, TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop)
@@ -174,17 +176,21 @@ class Model:
             case AgentConnected() if phase == "connecting":
                 self.phase = "awaiting_welcome"
             case AgentConnectFailed() if phase == "connecting":
-                self.phase = "ended"
+                self.phase, self.fallback_at = "falling_back", now
             case AgentWelcome() if phase == "awaiting_welcome":
                 self.phase = "awaiting_settings"
             case AgentSettingsApplied() if phase == "awaiting_settings":
                 self.phase = "live"
-            case AgentError() | AgentClosed() if phase in (*WAITING_FOR_AGENT, "live"):
+            case AgentError() | AgentClosed() if phase in WAITING_FOR_AGENT:
+                self.phase, self.fallback_at = "falling_back", now  # never ready: the fallback
+            case AgentError() | AgentClosed() if phase == "live":
                 self.phase = "ended"
             case Tick() if phase == "awaiting_start" and now >= START_TIMEOUT:
                 self.phase = "ended"
             case Tick() if phase in WAITING_FOR_AGENT and now >= self.accepted_at + READY_TIMEOUT:
-                self.phase = "ended"
+                self.phase, self.fallback_at = "falling_back", now
+            case Tick() if phase == "falling_back" and now >= self.fallback_at + CALL_UPDATE_TIMEOUT:
+                self.phase = "ended"  # Twilio never answered the redirect (none is sent here)
 
 
 @dataclass

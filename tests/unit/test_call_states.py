@@ -158,6 +158,7 @@ PATH: dict[CallState, list[Event]] = {
     ],
     CallState.HANGING_UP: [*LIVE_PATH, HangUpDue(HangupReason.END_CALL)],
     CallState.TRANSFERRING: [*LIVE_PATH, TransferDue("sales", "<Response/>")],
+    CallState.FALLING_BACK: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnectFailed("HTTP 401")],
     CallState.ENDED: [TwilioStop()],
 }
 
