@@ -74,6 +74,7 @@ from app.operator_tools import call_tool
 from app.twilio import messages as twilio_msg
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
+from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
 
 AGENT_DRAIN_SECONDS = 0.25
 """At the end of a call, caller audio already queued for the agent may still reach it for
@@ -92,6 +93,7 @@ class CallDeps:
     metrics: Metrics = field(default_factory=Metrics)
     records: CallRecordSender | None = None
     record_transcript: bool = False
+    token_store: RedisTokenStore | None = None  # REDIS_URL: single use across replicas
     options_for: Callable[[str], CallOptions | None] = lambda profile: None
     """The options of the profile a stream token names ("" is the default profile)."""
     call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
@@ -178,15 +180,11 @@ class CallSession:
                 case RedirectCall(call_sid=call_sid, twiml=twiml):
                     self._spawn(self._update_call(call_sid, twiml))
                 case RedeemStreamToken(token=token, call_sid=call_sid, profile=profile):
-                    problem = self.deps.tokens.redeem(token, call_sid, profile)
                     self.deps.stream_started(call_sid)  # no longer only admitted
-                    if problem is not None:
-                        self.feed(StreamTokenRefused(problem))
-                        continue
-                    options = self.deps.options_for(profile)
-                    if options is not None:  # nothing was sent to the agent yet: size its queue anew
-                        self.agent_out = asyncio.Queue(options.agent_queue_limit)
-                    self.feed(StreamTokenAccepted(options))
+                    if self.deps.token_store is None:
+                        self._token_checked(profile, self.deps.tokens.redeem(token, call_sid, profile))
+                    else:
+                        self._spawn(self._redeem_shared(action, self.deps.token_store))
                 case Measure(metric=metric, value=value, label=label):
                     self.metrics.record(metric, value, label)
                 case EndCall():
@@ -260,6 +258,32 @@ class CallSession:
         """The call has ended: not one more frame to Twilio, whatever is still queued."""
         if self._twilio_writer_task is not None:
             self._twilio_writer_task.cancel()
+
+    def _token_checked(self, profile: str, problem: str | None) -> None:
+        if problem is not None:
+            self.feed(StreamTokenRefused(problem))
+            return
+        options = self.deps.options_for(profile)
+        if options is not None:  # nothing was sent to the agent yet: size its queue anew
+            self.agent_out = asyncio.Queue(options.agent_queue_limit)
+        self.feed(StreamTokenAccepted(options))
+
+    async def _redeem_shared(self, redeem: RedeemStreamToken, store: RedisTokenStore) -> None:
+        """Single use across replicas. A store that cannot answer does not cost the caller the
+        call: single use is then checked in this process, and the outage logged and counted."""
+        tokens = self.deps.tokens
+        verified = tokens.verify(redeem.token, redeem.call_sid, redeem.profile)
+        if isinstance(verified, str):
+            self._token_checked(redeem.profile, verified)
+            return
+        try:
+            first = await store.use_once(verified.nonce, verified.expires)
+            problem = None if first else "already used"
+        except TokenStoreUnavailable as exc:
+            self.metrics.token_store_errors.inc()
+            self.log.error("token_store_unavailable", detail=str(exc), fallback="single use checked in this process")
+            problem = tokens.use_locally(verified)
+        self._token_checked(redeem.profile, problem)
 
     async def _run_function(self, run: RunFunction) -> None:
         """An operator tool, in its own task: the audio and barge-in never wait for it. The

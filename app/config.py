@@ -59,6 +59,17 @@ class Settings(BaseSettings):
     webhook_signing_secret: SecretStr | None = None
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_calls: int = Field(default=100, ge=1, le=10000)
+    redis_url: str | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL, e.g. redis://redis:6379/0")
+        return value
+
     readiness_check_agent: bool = False
     twilio_api_base: str = "https://api.twilio.com"
 
@@ -431,7 +442,9 @@ class RuntimeConfig:
 
     def secrets(self) -> list[str]:
         signing = self.webhook_signing_secret
+        redis_password = urlsplit(self.settings.redis_url).password if self.settings.redis_url else None
         values = [
+            redis_password,
             self.deepgram_api_key,
             self.twilio_auth_token,
             self.stream_token_secret.decode(),

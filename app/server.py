@@ -27,6 +27,7 @@ from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
+from app.twilio.token_store import RedisTokenStore
 
 log = get_logger(component="server")
 
@@ -51,6 +52,7 @@ class AppState:
     draining: bool = False
     stopping: bool = False  # set when the server starts closing sockets (see serving.py)
     admissions: dict[str, float] = field(default_factory=dict)  # CallSid -> admitted at, stream not started
+    token_store: RedisTokenStore | None = None  # REDIS_URL: stream tokens single-use across replicas
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
 
@@ -109,6 +111,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         metrics=metrics,
         records=CallRecordSender(settings.call_events_url, config.webhook_signing_secret, metrics),
         agent_url=config.agent_url or "",
+        token_store=RedisTokenStore(settings.redis_url) if settings.redis_url else None,
     )
 
     @contextlib.asynccontextmanager
@@ -136,6 +139,8 @@ def create_app(config: RuntimeConfig) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*state.calls, return_exceptions=True)
             await state.records.close()
+            if state.token_store is not None:
+                await state.token_store.close()
             if state.local_agent is not None:
                 await state.local_agent.stop()
             log.info("service_stopped")
@@ -270,6 +275,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             options_for=options_for,
             call_updater=call_updater,
             tools_secret=config.webhook_signing_secret,
+            token_store=state.token_store,
             stream_started=state.stream_started,
             shutting_down=lambda: state.stopping,
         )

@@ -129,6 +129,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.token_store_errors = Counter(
+            "callbridge_token_store_errors_total",
+            "Stream tokens checked in this process only because Redis (REDIS_URL) did not answer.",
+            registry=r,
+        )
         self.overflows = Counter(
             "callbridge_overflows_total",
             "Times a bound was reached (pre-buffer full, a peer not reading), by kind.",

@@ -13,8 +13,19 @@ import hashlib
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
 
 TOKEN_PARAMETER = "stream_token"
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A token whose signature and expiry are good: ``nonce`` is what single use is about."""
+
+    nonce: str
+    expires: int
+
+
 PROFILE_PARAMETER = "profile"
 
 
@@ -37,8 +48,9 @@ class StreamTokens:
         nonce = secrets.token_urlsafe(12)
         return f"{expires}.{nonce}.{self._sign(call_sid, profile, expires, nonce)}"
 
-    def redeem(self, token: str, call_sid: str, profile: str = "", now: float | None = None) -> str | None:
-        """Consume ``token`` for ``call_sid`` and ``profile``. None when accepted, else why not."""
+    def verify(self, token: str, call_sid: str, profile: str = "", now: float | None = None) -> Verified | str:
+        """Signature, call, profile and expiry, without using the token up: what to mark as
+        used (``Verified``), or why the token is no good."""
         now = time.time() if now is None else now
         parts = token.split(".") if isinstance(token, str) else []
         if len(parts) != 3 or not parts[0].isdigit():
@@ -48,13 +60,26 @@ class StreamTokens:
             return "bad signature or wrong call"
         if expires < now:
             return "expired"
+        return Verified(nonce, expires)
+
+    def use_locally(self, verified: Verified, now: float | None = None) -> str | None:
+        """Mark a verified token used in this process: None the first time, else why not."""
+        now = time.time() if now is None else now
         self._forget_expired(now)
-        if nonce in self._used:
+        if verified.nonce in self._used:
             return "already used"
         if len(self._used) >= self._max_remembered:
             return "too many outstanding tokens"
-        self._used[nonce] = float(expires)
+        self._used[verified.nonce] = float(verified.expires)
         return None
+
+    def redeem(self, token: str, call_sid: str, profile: str = "", now: float | None = None) -> str | None:
+        """Consume ``token`` for ``call_sid`` and ``profile`` in this process. None when
+        accepted, else why not. (With a shared store, the pump uses ``verify`` and the store.)"""
+        verified = self.verify(token, call_sid, profile, now)
+        if isinstance(verified, str):
+            return verified
+        return self.use_locally(verified, now)
 
     def _forget_expired(self, now: float) -> None:
         # one redeem per call, and only unexpired nonces are kept: this stays small
