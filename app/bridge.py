@@ -68,6 +68,7 @@ from app.core.vocabulary import (
     RestResult,
 )
 from app.observability.call_records import CallRecordSender
+from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
 from app.operator_tools import call_tool
@@ -75,6 +76,19 @@ from app.twilio import messages as twilio_msg
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
+
+REFUSAL_EVENTS = frozenset(
+    {
+        "stream_rejected",
+        "stream_token_rejected",
+        "twilio_start_rejected",
+        "twilio_stream_without_start",
+        "twilio_frame_rejected",
+        "twilio_wrong_stream_sid",
+        "event_out_of_order",
+    }
+)
+"""Log events a peer on the internet can cause at will; logged within ``LogLimiter``'s bound."""
 
 AGENT_DRAIN_SECONDS = 0.25
 """At the end of a call, caller audio already queued for the agent may still reach it for
@@ -100,6 +114,7 @@ class CallDeps:
     tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
     stream_started: Callable[[str], None] = lambda call_sid: None
     """Tells admission control that the stream of an admitted call has started."""
+    refusals: LogLimiter = field(default_factory=LogLimiter)  # shared by the process's calls
     shutting_down: Callable[[], bool] = lambda: False
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
     us, not by the caller."""
@@ -199,6 +214,9 @@ class CallSession:
             self.feed(OutboxFull(which))
 
     def _log(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
+        if event in REFUSAL_EVENTS:  # an attacker can cause these at will: bounded per process
+            self.deps.refusals.warn(self.log, event, **fields)
+            return
         match level:
             case LogLevel.DEBUG:
                 self.log.debug(event, **fields)

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     webhook_signing_secret: SecretStr | None = None
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_calls: int = Field(default=100, ge=1, le=10000)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     redis_url: str | None = None
 
     @field_validator("redis_url")

@@ -21,6 +21,7 @@ from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
 from app.observability.call_records import CallRecordSender
+from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
 from app.twilio import webhook
@@ -53,6 +54,7 @@ class AppState:
     stopping: bool = False  # set when the server starts closing sockets (see serving.py)
     admissions: dict[str, float] = field(default_factory=dict)  # CallSid -> admitted at, stream not started
     token_store: RedisTokenStore | None = None  # REDIS_URL: stream tokens single-use across replicas
+    refusals: LogLimiter = field(default_factory=LogLimiter)  # bounded log lines for what we refuse
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
 
@@ -192,18 +194,18 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         """The posted parameters, or the error response when they are unusable or unsigned."""
         params = await webhook.read_form(request)
         if params is None:
-            log.warning("webhook_body_too_large", limit=webhook.MAX_WEBHOOK_BODY)
+            state.refusals.warn(log, "webhook_body_too_large", limit=webhook.MAX_WEBHOOK_BODY)
             metrics.webhooks.labels("bad_request").inc()
             return Response("request too large\n", status_code=413, media_type="text/plain")
         if state.validator is not None and settings.twilio_validate_signature:
             url = webhook.signed_url(request, settings.public_url)
             signature = request.headers.get("X-Twilio-Signature", "")
             if not webhook.signature_ok(state.validator, url, params, signature):
-                log.warning("webhook_signature_invalid", url=url, has_signature=bool(signature))
+                state.refusals.warn(log, "webhook_signature_invalid", url=url, has_signature=bool(signature))
                 metrics.webhooks.labels("bad_signature").inc()
                 return Response("invalid signature\n", status_code=403, media_type="text/plain")
         else:
-            log.warning("webhook_signature_not_checked", detail="TWILIO_VALIDATE_SIGNATURE is off")
+            state.refusals.warn(log, "webhook_signature_not_checked", detail="TWILIO_VALIDATE_SIGNATURE is off")
         return params
 
     @app.post(webhook.STATUS_PATH)
@@ -225,14 +227,16 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             return params
         call_sid = params.get("CallSid", "")
         if not SID_PATTERN.fullmatch(call_sid):
-            log.warning("webhook_without_call_sid")
+            state.refusals.warn(log, "webhook_without_call_sid")
             metrics.webhooks.labels("bad_request").inc()
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
         profile = config.profile_for_number(params.get("To", ""))
         refusal = state.admission_problem(settings.max_calls)
         if refusal is not None:  # the caller hears the fallback, never a failed call
-            log.warning("call_not_admitted", call_sid=call_sid, reason=refusal, max_calls=settings.max_calls)
+            state.refusals.warn(
+                log, "call_not_admitted", call_sid=call_sid, reason=refusal, max_calls=settings.max_calls
+            )
             metrics.webhooks.labels(refusal).inc()
             return Response(config.fallback_twiml(profile), media_type="application/xml")
         state.admit(call_sid)
@@ -252,7 +256,9 @@ def create_app(config: RuntimeConfig) -> FastAPI:
     @app.websocket(webhook.MEDIA_PATH)
     async def twilio_media(ws: WebSocket) -> None:
         if len(state.calls) >= settings.max_calls:  # more streams than calls admitted here
-            log.warning("media_stream_over_capacity", active_calls=len(state.calls), max_calls=settings.max_calls)
+            state.refusals.warn(
+                log, "media_stream_over_capacity", active_calls=len(state.calls), max_calls=settings.max_calls
+            )
             metrics.streams_rejected.labels(RejectReason.OVER_CAPACITY.value).inc()
             await ws.close(close_code(RejectReason.OVER_CAPACITY))
             return
@@ -260,7 +266,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         if signature is not None and state.validator is not None and settings.twilio_validate_signature:
             url = webhook.stream_url(webhook.public_base_url(ws, settings.public_url))
             if not webhook.signature_ok(state.validator, url, {}, signature):
-                log.warning("media_stream_signature_invalid", url=url)
+                state.refusals.warn(log, "media_stream_signature_invalid", url=url)
                 metrics.streams_rejected.labels(RejectReason.BAD_SIGNATURE.value).inc()
                 await ws.close(POLICY_VIOLATION)
                 return
@@ -275,6 +281,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             options_for=options_for,
             call_updater=call_updater,
             tools_secret=config.webhook_signing_secret,
+            refusals=state.refusals,
             token_store=state.token_store,
             stream_started=state.stream_started,
             shutting_down=lambda: state.stopping,

@@ -15,15 +15,78 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import RuntimeConfig
+from app.observability.logging import get_logger
 from app.server import AppState, create_app
 
 WS_MAX_SIZE = 64 * 1024  # Twilio frames are ~250 bytes; refuse anything absurd at the socket
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
+
+log = get_logger(component="server")
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn times out idle keep-alive connections, not a request whose line and headers
+    never finish: 100 such half-sent requests were all still held open after 10 s. Here each
+    request's headers must be complete ``header_timeout`` seconds after the connection opens
+    (or after the previous response, on keep-alive); else the connection is closed."""
+
+    header_timeout = 10.0
+    on_timeout: Callable[[], None] = staticmethod(lambda: None)
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # a keep-alive connection's next request
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            type(self).on_timeout()
+            self.transport.close()
+
+
+def header_timeout_protocol(seconds: float, state: AppState) -> type[HeaderTimeoutProtocol]:
+    """The protocol class for this server: its timeout, and where a timeout is counted."""
+
+    def timed_out() -> None:
+        state.metrics.header_timeouts.inc()
+        state.refusals.warn(log, "http_headers_timed_out", timeout_s=seconds)
+
+    return type(
+        "CallbridgeHttpProtocol",
+        (HeaderTimeoutProtocol,),
+        {"header_timeout": seconds, "on_timeout": staticmethod(timed_out)},
+    )
 
 
 def say(text: str) -> None:
@@ -103,6 +166,7 @@ def serve(config: RuntimeConfig, host: str, port: int) -> int:
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=10,
+        http=header_timeout_protocol(config.settings.http_header_timeout_seconds, app.state.bridge),
     )
     try:
         # uvicorn re-raises the signal that stopped it once it is done: for SIGINT that is a

@@ -129,6 +129,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.header_timeouts = Counter(
+            "callbridge_http_header_timeouts_total",
+            "Connections closed because a request's headers did not arrive in time (HTTP_HEADER_TIMEOUT_SECONDS).",
+            registry=r,
+        )
         self.token_store_errors = Counter(
             "callbridge_token_store_errors_total",
             "Stream tokens checked in this process only because Redis (REDIS_URL) did not answer.",

@@ -32,3 +32,15 @@ def test_record_dispatches_by_type_and_bounds_peer_labels() -> None:
     assert 'callbridge_agent_errors_total{code="other"} 1.0' in text
     assert "made-up-code" not in text
     assert 'callbridge_agent_latency_seconds_count{kind="ttt"} 1.0' in text
+
+
+def test_the_log_limiter_bounds_lines_per_interval_and_says_how_many_it_left_out() -> None:
+    from app.observability.log_limit import LogLimiter
+
+    now = [0.0]
+    limiter = LogLimiter(limit=3, interval=10.0, clock=lambda: now[0])
+    assert [limiter.allow("forged")[0] for _ in range(5)] == [True, True, True, False, False]
+    assert limiter.allow("other") == (True, 0)  # each event has its own budget
+    now[0] = 10.0
+    assert limiter.allow("forged") == (True, 2)  # a new window, and the count of the last one
+    assert limiter.allow("forged") == (True, 0)
