@@ -54,7 +54,13 @@ from app.core.events import (
     TwilioClosed,
     TwilioInvalid,
 )
-from app.core.options import TICK_SECONDS, TWILIO_QUEUE_AUDIO_BYTES, TWILIO_QUEUE_LIMIT, CallOptions
+from app.core.options import (
+    PEER_STUCK_SECONDS,
+    TICK_SECONDS,
+    TWILIO_QUEUE_AUDIO_BYTES,
+    TWILIO_QUEUE_LIMIT,
+    CallOptions,
+)
 from app.core.stats import CallStats
 from app.core.vocabulary import (
     Direction,
@@ -72,6 +78,7 @@ from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
 from app.operator_tools import call_tool
+from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
@@ -95,6 +102,18 @@ AGENT_DRAIN_SECONDS = 0.25
 this long; then the agent socket is closed (within a second in all: the teardown promise)."""
 SERVICE_RESTART = 1012  # the close code uvicorn gives every WebSocket when it shuts down
 MESSAGE_TOO_BIG = 1009  # uvicorn's close for a frame over its ws_max_size
+
+
+def twilio_audio_bytes(item: TwilioOut) -> int:
+    return item.audio_bytes if isinstance(item, SendMedia) else 0
+
+
+def agent_audio_bytes(item: bytes | str) -> int:
+    return len(item) if isinstance(item, bytes) else 0
+
+
+def agent_queue(limit: int, clock: Callable[[], float]) -> SendQueue[bytes | str]:
+    return SendQueue(limit, agent_audio_bytes, clock)
 
 
 @dataclass
@@ -136,8 +155,10 @@ class CallSession:
         self.wall_started = time.time()
         self.log: Any = get_logger()
         self.call = Call(options, now=clock())
-        self.twilio_out: asyncio.Queue[TwilioOut] = asyncio.Queue(TWILIO_QUEUE_LIMIT)
-        self.agent_out: asyncio.Queue[bytes | str] = asyncio.Queue(options.agent_queue_limit)
+        self.twilio_out: SendQueue[TwilioOut] = SendQueue(
+            TWILIO_QUEUE_LIMIT, twilio_audio_bytes, clock, audio_limit=TWILIO_QUEUE_AUDIO_BYTES
+        )
+        self.agent_out: SendQueue[bytes | str] = agent_queue(options.agent_queue_limit, clock)
         self.agent_ws: ClientConnection | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.done = asyncio.Event()
@@ -149,7 +170,7 @@ class CallSession:
         self.twilio_bytes_dropped_on_clear = 0
         self._flushed = CallStats()  # what the metrics have been given so far
         self._flushed_cleared_bytes = 0
-        self._twilio_audio_queued = 0  # bytes of agent audio in twilio_out
+        self._flushed_stuck = (0, 0)  # audio dropped because a peer was not reading, flushed so far
         self._overflowed: Overflow | None = None
         self._twilio_writer_task: asyncio.Task[None] | None = None
 
@@ -168,12 +189,9 @@ class CallSession:
                 case SendToAgent(data=data):
                     if self.end is None:
                         self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
-                case SendMedia(audio_bytes=size):
+                case SendMedia():
                     if self.end is None:
-                        if self._twilio_audio_queued + size > TWILIO_QUEUE_AUDIO_BYTES:
-                            self._overflowed = self._overflowed or Overflow.TWILIO_QUEUE
-                        elif self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE):
-                            self._twilio_audio_queued += size
+                        self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
                 case SendMark():
                     if self.end is None:
                         self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
@@ -229,13 +247,17 @@ class CallSession:
             case _:
                 assert_never(level)
 
-    def _put(self, queue: asyncio.Queue[Any], item: Any, which: Overflow) -> bool:
+    def _put(self, queue: SendQueue[Any], item: Any, which: Overflow) -> None:
+        """Queue ``item``; a full queue drops its oldest audio (logged once per direction).
+        Only a queue full of control messages is reported to the core (after the list)."""
+        dropped_before = queue.dropped_bytes
         try:
             queue.put_nowait(item)
         except asyncio.QueueFull:
             self._overflowed = self._overflowed or which
-            return False
-        return True
+            return
+        if queue.dropped_bytes and not dropped_before:
+            self.log.warning("audio_dropped_peer_not_reading", queue=which.value, peer_stuck_after_s=PEER_STUCK_SECONDS)
 
     def _clear(self, clear: ClearTwilio) -> None:
         """Barge-in, the pump's half (the core's is ``Playback.barge_in``): drop the media and
@@ -254,7 +276,6 @@ class CallSession:
                     pass  # not sent yet, and the new one does the same
                 case _:
                     assert_never(item)
-        self._twilio_audio_queued = 0
         queue.put_nowait(clear)
         self._clear_requested_at = self._event_at
 
@@ -283,7 +304,7 @@ class CallSession:
             return
         options = self.deps.options_for(profile)
         if options is not None:  # nothing was sent to the agent yet: size its queue anew
-            self.agent_out = asyncio.Queue(options.agent_queue_limit)
+            self.agent_out = agent_queue(options.agent_queue_limit, self.clock)
         self.feed(StreamTokenAccepted(options))
 
     async def _redeem_shared(self, redeem: RedeemStreamToken, store: RedisTokenStore) -> None:
@@ -374,8 +395,6 @@ class CallSession:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, SendMedia):
-                    self._twilio_audio_queued -= item.audio_bytes
                 await self.ws.send_text(item.text)
                 queue.task_done()
                 if isinstance(item, ClearTwilio):
@@ -397,7 +416,16 @@ class CallSession:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self.feed(Tick())
+            self._check_peers_reading()
             self._flush_metrics()
+
+    def _check_peers_reading(self) -> None:
+        """A peer that has taken nothing from its queue for ``PEER_STUCK_SECONDS`` while items
+        wait is stuck: the call ends (its audio was being dropped meanwhile)."""
+        for queue, which in ((self.agent_out, Overflow.AGENT_QUEUE), (self.twilio_out, Overflow.TWILIO_QUEUE)):
+            if queue.stuck_for() >= PEER_STUCK_SECONDS and self.end is None:
+                self.log.error("peer_not_reading", queue=which.value, stuck_s=round(queue.stuck_for(), 1))
+                self.feed(OutboxFull(which))
 
     def _flush_metrics(self) -> None:
         """Move the call's own counters into Prometheus: per tick, not per frame."""
@@ -410,6 +438,14 @@ class CallSession:
         ):
             if now > before:
                 counter.labels(direction.value).inc(now - before)
+        stuck = (self.agent_out.dropped_bytes, self.twilio_out.dropped_bytes)
+        for direction, now, before in (
+            (Direction.CALLER_TO_AGENT, stuck[0], self._flushed_stuck[0]),
+            (Direction.AGENT_TO_CALLER, stuck[1], self._flushed_stuck[1]),
+        ):
+            if now > before:
+                m.dropped.labels(direction.value, DropReason.PEER_NOT_READING.value).inc(now - before)
+        self._flushed_stuck = stuck
         cleared, cleared_before = self.twilio_bytes_dropped_on_clear, self._flushed_cleared_bytes
         held, held_before = stats.caller_bytes_dropped, seen.caller_bytes_dropped
         for reason, direction, now, before in (

@@ -19,8 +19,14 @@ TICK_SECONDS = 0.5
 ready, keep-alive) and of the metric flushes. Costs one wake-up per call per tick."""
 
 AGENT_BACKLOG_SECONDS = 30.0
-"""Live caller audio the agent may leave unread before the call is ended as stuck
-(``Overflow.AGENT_QUEUE``): far beyond any network hiccup, short of growing without bound."""
+"""Live caller audio the agent send queue holds beyond the pre-buffer's flush: far beyond any
+network hiccup. Past it the oldest audio is dropped and counted; an agent that reads nothing
+for ``PEER_STUCK_SECONDS`` ends the call (``Overflow.AGENT_QUEUE``)."""
+
+PEER_STUCK_SECONDS = 10.0
+"""A peer (the agent or Twilio) that takes nothing from its send queue for this long while
+items wait is stuck, and the call ends (``bridge_error``). Meanwhile, a full queue drops its
+oldest audio, so memory stays at the queue's bounds; calls on other sockets are unaffected."""
 
 TWILIO_QUEUE_LIMIT = 4000
 """Twilio-bound items (media, marks, clear) queued in the bridge. The agent sends speech

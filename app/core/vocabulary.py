@@ -103,6 +103,7 @@ class DropReason(StrEnum):
 
     AGENT_NOT_READY = "agent_not_ready"  # oldest caller audio past the pre-buffer bound
     BARGE_IN = "barge_in"  # agent audio still queued in the bridge when clear was sent
+    PEER_NOT_READING = "peer_not_reading"  # oldest queued audio dropped: the socket was not read
 
 
 class Direction(StrEnum):

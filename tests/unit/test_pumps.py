@@ -55,36 +55,6 @@ def test_player_clear_drops_audio_and_returns_pending_marks() -> None:
     assert player.idle and player.tick() == (b"", [])
 
 
-def test_agent_not_reading_ends_the_call_instead_of_growing_a_queue() -> None:
-    from app.core.events import (
-        AgentConnected,
-        AgentSettingsApplied,
-        AgentWelcome,
-        StreamTokenAccepted,
-        TwilioMedia,
-        TwilioStart,
-    )
-
-    async def run() -> CallSession:
-        session = CallSession(
-            ws=Any,  # type: ignore[arg-type]
-            options=CallOptions(agent="id"),
-            deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
-        )
-        start = TwilioStart(SID, "CA" + "2" * 32)
-        for event in (start, StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
-            session.call.handle(event, 0.0)  # straight to the core: no agent task is started
-        while not session.done.is_set():
-            session.feed(TwilioMedia(b"\xff" * 160, SID))
-        return session
-
-    session = asyncio.run(run())
-    assert session.agent_out.full()
-    assert session.end is not None and session.end.outcome == "bridge_error"
-    assert session.call.stats.overflows == {"agent_queue": 1} and session.call.stats.invalid == {}
-    assert session.call.ended
-
-
 def live_session() -> CallSession:
     """A session whose core is LIVE, reached by feeding the core directly (no agent task)."""
     from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, StreamTokenAccepted, TwilioStart
@@ -111,24 +81,61 @@ def test_a_new_clear_replaces_one_still_queued() -> None:
     assert asyncio.run(run()) == [ClearTwilio(tm.clear(SID))]  # one clear: Twilio needs no second
 
 
-def test_twilio_not_reading_is_bounded_by_audio_bytes_not_only_by_items() -> None:
-    """Large agent chunks fill few items but much memory: the byte bound ends the call."""
-    from app.core.events import AgentAudio
-    from app.core.options import TWILIO_QUEUE_AUDIO_BYTES, TWILIO_QUEUE_LIMIT
+def live_session_with_clock(now: list[float]) -> CallSession:
+    from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, StreamTokenAccepted, TwilioStart
+
+    session = CallSession(
+        ws=Any,  # type: ignore[arg-type]
+        options=CallOptions(agent="id"),
+        deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
+        clock=lambda: now[0],
+    )
+    start = TwilioStart(SID, "CA" + "2" * 32)
+    for event in (start, StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
+        session.call.handle(event, 0.0)  # straight to the core: no agent task is started
+    return session
+
+
+def test_an_agent_that_stops_reading_costs_bounded_memory_then_ends_the_call() -> None:
+    from app.core.events import TwilioMedia
+    from app.core.options import PEER_STUCK_SECONDS
 
     async def run() -> CallSession:
-        session = live_session()
-        chunk = b"\xff" * 64_000  # 8 s of mu-law per agent message
-        while not session.done.is_set():
-            session.feed(AgentAudio(chunk))
+        now = [0.0]
+        session = live_session_with_clock(now)
+        limit = session.agent_out.maxsize
+        for i in range(limit * 2):  # twice what the queue holds, in a burst
+            now[0] = i * 0.001
+            session.feed(TwilioMedia(bytes([i % 256]) * 160, SID))
+            assert session.agent_out.qsize() <= limit
+            session._check_peers_reading()
+        assert not session.done.is_set() and session.agent_out.dropped_bytes == limit * 160
+        now[0] = PEER_STUCK_SECONDS  # nothing taken since the first frame
+        session._check_peers_reading()
         return session
 
     session = asyncio.run(run())
-    assert session.twilio_out.qsize() < TWILIO_QUEUE_LIMIT
-    queued = sum(item.audio_bytes for item in session.twilio_out._queue if isinstance(item, SendMedia))  # type: ignore[attr-defined]
-    assert queued <= TWILIO_QUEUE_AUDIO_BYTES
+    assert session.agent_out.dropped_bytes > 0  # the oldest audio went, counted
     assert session.end is not None and session.end.outcome == "bridge_error"
-    assert session.call.stats.overflows == {"twilio_queue": 1}
+    assert session.call.stats.overflows == {"agent_queue": 1}
+    assert session.agent_out.stuck_for() >= PEER_STUCK_SECONDS
+
+
+def test_a_twilio_that_stops_reading_is_bounded_by_audio_bytes_not_only_by_items() -> None:
+    """Large agent chunks fill few items but much memory: the byte bound drops the oldest."""
+    from app.core.events import AgentAudio
+    from app.core.options import TWILIO_QUEUE_AUDIO_BYTES
+
+    async def run() -> CallSession:
+        session = live_session_with_clock([0.0])
+        for _ in range(50):
+            session.feed(AgentAudio(b"\xff" * 64_000))  # 8 s of mu-law per agent message
+        return session
+
+    session = asyncio.run(run())
+    assert session.twilio_out.queued_audio <= TWILIO_QUEUE_AUDIO_BYTES
+    assert session.twilio_out.dropped_bytes == 50 * 64_000 - session.twilio_out.queued_audio
+    assert session.end is None  # dropping is not ending: only a peer stuck for long ends the call
 
 
 def test_nothing_is_queued_once_the_call_has_ended() -> None:
