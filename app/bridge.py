@@ -173,6 +173,8 @@ class CallSession:
         self._flushed_stuck = (0, 0)  # audio dropped because a peer was not reading, flushed so far
         self._overflowed: Overflow | None = None
         self._twilio_writer_task: asyncio.Task[None] | None = None
+        self._agent_writer_task: asyncio.Task[None] | None = None
+        self._agent_session = 0  # which agent session is current (reconnects start new ones)
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -203,9 +205,7 @@ class CallSession:
                 case BindLogContext(fields=fields):
                     self.log = self.log.bind(**fields)
                 case ConnectAgent():
-                    self._spawn(
-                        run_session(self.deps.agent_url, self.deps.agent_api_key, self.feed, self._agent_opened)
-                    )
+                    self._connect_agent()
                 case RunFunction():
                     self._spawn(self._run_function(action))
                 case HangUpCall(call_sid=call_sid):
@@ -367,9 +367,36 @@ class CallSession:
         label = result.result if isinstance(result, CallUpdated) else RestResult.FAILED
         self.metrics.record(MetricName.CALL_UPDATES, 1, label.value)
 
-    def _agent_opened(self, ws: ClientConnection) -> None:
-        self.agent_ws = ws
-        self._spawn(self._agent_writer(ws))
+    def _connect_agent(self) -> None:
+        """Open an agent session. A reconnect first lets go of the lost one: its socket is
+        closed, its writer stopped, its unsent queue dropped (its Settings-less audio cannot go
+        to the new session: the caller's audio since the loss is in the core's pre-buffer), and
+        anything its reader still says is ignored."""
+        self._agent_session += 1
+        session = self._agent_session
+        if self.agent_ws is not None:
+            old, self.agent_ws = self.agent_ws, None
+            self._spawn(self._close_quietly(old))
+        if self._agent_writer_task is not None:
+            self._agent_writer_task.cancel()
+            self._agent_writer_task = None
+            self.agent_out = agent_queue(self.agent_out.maxsize, self.clock)
+
+        def feed_current(event: Event) -> None:
+            if session == self._agent_session:
+                self.feed(event)
+
+        def opened(ws: ClientConnection) -> None:
+            if session == self._agent_session:
+                self.agent_ws = ws
+                self._agent_writer_task = self._spawn(self._agent_writer(ws))
+
+        self._spawn(run_session(self.deps.agent_url, self.deps.agent_api_key, feed_current, opened))
+
+    @staticmethod
+    async def _close_quietly(ws: ClientConnection) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 1.0)
 
     # --- tasks -----------------------------------------------------------------------------
 

@@ -190,6 +190,14 @@ class FallbackModel(BaseModel):
     dial: Annotated[str, AfterValidator(_destination)] | None = None
 
 
+class ReconnectModel(BaseModel):
+    """``bridge.reconnect``: the budget for reopening an agent session lost mid-call."""
+
+    model_config = ConfigDict(extra="forbid")
+    attempts: int = Field(default=3, ge=0, le=10)
+    within_seconds: float = Field(default=10.0, gt=0, le=60)
+
+
 class ToolModel(BaseModel):
     """One of ``bridge.tools``: a client-side function answered by the operator's endpoint."""
 
@@ -216,6 +224,7 @@ class BridgeOptions(BaseModel):
     telephony: TelephonyModel = TelephonyModel()
     tools: dict[str, ToolModel] = {}
     fallback: FallbackModel = FallbackModel()
+    reconnect: ReconnectModel = ReconnectModel()
 
 
 class AgentBlock(BaseModel):
@@ -336,6 +345,7 @@ PROFILE_EXAMPLES = {
     "bridge.telephony.max_call_seconds": "3600",
     "bridge.fallback": '{"say": "Sorry, our assistant is unavailable right now.", "dial": "+15551230002"}',
     "bridge.fallback.dial": '"+15551230002" or "sip:desk@pbx.example.com"',
+    "bridge.reconnect": '{"attempts": 3, "within_seconds": 10}',
     "bridge.tools": '{"lookup_order": {"url": "https://ops.example.com/tools/lookup_order", "timeout_seconds": 10}}',
 }
 PROFILE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -468,6 +478,8 @@ class RuntimeConfig:
             log_transcripts=self.settings.log_transcripts,
             telephony=self.telephony(profile),
             fallback_twiml=self.fallback_twiml(profile_name),
+            reconnect_attempts=bridge.reconnect.attempts,
+            reconnect_within=bridge.reconnect.within_seconds,
         )
 
     def fallback_twiml(self, profile_name: str = "") -> str:

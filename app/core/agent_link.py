@@ -35,10 +35,22 @@ class AgentLink:
     def connected(self, now: float) -> list[Action]:
         return [Log(LogLevel.INFO, "agent_connected", {"connect_s": round(now - self.connect_started, 3)})]
 
-    def send_settings(self, request_id: str, now: float) -> list[Action]:
+    def send_settings(
+        self, request_id: str, now: float, history: list[tuple[float, str, str]] | None = None
+    ) -> list[Action]:
+        """The session's one Settings. ``history`` (a reconnect) goes in ``agent.context`` as
+        Deepgram's History messages, and the greeting is left out."""
         self.request_id = request_id
         options = self._options
         agent = with_functions(options.agent, options.telephony)
+        if history is not None and isinstance(agent, dict):
+            messages = [
+                {"type": "History", "role": role, "content": text}
+                for _, role, text in history
+                if role in ("user", "assistant") and text
+            ]
+            agent = {key: value for key, value in agent.items() if key != "greeting"}
+            agent["context"] = {**agent.get("context", {}), "messages": messages}
         settings = agent_msg.settings(agent, options.agent_input, options.agent_output, tags=list(options.tags))
         self.last_sent = now
         return [BindLogContext({"request_id": request_id}), SendToAgent(settings)]

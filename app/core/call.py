@@ -31,7 +31,7 @@ from app.core.agent_link import AgentLink
 from app.core.call_control import CallControl
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
-from app.core.endings import close_code, end_reason, ended_by, fallback_reason
+from app.core.endings import cannot_heal, close_code, end_reason, ended_by, fallback_reason
 from app.core.events import (
     AgentAudio,
     AgentAudioDone,
@@ -45,9 +45,11 @@ from app.core.events import (
     AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
+    AgentRetryDue,
     AgentSettingsApplied,
     AgentStartedSpeaking,
     AgentThinking,
+    AgentUnavailable,
     AgentUnknown,
     AgentUserStartedSpeaking,
     AgentWarning,
@@ -77,7 +79,12 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import CALL_UPDATE_TIMEOUT_SECONDS, MAX_LOGGED_UNKNOWN_AGENT_TYPES, CallOptions
+from app.core.options import (
+    CALL_UPDATE_TIMEOUT_SECONDS,
+    MAX_LOGGED_UNKNOWN_AGENT_TYPES,
+    RECONNECT_BACKOFF_SECONDS,
+    CallOptions,
+)
 from app.core.playback import Playback
 from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
@@ -122,6 +129,12 @@ class Call:
         self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
         self.transferred_to = ""  # the destination's name, when it transfers
         self.fallback_reason: FallbackReason | None = None  # why the agent could not take the call
+        self.was_live = False  # the agent session was ready once: a loss now is a reconnect
+        self.failure: Event | None = None  # what took the agent session down last
+        self.down_since: float | None = None  # when the session was lost (until it is back)
+        self.failed_at = 0.0  # the latest failure, which the backoff counts from
+        self.attempts: list[float] = []  # reconnect attempts since then
+        self.reconnects: list[float] = []  # seconds the caller waited, per restored session
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
 
@@ -154,8 +167,10 @@ class Call:
         if target is state or self.state is not state:  # handled in place, or a timer already moved it
             return actions
         if isinstance(target, CallState):
+            if target is CallState.AGENT_DOWN:
+                self.failure = event
             if target is CallState.FALLING_BACK:
-                self.fallback_reason = fallback_reason(event)
+                self.fallback_reason = self._why_fallback(event)
             return actions + self._enter(target, now)
         return actions + self._end(target, self._handoff_end_reason(event) or end_reason(event))
 
@@ -179,9 +194,23 @@ class Call:
         self._dispatch = _DISPATCH[state]
         match state:
             case CallState.CONNECTING_AGENT:
-                return [Measure(MetricName.ACTIVE_CALLS, 1), *self.agent.connect(now)]
+                return self.agent.connect(now)
             case CallState.LIVE:
-                return [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
+                actions = [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
+                if self.down_since is not None:  # back after a loss: how long the caller waited
+                    waited = round(now - self.down_since, 3)
+                    self.reconnects.append(waited)
+                    self.down_since, self.attempts = None, []
+                    actions.append(Log(LogLevel.INFO, "agent_reconnected", {"waited_s": waited}))
+                self.was_live = True
+                return actions
+            case CallState.AGENT_DOWN:
+                self.failed_at = now
+                if self.down_since is None:
+                    self.down_since = now
+                return [
+                    Log(LogLevel.WARNING, "agent_lost", {"was_live": self.was_live, "attempts": len(self.attempts)})
+                ]
             case CallState.HANGING_UP | CallState.TRANSFERRING:
                 self.handoff_started_at = now  # the REST request went with the handler's actions
                 return []
@@ -226,6 +255,12 @@ class Call:
                 ]
             case _:
                 assert_never(target)
+
+    def _why_fallback(self, event: Event) -> FallbackReason:
+        failure = self.failure if isinstance(event, AgentUnavailable) and self.failure is not None else event
+        if self.was_live:
+            return FallbackReason.CANNOT_HEAL if cannot_heal(failure) else FallbackReason.RECONNECT_FAILED
+        return fallback_reason(failure)
 
     def _handoff_end_reason(self, event: Event) -> str:
         """How a hang-up, transfer or fallback the bridge asked for ended, in words ("" otherwise)."""
@@ -310,7 +345,7 @@ class Call:
             self.playback.configure(options)
             self.agent.configure(options)
             self.control = CallControl(options, self.stats, now)
-        return []
+        return [Measure(MetricName.ACTIVE_CALLS, 1)]
 
     def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
         return [Log(LogLevel.WARNING, "stream_token_rejected", {"problem": event.reason})]
@@ -324,7 +359,31 @@ class Call:
         return [Log(LogLevel.ERROR, "agent_connect_failed", {"reason": event.reason})]
 
     def _on_welcome(self, event: AgentWelcome, now: float) -> list[Action]:
-        return self.agent.send_settings(event.request_id, now)
+        """The one Settings of this session; after a loss mid-call it carries the conversation
+        so far, and no greeting (the caller has been greeted)."""
+        history = self.conversation.transcript if self.was_live else None
+        return self.agent.send_settings(event.request_id, now, history)
+
+    def _on_agent_retry_due(self, event: AgentRetryDue, now: float) -> list[Action]:
+        self.attempts.append(now)
+        return [Log(LogLevel.INFO, "agent_reconnecting", {"attempt": len(self.attempts)})]
+
+    def _on_agent_unavailable(self, event: AgentUnavailable, now: float) -> list[Action]:
+        return []
+
+    def _agent_down_next(self, now: float) -> AgentRetryDue | AgentUnavailable | None:
+        """In AGENT_DOWN: another attempt (after its backoff), or the fallback. A call that
+        never got its agent, or lost it for a reason a new session would repeat, gets the
+        fallback at once; a call that was live gets the reconnect budget."""
+        failure = self.failure
+        if not self.was_live or (failure is not None and cannot_heal(failure)):
+            return AgentUnavailable()
+        options = self.options
+        down_since = self.down_since if self.down_since is not None else now
+        if len(self.attempts) >= options.reconnect_attempts or now - down_since > options.reconnect_within:
+            return AgentUnavailable()
+        backoff = RECONNECT_BACKOFF_SECONDS[min(len(self.attempts), len(RECONNECT_BACKOFF_SECONDS) - 1)]
+        return AgentRetryDue() if now - self.failed_at >= backoff else None
 
     def _on_agent_audio(self, event: AgentAudio, now: float) -> list[Action]:
         return self.playback.audio(event.data, now)
@@ -445,6 +504,9 @@ class Call:
             actions, handoff = self.control.tick(now, self.playback.stream_started_at, live, quiet)
             if handoff is not None:
                 return actions + self.handle(handoff, now)
+        if state is CallState.AGENT_DOWN:
+            decided = self._agent_down_next(now)
+            return actions + self.handle(decided, now) if decided is not None else actions
         timer = DEADLINES[state]  # every state that takes Tick watches one
         if timer is KeepAliveDue:
             due = self.agent.keepalive_at()
@@ -506,6 +568,9 @@ class Call:
             record["transferred_to"] = self.transferred_to
         if self.fallback_reason is not None:
             record["fallback_reason"] = self.fallback_reason.value
+        if self.reconnects:
+            record["reconnects"] = len(self.reconnects)
+            record["reconnect_waits_s"] = self.reconnects
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
@@ -529,6 +594,8 @@ _HANDLERS: dict[type[Event], _Handler] = {
     CallUpdated: Call._on_call_updated,
     CallUpdateFailed: Call._on_call_update_failed,
     CallUpdateDeadlinePassed: Call._on_call_update_deadline,
+    AgentRetryDue: Call._on_agent_retry_due,
+    AgentUnavailable: Call._on_agent_unavailable,
     HangUpDue: Call._on_hang_up_due,
     TransferDue: Call._on_transfer_due,
     AgentInjectionRefused: Call._on_injection_refused,

@@ -33,14 +33,7 @@ TRY_AGAIN_LATER = 1013
 def close_code(end: Outcome | RejectReason) -> int:
     """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
     match end:
-        case (
-            Outcome.CALLER_HANGUP
-            | Outcome.AGENT_ERROR
-            | Outcome.AGENT_CLOSED
-            | Outcome.COMPLETED
-            | Outcome.TRANSFERRED
-            | Outcome.FALLBACK
-        ):
+        case Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.COMPLETED | Outcome.TRANSFERRED | Outcome.FALLBACK:
             return NORMAL_CLOSURE
         case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
             return INTERNAL_ERROR
@@ -61,12 +54,27 @@ def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
             return "caller"
         case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:
             return "bridge"  # the caller went silent, or the time limit
-        case Outcome.AGENT_ERROR | Outcome.AGENT_CLOSED | Outcome.COMPLETED | Outcome.TRANSFERRED | Outcome.FALLBACK:
+        case Outcome.AGENT_ERROR | Outcome.COMPLETED | Outcome.TRANSFERRED | Outcome.FALLBACK:
             return "agent"
         case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
             return "bridge"
         case _:
             assert_never(outcome)
+
+
+CANNOT_HEAL_CODES = frozenset({"INVALID_SETTINGS", "UNPARSABLE_CLIENT_MESSAGE", "PROMPT_TOO_LONG"})
+"""Agent errors a new session with the same Settings would meet again."""
+
+
+def cannot_heal(failure: Event) -> bool:
+    """A failure no reconnect can fix: bad settings, or the key refused (401/403)."""
+    match failure:
+        case AgentError(code=code):
+            return code in CANNOT_HEAL_CODES
+        case AgentConnectFailed(reason=reason):
+            return reason.startswith(("HTTP 401", "HTTP 403"))
+        case _:
+            return False
 
 
 def fallback_reason(event: Event) -> FallbackReason:

@@ -274,6 +274,18 @@ class KeepAliveDue:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentRetryDue:
+    """The agent session was lost mid-call; its backoff is over and the budget allows another
+    attempt: open a new session."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentUnavailable:
+    """The agent session cannot be had: it never became ready, the failure cannot heal, or the
+    reconnect budget is spent. The caller gets the fallback."""
+
+
+@dataclass(frozen=True, slots=True)
 class HangUpDue:
     """The goodbye has played (or its wait is over): hang up now."""
 
@@ -339,6 +351,8 @@ TimerEvent = (
     | StartDeadlinePassed
     | AgentReadyDeadlinePassed
     | KeepAliveDue
+    | AgentRetryDue
+    | AgentUnavailable
     | HangUpDue
     | TransferDue
     | CallUpdateDeadlinePassed

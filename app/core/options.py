@@ -23,6 +23,9 @@ AGENT_BACKLOG_SECONDS = 30.0
 network hiccup. Past it the oldest audio is dropped and counted; an agent that reads nothing
 for ``PEER_STUCK_SECONDS`` ends the call (``Overflow.AGENT_QUEUE``)."""
 
+RECONNECT_BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0)
+"""Wait before reconnect attempt 1, 2, 3, 4... (the last value repeats), from the failure."""
+
 PEER_STUCK_SECONDS = 10.0
 """A peer (the agent or Twilio) that takes nothing from its send queue for this long while
 items wait is stuck, and the call ends (``bridge_error``). Meanwhile, a full queue drops its
@@ -134,6 +137,11 @@ class CallOptions:
     counted. It is kept as Twilio sent it (mu-law, 8 KB a second, whatever the agent's format
     and converted when flushed), so the profile's maximum of 60 s costs 480 KB per call."""
     log_transcripts: bool = False
+    reconnect_attempts: int = 3
+    reconnect_within: float = 10.0
+    """The reconnect budget: a session lost mid-call is reopened at most ``reconnect_attempts``
+    times within ``reconnect_within`` seconds of the loss (backoff 0, 0.5, 1, 2 s between
+    attempts), with the conversation so far; past it the caller gets the fallback."""
     telephony: Telephony = Telephony()
     fallback_twiml: str = ""
     """TwiML the live call is redirected to when the agent cannot be reached ("": a short

@@ -36,9 +36,11 @@ from app.core.events import (
     AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
+    AgentRetryDue,
     AgentSettingsApplied,
     AgentStartedSpeaking,
     AgentThinking,
+    AgentUnavailable,
     AgentUnknown,
     AgentUserStartedSpeaking,
     AgentWarning,
@@ -80,6 +82,7 @@ class CallState(Enum):
     AWAITING_WELCOME = "awaiting_welcome"  # agent socket open; its Welcome not seen
     AWAITING_SETTINGS_APPLIED = "awaiting_settings_applied"  # Settings sent
     LIVE = "live"  # agent ready: audio flows both ways, barge-in, keep-alives, functions
+    AGENT_DOWN = "agent_down"  # the agent session failed: reconnect (mid-call) or fall back
     HANGING_UP = "hanging_up"  # goodbye played; Twilio asked to end the call (REST)
     TRANSFERRING = "transferring"  # announcement played; Twilio asked to dial the destination
     FALLING_BACK = "falling_back"  # the agent could not be reached: Twilio asked to play the fallback
@@ -108,13 +111,13 @@ _IN_CALL: Row = {
     OutboxFull: Outcome.BRIDGE_ERROR,  # a peer stopped reading
     BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
 }
-_AGENT_SESSION_ENDS: Row = {AgentError: Outcome.AGENT_ERROR, AgentClosed: Outcome.AGENT_CLOSED}
-# the agent session fails before it is ready: the caller gets the profile's fallback, not silence
-_AGENT_NEVER_READY: Row = {
-    AgentError: CallState.FALLING_BACK,
-    AgentClosed: CallState.FALLING_BACK,
-    AgentReadyDeadlinePassed: CallState.FALLING_BACK,
+# the agent session fails (before it is ready, or mid-call): AGENT_DOWN decides, on the next
+# Tick, between another attempt (a call that was live, budget left) and the fallback
+_AGENT_FAILS: Row = {
+    AgentError: CallState.AGENT_DOWN,
+    AgentClosed: CallState.AGENT_DOWN,
 }
+_AGENT_NEVER_READY: Row = {**_AGENT_FAILS, AgentReadyDeadlinePassed: CallState.AGENT_DOWN}
 
 _AGENT_CHATTER = (AgentWarning, AgentInfo, AgentUnknown, AgentInvalid, AgentInjectionRefused)  # never change the call
 # what the agent does in a session that has its Settings; a function request is answered
@@ -162,7 +165,7 @@ _AWAITING_START, _CHECKING_TOKEN = CallState.AWAITING_START, CallState.CHECKING_
 _CONNECTING, _AWAITING_WELCOME = CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME
 _AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
 _HANGING_UP, _TRANSFERRING = CallState.HANGING_UP, CallState.TRANSFERRING
-_FALLING_BACK = CallState.FALLING_BACK
+_FALLING_BACK, _AGENT_DOWN = CallState.FALLING_BACK, CallState.AGENT_DOWN
 
 TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     {
@@ -178,7 +181,7 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
         ),
         _CONNECTING: _row(
             _stay(_CONNECTING, *_TWILIO_AND_CLOCK),
-            {AgentConnected: _AWAITING_WELCOME, AgentConnectFailed: _FALLING_BACK},
+            {AgentConnected: _AWAITING_WELCOME, AgentConnectFailed: _AGENT_DOWN},
             _AGENT_NEVER_READY,
             _IN_CALL,
         ),
@@ -197,7 +200,13 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
         _LIVE: _row(
             _stay(_LIVE, *_TWILIO_AND_CLOCK, KeepAliveDue, *_AGENT_TALKING),  # media relayed now, not buffered
             {HangUpDue: _HANGING_UP, TransferDue: _TRANSFERRING},  # after the goodbye or announcement
-            _AGENT_SESSION_ENDS,
+            _AGENT_FAILS,  # reconnect with the conversation kept, or the fallback
+            _IN_CALL,
+        ),
+        _AGENT_DOWN: _row(
+            # the caller's audio is pre-buffered meanwhile; the lost session's last words change nothing
+            _stay(_AGENT_DOWN, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentError, AgentClosed),
+            {AgentRetryDue: _CONNECTING, AgentUnavailable: _FALLING_BACK},
             _IN_CALL,
         ),
         _HANGING_UP: _row(
@@ -239,7 +248,7 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     }
 )
 
-Deadline = StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue | CallUpdateDeadlinePassed
+Deadline = StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue | CallUpdateDeadlinePassed | AgentRetryDue
 DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
     {
         _AWAITING_START: StartDeadlinePassed,
@@ -248,6 +257,7 @@ DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
         _AWAITING_WELCOME: AgentReadyDeadlinePassed,
         _AWAITING_SETTINGS: AgentReadyDeadlinePassed,
         _LIVE: KeepAliveDue,
+        _AGENT_DOWN: AgentRetryDue,  # or AgentUnavailable, when nothing is left to try
         _HANGING_UP: CallUpdateDeadlinePassed,
         _TRANSFERRING: CallUpdateDeadlinePassed,
         _FALLING_BACK: CallUpdateDeadlinePassed,
@@ -256,7 +266,7 @@ DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
 """The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken)."""
 
 ACCEPTED_STATES = frozenset(
-    {_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _HANGING_UP, _TRANSFERRING, _FALLING_BACK}
+    {_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _AGENT_DOWN, _HANGING_UP, _TRANSFERRING, _FALLING_BACK}
 )
 """States of a call whose stream token was redeemed: it counts as active and gets a record."""
 

@@ -14,8 +14,7 @@ class Outcome(StrEnum):
     """How a call that was accepted (stream token redeemed) ended: who ended it."""
 
     CALLER_HANGUP = "caller_hangup"  # Twilio sent stop or closed its socket
-    AGENT_ERROR = "agent_error"  # the agent refused, failed, sent Error or was not ready in time
-    AGENT_CLOSED = "agent_closed"  # the agent closed its socket mid-call
+    AGENT_ERROR = "agent_error"  # the agent could not be had, and neither could the fallback (no REST)
     BRIDGE_ERROR = "bridge_error"  # our fault: a peer stuck on a full queue, an internal error
     BRIDGE_SHUTDOWN = "bridge_shutdown"  # this process stopped while the call was in progress
     COMPLETED = "completed"  # the bridge hung up after a goodbye (HangupReason says why)
@@ -30,6 +29,8 @@ class FallbackReason(StrEnum):
     AGENT_UNREACHABLE = "agent_unreachable"  # no connection: DNS, refused, timeout
     AGENT_NOT_READY = "agent_not_ready"  # no Welcome or SettingsApplied in time
     AGENT_FAILED = "agent_failed"  # Error, or the socket closed, before the session was ready
+    RECONNECT_FAILED = "reconnect_failed"  # lost mid-call and not restored within the budget
+    CANNOT_HEAL = "cannot_heal"  # lost mid-call for a reason a new session would repeat (settings, key)
 
 
 class HangupReason(StrEnum):

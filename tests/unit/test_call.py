@@ -64,7 +64,8 @@ from app.core.events import (
 )
 from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
-from app.core.vocabulary import InvalidKind, Outcome, RejectReason, RestResult
+from app.core.vocabulary import InvalidKind, LogLevel, Outcome, RejectReason, RestResult
+from tests.conformance.sdk_oracle import validate_client_message
 
 AGENT = {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}}, "greeting": "hi"}
 SID = "MZ" + "a" * 32
@@ -289,7 +290,10 @@ def test_agent_not_ready_in_time_redirects_the_call_to_the_fallback() -> None:
     call = make_call(agent_ready_timeout=10)
     feed(call, TwilioStart(SID, CALL), StreamTokenAccepted(), now=0.0)
     assert call.handle(Tick(), 9.0) == []
-    actions = call.handle(Tick(), 10.5)
+    assert call.handle(Tick(), 10.5)[0] == Log(
+        LogLevel.ERROR, "agent_not_ready", {"state": "connecting_agent", "timeout_s": 10}
+    )
+    actions = call.handle(Tick(), 11.0)  # the next tick decides: no second chance at the start
     (redirect,) = of(actions, RedirectCall)
     assert "<Say>Sorry, our assistant is not available right now." in redirect.twiml and "<Hangup />" in redirect.twiml
     assert Measure("fallbacks", 1, "agent_not_ready") in actions and of(actions, EndCall) == []
@@ -297,22 +301,54 @@ def test_agent_not_ready_in_time_redirects_the_call_to_the_fallback() -> None:
     assert call.summary(11.0)["fallback_reason"] == "agent_not_ready"
 
 
-def test_agent_error_is_logged_and_ends_call() -> None:
+def test_an_agent_lost_mid_call_is_reconnected_with_the_conversation_and_no_greeting() -> None:
     call = ready_call()
-    actions = feed(call, AgentError("INTERNAL_SERVER_ERROR", "boom"))
+    feed(call, AgentConversationText("assistant", "hi"), AgentConversationText("user", "my order"), now=2.0)
+    actions = feed(call, AgentError("INTERNAL_SERVER_ERROR", "boom"), now=3.0)
     assert of(actions, Log)[0].fields == {"code": "INTERNAL_SERVER_ERROR", "description": "boom"}
-    assert of(actions, EndCall)[0].outcome == "agent_error"
+    assert of(actions, EndCall) == [] and call.state is CallState.AGENT_DOWN
+    assert feed(call, TwilioMedia(b"\x05" * 160, SID), now=3.2) == []  # the caller's audio is kept meanwhile
+    assert of(feed(call, Tick(), now=3.5), ConnectAgent) == [ConnectAgent()]  # the first attempt, at once
+    feed(call, AgentConnected(), now=3.6)
+    settings = json.loads(next(a.data for a in feed(call, AgentWelcome("r2"), now=3.7) if isinstance(a, SendToAgent)))
+    validate_client_message(settings)  # deepgram-sdk's model of Settings, context included
+    assert "greeting" not in settings["agent"]
+    assert settings["agent"]["context"]["messages"] == [
+        {"type": "History", "role": "assistant", "content": "hi"},
+        {"type": "History", "role": "user", "content": "my order"},
+    ]
+    flushed = of(feed(call, AgentSettingsApplied(), now=4.0), SendToAgent)
+    assert flushed == [SendToAgent(b"\x05" * 160)]  # delivered after SettingsApplied
+    assert call.summary(5.0)["reconnects"] == 1 and call.summary(5.0)["reconnect_waits_s"] == [1.0]
+
+
+def test_the_reconnect_budget_spent_gets_the_caller_the_fallback() -> None:
+    call = ready_call(reconnect_attempts=2, reconnect_within=10.0)
+    feed(call, AgentClosed(1011, "gone"), now=1.0)
+    assert of(feed(call, Tick(), now=1.0), ConnectAgent)  # attempt 1, at once
+    feed(call, AgentConnectFailed("timed out opening the connection"), now=2.0)
+    assert of(feed(call, Tick(), now=2.0), ConnectAgent) == []  # backoff: 0.5 s after the last attempt
+    assert of(feed(call, Tick(), now=2.5), ConnectAgent)  # attempt 2
+    feed(call, AgentConnectFailed("timed out opening the connection"), now=3.5)
+    actions = feed(call, Tick(), now=4.0)
+    assert of(actions, RedirectCall) and Measure("fallbacks", 1, "reconnect_failed") in actions
+
+
+def test_a_failure_a_new_session_would_repeat_is_not_retried() -> None:
+    call = ready_call()
+    feed(call, AgentError("INVALID_SETTINGS", "bad think provider"), now=1.0)
+    actions = feed(call, Tick(), now=1.5)
+    assert of(actions, ConnectAgent) == [] and Measure("fallbacks", 1, "cannot_heal") in actions
 
 
 def test_agent_refused_at_start_gets_the_fallback_and_a_failed_fallback_ends_the_call() -> None:
     call = started_call(fallback_twiml="<Response><Say>custom</Say></Response>")
-    actions = feed(call, AgentConnectFailed("HTTP 401 on upgrade (bad API key)"))
+    feed(call, AgentConnectFailed("HTTP 401 on upgrade (bad API key)"))
+    actions = feed(call, Tick(), now=1.5)
     assert of(actions, RedirectCall) == [RedirectCall(CALL, "<Response><Say>custom</Say></Response>")]
     assert Measure("fallbacks", 1, "agent_refused") in actions
     ended = of(feed(call, CallUpdateFailed("no Twilio REST credentials")), EndCall)
     assert ended[0].outcome == "agent_error" and "no fallback" in call.end_reason
-    other = ready_call()
-    assert of(feed(other, AgentClosed(1011, "bye")), EndCall)[0].outcome == "agent_closed"  # mid-call: no fallback yet
 
 
 def test_warning_unknown_info_and_invalid_messages_never_end_the_call() -> None:

@@ -177,19 +177,19 @@ class Model:
             case AgentConnected() if phase == "connecting":
                 self.phase = "awaiting_welcome"
             case AgentConnectFailed() if phase == "connecting":
-                self.phase, self.fallback_at = "falling_back", now
+                self.phase = "agent_down"
             case AgentWelcome() if phase == "awaiting_welcome":
                 self.phase = "awaiting_settings"
             case AgentSettingsApplied() if phase == "awaiting_settings":
                 self.phase = "live"
-            case AgentError() | AgentClosed() if phase in WAITING_FOR_AGENT:
-                self.phase, self.fallback_at = "falling_back", now  # never ready: the fallback
-            case AgentError() | AgentClosed() if phase == "live":
-                self.phase = "ended"
+            case AgentError() | AgentClosed() if phase in (*WAITING_FOR_AGENT, "live"):
+                self.phase = "agent_down"
+            case Tick() if phase == "agent_down":  # no reconnect budget here: the fallback
+                self.phase, self.fallback_at = "falling_back", now
             case Tick() if phase == "awaiting_start" and now >= START_TIMEOUT:
                 self.phase = "ended"
             case Tick() if phase in WAITING_FOR_AGENT and now >= self.accepted_at + READY_TIMEOUT:
-                self.phase, self.fallback_at = "falling_back", now
+                self.phase = "agent_down"
             case Tick() if phase == "falling_back" and now >= self.fallback_at + CALL_UPDATE_TIMEOUT:
                 self.phase = "ended"  # Twilio never answered the redirect (none is sent here)
 
@@ -230,7 +230,8 @@ def run(script: list[Step], queue_size: int | None = None) -> None:
         # a small pre-buffer, so it overflows; no silence check-in or time limit (their own tests),
         # so the call's phases are only the protocol's
         telephony = Telephony(silence_check_in=0, max_call=1e9)
-        options = CallOptions(agent="id", max_prebuffer_seconds=0.5, telephony=telephony)
+        # no reconnects either (their own tests): a lost agent goes straight to the fallback
+        options = CallOptions(agent="id", max_prebuffer_seconds=0.5, telephony=telephony, reconnect_attempts=0)
         ws = StubTwilioSocket()
         session = ObservedSession(ws=ws, options=options, deps=deps, clock=lambda: clock[0])  # type: ignore[arg-type]
         if queue_size is not None:

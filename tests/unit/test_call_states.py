@@ -34,9 +34,11 @@ from app.core.events import (
     AgentInjectionRefused,
     AgentInvalid,
     AgentReadyDeadlinePassed,
+    AgentRetryDue,
     AgentSettingsApplied,
     AgentStartedSpeaking,
     AgentThinking,
+    AgentUnavailable,
     AgentUnknown,
     AgentUserStartedSpeaking,
     AgentWarning,
@@ -126,6 +128,8 @@ SAMPLES: dict[type[Any], Event] = {
     HangUpDue: HangUpDue(HangupReason.END_CALL),
     TransferDue: TransferDue("sales", "<Response><Dial>+15551230001</Dial></Response>"),
     AgentInjectionRefused: AgentInjectionRefused("someone is speaking"),
+    AgentRetryDue: AgentRetryDue(),
+    AgentUnavailable: AgentUnavailable(),
 }
 
 ALL_EVENT_TYPES = set(typing.get_args(Event))
@@ -158,7 +162,8 @@ PATH: dict[CallState, list[Event]] = {
     ],
     CallState.HANGING_UP: [*LIVE_PATH, HangUpDue(HangupReason.END_CALL)],
     CallState.TRANSFERRING: [*LIVE_PATH, TransferDue("sales", "<Response/>")],
-    CallState.FALLING_BACK: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnectFailed("HTTP 401")],
+    CallState.AGENT_DOWN: [*LIVE_PATH, AgentClosed(1011, "lost")],
+    CallState.FALLING_BACK: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnectFailed("HTTP 401"), Tick()],
     CallState.ENDED: [TwilioStop()],
 }
 
@@ -192,7 +197,7 @@ def test_outcomes_only_end_accepted_calls_and_reasons_only_refuse_streams() -> N
 
 
 def test_close_codes_tell_twilio_why() -> None:
-    assert close_code(Outcome.CALLER_HANGUP) == close_code(Outcome.AGENT_CLOSED) == 1000
+    assert close_code(Outcome.CALLER_HANGUP) == close_code(Outcome.FALLBACK) == 1000
     assert close_code(Outcome.BRIDGE_SHUTDOWN) == close_code(RejectReason.SHUTTING_DOWN) == 1001
     assert close_code(RejectReason.BAD_TOKEN) == close_code(RejectReason.NO_START) == 1008
     assert close_code(Outcome.BRIDGE_ERROR) == close_code(RejectReason.INTERNAL_ERROR) == 1011
@@ -248,6 +253,8 @@ def test_every_state_event_pair_has_its_defined_outcome(state: CallState, event_
         assert call.end_reason and call.end_reason != event_type.__name__  # said in words
         sends = (SendMedia, SendMark, ClearTwilio, SendToAgent, ConnectAgent, RedeemStreamToken)
         assert not [a for a in actions if isinstance(a, sends)]  # an ending sends nothing
+    elif event_type is Tick and state is CallState.AGENT_DOWN:  # long after the loss: budget spent
+        assert call.state is CallState.FALLING_BACK
     elif event_type is Tick:  # a Tick late enough fires the state's own deadline
         expected = TRANSITIONS[state][DEADLINES[state]]
         assert call.state is (expected if isinstance(expected, CallState) else CallState.ENDED)
