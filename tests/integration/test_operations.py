@@ -166,8 +166,11 @@ def test_call_record_is_posted_signed(
         assert {t["role"] for t in record["transcript"]} == {"assistant", "user"}
     else:
         assert "transcript" not in record
-    _, text = get(bridge.base_url + "/metrics")
-    assert metric_value(text, "callbridge_call_records_total", 'result="delivered"') == 1
+    # the sender counts a delivery once the receiver's answer is back, just after it was recorded
+    delivered = 'result="delivered"'
+    assert wait_until(
+        lambda: metric_value(get(bridge.base_url + "/metrics")[1], "callbridge_call_records_total", delivered) == 1
+    )
 
 
 @pytest.mark.timeout(90)
