@@ -20,7 +20,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
+from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import CallOptions, Telephony, ToolSpec
+from app.twilio.rest import E164
 from app.twilio.webhook import DEFAULT_FALLBACK_SAY, fallback_twiml
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
@@ -152,7 +154,6 @@ class AgentAudioModel(BaseModel):
 
 
 TRANSFER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-E164 = re.compile(r"\+[1-9]\d{6,14}")
 
 
 def _transfer_name(name: str) -> str:
@@ -293,7 +294,7 @@ def function_problem(profile: AgentProfile) -> str:
     """Built-in telephony functions and operator tools against what the agent declares."""
     declared = declared_functions(profile)
     telephony, tools = profile.bridge.telephony, profile.bridge.tools
-    builtins = {"end_call": telephony.end_call, "transfer_call": bool(telephony.transfer)}
+    builtins = {END_CALL: telephony.end_call, TRANSFER_CALL: bool(telephony.transfer)}
     for name, offered in builtins.items():
         if offered and name in declared:
             return (

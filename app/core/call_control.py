@@ -35,7 +35,6 @@ from app.twilio.webhook import transfer_twiml
 
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"
-BUILTIN_NAMES = frozenset({END_CALL, TRANSFER_CALL})
 
 
 def builtin_functions(telephony: Telephony) -> list[dict[str, Any]]:

@@ -68,15 +68,20 @@ def connect_twiml(media_url: str, token: str, caller: str, callee: str, profile:
     return str(response)
 
 
-def transfer_twiml(destination: str) -> str:
-    """TwiML that dials ``destination``: an E.164 number, or a ``sip:`` URI."""
-    response = VoiceResponse()
+def _dial(destination: str) -> Dial:
+    """A ``<Dial>`` to an E.164 number, or to a ``sip:`` URI."""
     dial = Dial()
     if destination.startswith("sip:"):
         dial.sip(destination)
     else:
         dial.number(destination)
-    response.append(dial)
+    return dial
+
+
+def transfer_twiml(destination: str) -> str:
+    """TwiML that dials ``destination``."""
+    response = VoiceResponse()
+    response.append(_dial(destination))
     return str(response)
 
 
@@ -91,10 +96,5 @@ def fallback_twiml(say: str = DEFAULT_FALLBACK_SAY, dial: str | None = None) -> 
     if dial is None:
         response.hangup()
     else:
-        call = Dial()
-        if dial.startswith("sip:"):
-            call.sip(dial)
-        else:
-            call.number(dial)
-        response.append(call)
+        response.append(_dial(dial))
     return str(response)
