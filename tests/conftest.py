@@ -25,6 +25,7 @@ import uvicorn
 
 from app.config import RuntimeConfig, Settings, resolve
 from app.devtools.local_agent import LocalAgent, LocalAgentConfig
+from app.devtools.twilio_api import TwilioApiStandIn
 from app.observability import logging as logs
 from app.server import create_app
 
@@ -175,3 +176,15 @@ def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
     for server, thread in servers:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def twilio_api() -> Iterator[TwilioApiStandIn]:
+    """The local stand-in of Twilio's REST API, with the auth token the bridges here use."""
+    with TwilioApiStandIn(auth_token=TWILIO_TOKEN) as api:
+        yield api
+
+
+def rest_env(api: TwilioApiStandIn) -> dict[str, str]:
+    """The settings that point a bridge started by ``start_bridge`` at ``api``."""
+    return {"twilio_api_base": api.base_url, "twilio_account_sid": api.account_sid}

@@ -24,7 +24,7 @@ from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
 from app.devtools.simulated_caller import CallResult, SimulatedCaller
 from app.devtools.twilio_api import TwilioApiStandIn
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, rest_env, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,16 +49,6 @@ def profile(telephony: dict[str, Any] | None = None, tools: dict[str, Any] | Non
             for name in tools
         ]
     return base
-
-
-@pytest.fixture
-def twilio_api() -> Iterator[TwilioApiStandIn]:
-    with TwilioApiStandIn(auth_token=TWILIO_TOKEN) as api:
-        yield api
-
-
-def rest_env(api: TwilioApiStandIn) -> dict[str, str]:
-    return {"twilio_api_base": api.base_url, "twilio_account_sid": api.account_sid}
 
 
 def call(bridge: BridgeHandle, audio: bytes, **kwargs: Any) -> CallResult:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig
 from app.devtools.simulated_caller import CallResult, SimulatedCaller
 from app.devtools.twilio_api import TwilioApiStandIn
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, rest_env, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,16 +31,6 @@ def profile(**bridge: Any) -> dict[str, Any]:
     base: dict[str, Any] = json.loads((Path(app.__file__).parent / "profiles" / "default.json").read_text())
     base["bridge"].update(bridge)
     return base
-
-
-@pytest.fixture
-def twilio_api() -> Iterator[TwilioApiStandIn]:
-    with TwilioApiStandIn(auth_token=TWILIO_TOKEN) as api:
-        yield api
-
-
-def rest_env(api: TwilioApiStandIn) -> dict[str, str]:
-    return {"twilio_api_base": api.base_url, "twilio_account_sid": api.account_sid}
 
 
 def call(bridge: BridgeHandle, seconds: float, **kwargs: Any) -> CallResult:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,14 +18,9 @@ import pytest
 
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
-from app.devtools.endpoints import free_port
+from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.simulated_caller import SimulatedCaller
 from tests.conftest import TWILIO_TOKEN, AgentHandle, wait_until
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.timeout(60)
@@ -51,7 +45,7 @@ def test_calls_cut_by_shutdown_are_recorded_as_bridge_shutdown(
         )
     outcome: dict[str, Any] = {}
     try:
-        assert wait_until(lambda: _listening(port), timeout=20), log_path.read_text()
+        wait_for_port(port, proc)
         caller = SimulatedCaller(f"http://127.0.0.1:{port}", TWILIO_TOKEN, tail=0.5)
         pcm = synth.silence(8.0)  # longer than the test lets it run
         thread = threading.Thread(

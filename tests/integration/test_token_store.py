@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from app.devtools.endpoints import free_port
+from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.simulated_caller import SimulatedCaller, parse_twiml
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,18 +35,11 @@ def redis_url() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert wait_until(lambda: _answers(port), timeout=10), "redis-server did not start"
+        wait_for_port(port, proc, timeout=10)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         proc.wait(5)
-
-
-def _answers(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_the_store_says_yes_once_per_nonce_and_forgets_it_at_expiry(redis_url: str) -> None:

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from app.devtools.endpoints import free_port
+from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.simulated_caller import SimulatedCaller
 from app.observability.log_limit import LogLimiter
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_requests_whose_headers_never_finish_are_closed_after_the_header_timeout(tmp_path: Path) -> None:
@@ -39,7 +34,7 @@ def test_requests_whose_headers_never_finish_are_closed_after_the_header_timeout
         )
     sockets: list[socket.socket] = []
     try:
-        assert wait_until(lambda: _listening(port), timeout=20), log_path.read_text()
+        wait_for_port(port, proc)
         for i in range(100):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST /twilio/voice HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"GET /heal")  # never finished
