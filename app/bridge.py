@@ -169,8 +169,7 @@ class CallSession:
         self.twilio_dropped_on_clear = 0
         self.twilio_bytes_dropped_on_clear = 0
         self._flushed = CallStats()  # what the metrics have been given so far
-        self._flushed_cleared_bytes = 0
-        self._flushed_stuck = (0, 0)  # audio dropped because a peer was not reading, flushed so far
+        self._flushed_drops: dict[tuple[DropReason, Direction], int] = {}  # bytes dropped, flushed so far
         self._overflowed: Overflow | None = None
         self._twilio_writer_task: asyncio.Task[None] | None = None
         self._agent_writer_task: asyncio.Task[None] | None = None
@@ -304,7 +303,7 @@ class CallSession:
             return
         options = self.deps.options_for(profile)
         if options is not None:  # nothing was sent to the agent yet: size its queue anew
-            self.agent_out = agent_queue(options.agent_queue_limit, self.clock)
+            self._renew_agent_queue(options.agent_queue_limit)
         self.feed(StreamTokenAccepted(options))
 
     async def _redeem_shared(self, redeem: RedeemStreamToken, store: RedisTokenStore) -> None:
@@ -380,7 +379,7 @@ class CallSession:
         if self._agent_writer_task is not None:
             self._agent_writer_task.cancel()
             self._agent_writer_task = None
-            self.agent_out = agent_queue(self.agent_out.maxsize, self.clock)
+            self._renew_agent_queue(self.agent_out.maxsize)
 
         def feed_current(event: Event) -> None:
             if session == self._agent_session:
@@ -392,6 +391,13 @@ class CallSession:
                 self._agent_writer_task = self._spawn(self._agent_writer(ws))
 
         self._spawn(run_session(self.deps.agent_url, self.deps.agent_api_key, feed_current, opened))
+
+    def _renew_agent_queue(self, limit: int) -> None:
+        """A fresh agent queue (a new profile's size, or a new session): what the old one still
+        held is never sent, so it counts as dropped, and its count carries on."""
+        old = self.agent_out
+        self.agent_out = agent_queue(limit, self.clock)
+        self.agent_out.dropped_bytes = old.dropped_bytes + old.queued_audio
 
     @staticmethod
     async def _close_quietly(ws: ClientConnection) -> None:
@@ -465,22 +471,17 @@ class CallSession:
         ):
             if now > before:
                 counter.labels(direction.value).inc(now - before)
-        stuck = (self.agent_out.dropped_bytes, self.twilio_out.dropped_bytes)
-        for direction, now, before in (
-            (Direction.CALLER_TO_AGENT, stuck[0], self._flushed_stuck[0]),
-            (Direction.AGENT_TO_CALLER, stuck[1], self._flushed_stuck[1]),
-        ):
-            if now > before:
-                m.dropped.labels(direction.value, DropReason.PEER_NOT_READING.value).inc(now - before)
-        self._flushed_stuck = stuck
-        cleared, cleared_before = self.twilio_bytes_dropped_on_clear, self._flushed_cleared_bytes
-        held, held_before = stats.caller_bytes_dropped, seen.caller_bytes_dropped
-        for reason, direction, now, before in (
-            (DropReason.AGENT_NOT_READY, Direction.CALLER_TO_AGENT, held, held_before),
-            (DropReason.BARGE_IN, Direction.AGENT_TO_CALLER, cleared, cleared_before),
-        ):
+        drops = {
+            (DropReason.AGENT_NOT_READY, Direction.CALLER_TO_AGENT): stats.caller_bytes_dropped,
+            (DropReason.BARGE_IN, Direction.AGENT_TO_CALLER): self.twilio_bytes_dropped_on_clear,
+            (DropReason.PEER_NOT_READING, Direction.CALLER_TO_AGENT): self.agent_out.dropped_bytes,
+            (DropReason.PEER_NOT_READING, Direction.AGENT_TO_CALLER): self.twilio_out.dropped_bytes,
+        }
+        for (reason, direction), now in drops.items():
+            before = self._flushed_drops.get((reason, direction), 0)
             if now > before:
                 m.dropped.labels(direction.value, reason.value).inc(now - before)
+        self._flushed_drops = drops
         for kind, count in stats.invalid.items():
             if count > seen.invalid.get(kind, 0):
                 m.invalid_inputs.labels(kind.value).inc(count - seen.invalid.get(kind, 0))
@@ -488,7 +489,6 @@ class CallSession:
             if count > seen.overflows.get(overflow, 0):
                 m.overflows.labels(overflow.value).inc(count - seen.overflows.get(overflow, 0))
         self._flushed = stats.snapshot()
-        self._flushed_cleared_bytes = self.twilio_bytes_dropped_on_clear
 
     # --- lifecycle -------------------------------------------------------------------------
 

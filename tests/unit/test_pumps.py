@@ -151,3 +151,14 @@ def test_nothing_is_queued_once_the_call_has_ended() -> None:
     session = asyncio.run(run())
     assert session.agent_out.empty() and session.twilio_out.empty()
     assert session.end is not None and session.end.outcome == "caller_hangup"
+
+
+def test_audio_a_replaced_agent_queue_still_held_counts_as_dropped() -> None:
+    async def run() -> CallSession:
+        session = live_session_with_clock([0.0])
+        session.agent_out.put_nowait(b"\x01" * 160)  # queued for a session that is then lost
+        session._renew_agent_queue(session.agent_out.maxsize)
+        return session
+
+    session = asyncio.run(run())
+    assert session.agent_out.empty() and session.agent_out.dropped_bytes == 160
