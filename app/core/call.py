@@ -368,9 +368,6 @@ class Call:
         self.attempts.append(now)
         return [Log(LogLevel.INFO, "agent_reconnecting", {"attempt": len(self.attempts)})]
 
-    def _on_agent_unavailable(self, event: AgentUnavailable, now: float) -> list[Action]:
-        return []
-
     def _agent_down_next(self, now: float) -> AgentRetryDue | AgentUnavailable | None:
         """In AGENT_DOWN: another attempt (after its backoff), or the fallback. A call that
         never got its agent, or lost it for a reason a new session would repeat, gets the
@@ -595,7 +592,7 @@ _HANDLERS: dict[type[Event], _Handler] = {
     CallUpdateFailed: Call._on_call_update_failed,
     CallUpdateDeadlinePassed: Call._on_call_update_deadline,
     AgentRetryDue: Call._on_agent_retry_due,
-    AgentUnavailable: Call._on_agent_unavailable,
+    AgentUnavailable: Call._nothing,
     HangUpDue: Call._on_hang_up_due,
     TransferDue: Call._on_transfer_due,
     AgentInjectionRefused: Call._on_injection_refused,
