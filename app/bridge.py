@@ -174,6 +174,8 @@ class CallSession:
         self._twilio_writer_task: asyncio.Task[None] | None = None
         self._agent_writer_task: asyncio.Task[None] | None = None
         self._agent_session = 0  # which agent session is current (reconnects start new ones)
+        self._agent_stuck_session: int | None = None  # the session last dropped for not reading (once each)
+        self._twilio_stuck_reported = False
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -228,7 +230,7 @@ class CallSession:
                     assert_never(action)
         if self._overflowed is not None and self.end is None:
             which, self._overflowed = self._overflowed, None
-            self.feed(OutboxFull(which))
+            self._peer_not_reading(which)
 
     def _log(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
         if event in REFUSAL_EVENTS:  # an attacker can cause these at will: bounded per process
@@ -454,11 +456,30 @@ class CallSession:
 
     def _check_peers_reading(self) -> None:
         """A peer that has taken nothing from its queue for ``PEER_STUCK_SECONDS`` while items
-        wait is stuck: the call ends (its audio was being dropped meanwhile)."""
+        wait is stuck (its oldest audio was being dropped meanwhile)."""
         for queue, which in ((self.agent_out, Overflow.AGENT_QUEUE), (self.twilio_out, Overflow.TWILIO_QUEUE)):
             if queue.stuck_for() >= PEER_STUCK_SECONDS and self.end is None:
-                self.log.error("peer_not_reading", queue=which.value, stuck_s=round(queue.stuck_for(), 1))
-                self.feed(OutboxFull(which))
+                self._peer_not_reading(which, round(queue.stuck_for(), 1))
+
+    def _peer_not_reading(self, which: Overflow, stuck_s: float | None = None) -> None:
+        """Once per stuck peer. An agent that does not read is a lost session: its socket is
+        dropped and the core reconnects (or falls back) as for any loss. A Twilio socket that
+        does not read cannot carry anything the caller would hear: the core falls back through
+        the REST API. A queue full of control messages (``stuck_s`` None) counts the same."""
+        if which is Overflow.AGENT_QUEUE:
+            ws = self.agent_ws
+            if ws is None or self._agent_stuck_session == self._agent_session:
+                return
+            self._agent_stuck_session = self._agent_session
+            self.log.error("peer_not_reading", queue=which.value, stuck_s=stuck_s, then="agent session dropped")
+            self.call.stats.count_overflow(which)
+            ws.transport.abort()  # the reader sees the loss and says AgentClosed, as for any drop
+            return
+        if self._twilio_stuck_reported:
+            return
+        self._twilio_stuck_reported = True
+        self.log.error("peer_not_reading", queue=which.value, stuck_s=stuck_s, then="fallback")
+        self.feed(OutboxFull(which))
 
     def _flush_metrics(self) -> None:
         """Move the call's own counters into Prometheus: per tick, not per frame."""

@@ -172,6 +172,8 @@ class Call:
             if target is CallState.FALLING_BACK:
                 self.fallback_reason = self._why_fallback(event)
             return actions + self._enter(target, now)
+        if target is Outcome.AGENT_ERROR and self.fallback_reason is FallbackReason.TWILIO_NOT_READING:
+            target = Outcome.BRIDGE_ERROR  # the fallback failed, but the agent was never the fault
         return actions + self._end(target, self._handoff_end_reason(event) or end_reason(event))
 
     @property
@@ -257,6 +259,8 @@ class Call:
                 assert_never(target)
 
     def _why_fallback(self, event: Event) -> FallbackReason:
+        if isinstance(event, OutboxFull):
+            return FallbackReason.TWILIO_NOT_READING
         failure = self.failure if isinstance(event, AgentUnavailable) and self.failure is not None else event
         if self.was_live:
             return FallbackReason.CANNOT_HEAL if cannot_heal(failure) else FallbackReason.RECONNECT_FAILED
@@ -280,9 +284,12 @@ class Call:
             return f"hung up by the bridge after the goodbye{why}{problem}"
         if self.state is CallState.FALLING_BACK:
             why = self.fallback_reason.value if self.fallback_reason is not None else "agent unavailable"
-            return f"agent could not take the call ({why}): " + (
-                f"no fallback{problem}" if problem else "fallback played"
+            what = (
+                "twilio stopped reading the stream"
+                if self.fallback_reason is FallbackReason.TWILIO_NOT_READING
+                else f"agent could not take the call ({why})"
             )
+            return f"{what}: " + (f"no fallback{problem}" if problem else "fallback played")
         return f"transfer to {self.transferred_to}" + (f" failed{problem}" if problem else " done")
 
     def _out_of_order(self, event: Event) -> list[Action]:

@@ -21,15 +21,19 @@ ready, keep-alive) and of the metric flushes. Costs one wake-up per call per tic
 AGENT_BACKLOG_SECONDS = 30.0
 """Live caller audio the agent send queue holds beyond the pre-buffer's flush: far beyond any
 network hiccup. Past it the oldest audio is dropped and counted; an agent that reads nothing
-for ``PEER_STUCK_SECONDS`` ends the call (``Overflow.AGENT_QUEUE``)."""
+for ``PEER_STUCK_SECONDS`` has its session dropped and reopened (``Overflow.AGENT_QUEUE``)."""
 
 RECONNECT_BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0)
 """Wait before reconnect attempt 1, 2, 3, 4... (the last value repeats), from the failure."""
 
 PEER_STUCK_SECONDS = 10.0
 """A peer (the agent or Twilio) that takes nothing from its send queue for this long while
-items wait is stuck, and the call ends (``bridge_error``). Meanwhile, a full queue drops its
-oldest audio, so memory stays at the queue's bounds; calls on other sockets are unaffected."""
+items wait is stuck. A stuck agent is a lost session: dropped, then reconnected within the
+budget or the fallback. A stuck Twilio socket cannot carry anything the caller would hear:
+the call is redirected to the fallback through the REST API. Meanwhile, a full queue drops its
+oldest audio, so memory stays at the queue's bounds; calls on other sockets are unaffected.
+Ten seconds: far beyond a network hiccup or a GC pause, short enough that a caller on a
+stalled line is not left waiting long."""
 
 TWILIO_QUEUE_LIMIT = 4000
 """Twilio-bound items (media, marks, clear) queued in the bridge. The agent sends speech

@@ -108,7 +108,9 @@ _IN_CALL: Row = {
     TwilioStop: Outcome.CALLER_HANGUP,
     TwilioClosed: Outcome.CALLER_HANGUP,
     BridgeFailed: Outcome.BRIDGE_ERROR,
-    OutboxFull: Outcome.BRIDGE_ERROR,  # a peer stopped reading
+    # Twilio's socket stopped reading (the agent's is handled by the pump as a lost session):
+    # what is sent on it is never heard, so the caller gets the fallback through the REST API
+    OutboxFull: CallState.FALLING_BACK,
     BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
 }
 # the agent session fails (before it is ready, or mid-call): AGENT_DOWN decides, on the next
@@ -133,13 +135,17 @@ _AGENT_TALKING = (
     FunctionDone,
     *_AGENT_CHATTER,
 )
+
+
 # ending a call on purpose (states after LIVE): Twilio ends the stream itself once the call is
 # updated, so its stop is the expected end, not the caller hanging up
-_HANDING_OFF_ENDS: Row = {
-    BridgeFailed: Outcome.BRIDGE_ERROR,
-    OutboxFull: Outcome.BRIDGE_ERROR,
-    BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN,
-}
+def _handing_off(state: CallState) -> Row:
+    """How a hand-off state (the REST update sent) ends for the bridge's reasons. A stuck
+    Twilio socket changes nothing there: closing the stream before Twilio has the new TwiML
+    would cut the call, and the update's deadline bounds the wait."""
+    return {BridgeFailed: Outcome.BRIDGE_ERROR, OutboxFull: state, BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN}
+
+
 # Twilio's inputs, and the clock, during a call; until LIVE the media is pre-buffered and a
 # returned mark is unknown
 _TWILIO_AND_CLOCK = (TwilioConnected, TwilioMedia, TwilioMark, TwilioDtmf, TwilioInvalid, Tick)
@@ -219,7 +225,7 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 TwilioStop: Outcome.COMPLETED,
                 TwilioClosed: Outcome.COMPLETED,
             },
-            _HANDING_OFF_ENDS,
+            _handing_off(_HANGING_UP),
         ),
         _TRANSFERRING: _row(
             _stay(_TRANSFERRING, *_TWILIO_AND_CLOCK, *_AGENT_TALKING, AgentError, AgentClosed),
@@ -230,7 +236,7 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 TwilioStop: Outcome.TRANSFERRED,  # Twilio leaves the stream for the new TwiML
                 TwilioClosed: Outcome.TRANSFERRED,
             },
-            _HANDING_OFF_ENDS,
+            _handing_off(_TRANSFERRING),
         ),
         _FALLING_BACK: _row(
             # the agent's late messages change nothing now; its lifecycle events are out of order
@@ -242,7 +248,7 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 TwilioStop: Outcome.FALLBACK,  # Twilio leaves the stream for the fallback TwiML
                 TwilioClosed: Outcome.FALLBACK,
             },
-            _HANDING_OFF_ENDS,
+            _handing_off(_FALLING_BACK),
         ),
         CallState.ENDED: _row(),
     }

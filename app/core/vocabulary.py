@@ -31,6 +31,7 @@ class FallbackReason(StrEnum):
     AGENT_FAILED = "agent_failed"  # Error, or the socket closed, before the session was ready
     RECONNECT_FAILED = "reconnect_failed"  # lost mid-call and not restored within the budget
     CANNOT_HEAL = "cannot_heal"  # lost mid-call for a reason a new session would repeat (settings, key)
+    TWILIO_NOT_READING = "twilio_not_reading"  # the media socket took nothing for PEER_STUCK_SECONDS
 
 
 class HangupReason(StrEnum):

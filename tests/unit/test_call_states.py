@@ -215,9 +215,18 @@ def test_the_table_cannot_be_changed_at_run_time_nor_list_an_event_twice() -> No
 def test_every_live_state_can_end_and_watches_a_deadline() -> None:
     for state in set(CallState) - {CallState.ENDED}:
         row = TRANSITIONS[state]
-        for ending in (TwilioStop, TwilioClosed, BridgeFailed, BridgeShuttingDown, OutboxFull):
+        for ending in (TwilioStop, TwilioClosed, BridgeFailed, BridgeShuttingDown):
             target = row[ending]
             assert isinstance(target, Outcome | RejectReason), (state, ending)
+        # a Twilio socket that stopped reading: refused before a call, the fallback during one,
+        # and nothing new once the call is being handed off (the update's deadline ends it)
+        stuck = row[OutboxFull]
+        if state in (CallState.AWAITING_START, CallState.CHECKING_TOKEN):
+            assert stuck is RejectReason.INTERNAL_ERROR
+        elif state in (CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK):
+            assert stuck is state and DEADLINES[state] is CallUpdateDeadlinePassed
+        else:
+            assert stuck is CallState.FALLING_BACK, state
         assert row[Tick] is state
         assert DEADLINES[state] in row  # the deadline's event is taken there
 

@@ -9,6 +9,8 @@ from typing import Any
 from app.bridge import CallDeps, CallSession
 from app.core.actions import ClearTwilio, SendMark, SendMedia
 from app.core.options import CallOptions
+from app.core.states import CallState
+from app.core.vocabulary import FallbackReason
 from app.devtools.simulated_caller import Player
 from app.twilio import messages as tm
 from app.twilio.stream_token import StreamTokens
@@ -96,13 +98,31 @@ def live_session_with_clock(now: list[float]) -> CallSession:
     return session
 
 
-def test_an_agent_that_stops_reading_costs_bounded_memory_then_ends_the_call() -> None:
-    from app.core.events import TwilioMedia
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    def abort(self) -> None:
+        self.aborted += 1
+
+
+class _AgentSocket:
+    """What the pump touches of a stuck agent's socket: only its transport, to drop it."""
+
+    def __init__(self) -> None:
+        self.transport = _Transport()
+
+
+def test_an_agent_that_stops_reading_costs_bounded_memory_then_its_session_is_dropped() -> None:
+    from app.core.events import AgentClosed, TwilioMedia
     from app.core.options import PEER_STUCK_SECONDS
+
+    socket = _AgentSocket()
 
     async def run() -> CallSession:
         now = [0.0]
         session = live_session_with_clock(now)
+        session.agent_ws = socket  # type: ignore[assignment]
         limit = session.agent_out.maxsize
         for i in range(limit * 2):  # twice what the queue holds, in a burst
             now[0] = i * 0.001
@@ -110,15 +130,39 @@ def test_an_agent_that_stops_reading_costs_bounded_memory_then_ends_the_call() -
             assert session.agent_out.qsize() <= limit
             session._check_peers_reading()
         assert not session.done.is_set() and session.agent_out.dropped_bytes == limit * 160
+        assert socket.transport.aborted == 0  # dropping audio is not giving up on the agent
         now[0] = PEER_STUCK_SECONDS  # nothing taken since the first frame
         session._check_peers_reading()
+        session._check_peers_reading()  # once per session, however long it stays stuck
+        assert socket.transport.aborted == 1
+        session.feed(AgentClosed(1006, ""))  # what the session's reader says once the socket is gone
         return session
 
     session = asyncio.run(run())
     assert session.agent_out.dropped_bytes > 0  # the oldest audio went, counted
-    assert session.end is not None and session.end.outcome == "bridge_error"
+    assert session.end is None and session.call.state is CallState.AGENT_DOWN  # reconnect, or the fallback
     assert session.call.stats.overflows == {"agent_queue": 1}
-    assert session.agent_out.stuck_for() >= PEER_STUCK_SECONDS
+
+
+def test_a_twilio_socket_stuck_for_long_gets_the_caller_the_fallback() -> None:
+    from app.core.events import AgentAudio
+    from app.core.options import PEER_STUCK_SECONDS
+
+    async def run() -> CallSession:
+        now = [0.0]
+        session = live_session_with_clock(now)
+        session.feed(AgentAudio(b"\xff" * 1600))
+        now[0] = PEER_STUCK_SECONDS
+        session._check_peers_reading()
+        session._check_peers_reading()
+        return session
+
+    session = asyncio.run(run())
+    # no REST credentials here, so no fallback: the call ends as the bridge's fault, in words
+    assert session.end is not None and session.end.outcome == "bridge_error"
+    assert session.end.reason.startswith("twilio stopped reading")
+    assert session.call.fallback_reason is FallbackReason.TWILIO_NOT_READING
+    assert session.call.stats.overflows == {"twilio_queue": 1}  # reported once
 
 
 def test_a_twilio_that_stops_reading_is_bounded_by_audio_bytes_not_only_by_items() -> None:
