@@ -575,8 +575,12 @@ class CallSession:
             "started_at": datetime.fromtimestamp(self.wall_started, UTC).isoformat(),
             **summary,
         }
+        record["utterances"] = call.playback.heard.records(self.clock())  # lengths only: no PII
         if self.deps.record_transcript:
-            record["transcript"] = [{"t": t, "role": role, "content": text} for t, role, text in call.transcript]
+            turns: list[dict[str, Any]] = [{"t": t, "role": role, "content": text} for t, role, text in call.transcript]
+            for index, utterance in call.conversation.cut_short.items():  # an assistant turn talked over
+                turns[index].update(utterance.as_record())
+            record["transcript"] = turns
         return record
 
     async def _close_twilio(self, code: int) -> None:

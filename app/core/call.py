@@ -394,7 +394,10 @@ class Call:
 
     def _on_user_started_speaking(self, event: AgentUserStartedSpeaking, now: float) -> list[Action]:
         self.control.activity(now, caller=True)
-        return self.playback.barge_in()
+        actions, cut = self.playback.barge_in(now)
+        if cut is not None:
+            self.conversation.interrupted(cut)
+        return actions
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
         self.playback.agent_started_speaking()
@@ -578,6 +581,14 @@ class Call:
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
+        utterances = self.playback.heard.records(now)
+        if utterances:
+            record["agent_audio"] = {
+                "utterances": len(utterances),
+                "interrupted": sum(1 for u in utterances if u["interrupted"]),
+                "heard_ms": sum(u["heard_ms"] for u in utterances),
+                "full_ms": sum(u["full_ms"] for u in utterances),
+            }
         first = self.playback.first_audio_at
         if first is not None:
             record["first_agent_audio_s"] = round(first - self.playback.stream_started_at, 3)

@@ -9,18 +9,27 @@ from typing import Any
 
 from app.core.actions import Action, Log, Measure
 from app.core.events import AgentConversationText, AgentStartedSpeaking, AgentThinking, TwilioDtmf
+from app.core.heard import Utterance
 from app.core.stats import CallStats
 from app.core.vocabulary import LogLevel, MetricName
 
 
 class Conversation:
-    __slots__ = ("_log_text", "_started_at", "_stats", "transcript")
+    __slots__ = ("_log_text", "_started_at", "_stats", "cut_short", "transcript")
 
     def __init__(self, log_transcripts: bool, stats: CallStats, started_at: float) -> None:
         self._log_text = log_transcripts
         self._stats = stats
         self._started_at = started_at
         self.transcript: list[tuple[float, str, str]] = []  # (seconds into the call, role, text)
+        self.cut_short: dict[int, Utterance] = {}  # transcript index of an assistant turn -> what was heard
+
+    def interrupted(self, utterance: Utterance) -> None:
+        """The caller cut the agent short: the latest assistant turn is the one they heard part of."""
+        for index in range(len(self.transcript) - 1, -1, -1):
+            if self.transcript[index][1] == "assistant":
+                self.cut_short.setdefault(index, utterance)  # the first cut of a turn is what counts
+                return
 
     def text(self, event: AgentConversationText, now: float) -> list[Action]:
         self.transcript.append((round(now - self._started_at, 3), event.role, event.content))

@@ -54,6 +54,11 @@ MAX_OUTSTANDING_MARKS = 256
 not returned yet: one per agent utterance. A Twilio that never returns marks cannot grow
 these sets past this; the oldest is forgotten (its mark then counts as unknown)."""
 
+MAX_UTTERANCES_RECORDED = 500
+"""Agent utterances whose heard/full length the call record keeps (``heard.py``); the oldest
+go first. At the maximum call duration's pace of speech this is far more than a call has;
+about 100 bytes each."""
+
 MAX_LOGGED_UNKNOWN_AGENT_TYPES = 32
 """Distinct unknown agent message types logged per call (each once); the rest are ignored
 silently so a peer inventing types cannot flood the log."""

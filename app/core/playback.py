@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from app.codecs import TWILIO_FORMAT, Transcoder
 from app.core.actions import Action, ClearTwilio, Log, Measure, SendMark, SendMedia
+from app.core.heard import HeardAudio, Utterance
 from app.core.options import MAX_OUTSTANDING_MARKS, CallOptions
 from app.core.states import PLAYBACK_TRANSITIONS, PlaybackInput, PlaybackState
 from app.core.stats import CallStats
@@ -24,6 +25,7 @@ class Playback:
         "_stats",
         "_to_twilio",
         "first_audio_at",
+        "heard",
         "state",
         "stream_sid",
         "stream_started_at",
@@ -40,6 +42,7 @@ class Playback:
         # insertion-ordered, so the oldest is forgotten first when a bound is reached
         self._outstanding_marks: dict[str, float] = {}
         self._cleared_marks: dict[str, None] = {}
+        self.heard = HeardAudio()  # how much of each utterance the caller got to hear
 
     def configure(self, options: CallOptions) -> None:
         """The call's profile is known (before any agent audio): its output format."""
@@ -61,6 +64,7 @@ class Playback:
         stats = self._stats
         stats.agent_frames += 1
         stats.agent_bytes += len(data)
+        self.heard.sent(len(data), now)
         send = SendMedia(twilio_msg.media(self.stream_sid, data), len(data))
         if self.first_audio_at is None:
             self.first_audio_at = now
@@ -76,6 +80,7 @@ class Playback:
         self._mark_seq += 1
         name = f"agent-audio-{self._mark_seq}"
         self._outstanding_marks[name] = now
+        self.heard.done(name)
         if len(self._outstanding_marks) > MAX_OUTSTANDING_MARKS:
             del self._outstanding_marks[next(iter(self._outstanding_marks))]
         return [SendMark(twilio_msg.mark(self.stream_sid, name), name)]
@@ -84,6 +89,7 @@ class Playback:
         sent_at = self._outstanding_marks.pop(name, None)
         if sent_at is not None:
             self._stats.marks_played += 1
+            self.heard.mark_returned(name, now)
             if not self._outstanding_marks:
                 self._go(PlaybackInput.LAST_MARK_PLAYED)
             return [Log(LogLevel.DEBUG, "agent_audio_played", {"mark": name, "after_s": round(now - sent_at, 3)})]
@@ -94,10 +100,13 @@ class Playback:
             return [Log(LogLevel.WARNING, "twilio_unknown_mark", {"mark": name[:64]})]
         return []
 
-    def barge_in(self) -> list[Action]:
+    def barge_in(self, now: float) -> tuple[list[Action], Utterance | None]:
         """The caller talks over the agent: Twilio must stop playing at once, so ``clear`` is
-        the first action; the pump also drops agent audio it still holds for Twilio."""
+        the first action; the pump also drops agent audio it still holds for Twilio. Also
+        returns the utterance the caller cut short, if they did."""
         interrupted = self.state is not PlaybackState.QUIET
+        cut = self.heard.cleared(now)
+        heard = next((u for u in cut if u.heard_ms), cut[0] if cut else None)  # the one playing
         self._go(PlaybackInput.BARGE_IN)
         stats = self._stats
         stats.marks_cleared += len(self._outstanding_marks)
@@ -108,6 +117,10 @@ class Playback:
         actions: list[Action] = [ClearTwilio(twilio_msg.clear(self.stream_sid))]
         if interrupted:
             stats.barge_ins += 1
-            actions.append(Log(LogLevel.INFO, "barge_in", {"turn": stats.turns}))
+            fields: dict[str, object] = {"turn": stats.turns}
+            if heard is not None:
+                got, full = round(heard.heard_ms or 0), round(heard.full_ms)
+                fields.update(heard_ms=got, full_ms=full, heard=f"heard {got} ms of {full} ms")
+            actions.append(Log(LogLevel.INFO, "barge_in", fields))
             actions.append(Measure(MetricName.BARGE_INS))
-        return actions
+        return actions, heard

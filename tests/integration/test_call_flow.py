@@ -102,6 +102,15 @@ def test_barge_in_clears_twilio_and_caller_hears_agent_stop(agent: AgentHandle, 
     assert barge["latency_ms"] < 50
     ended = bridge.wait_for("call_ended")
     assert ended["barge_ins"] >= 1
+    # what the caller heard of the greeting, as the bridge estimates it, against what the
+    # simulated caller really played (frames of non-silence from the greeting's start to the clear)
+    first = next(i for i in range(0, len(heard), 160) if set(heard[i : i + 160]) != {SILENCE_BYTE}) // 160
+    played_ms = (cut - first) * 20
+    cut_in = bridge.records("barge_in")[0]
+    assert abs(cut_in["heard_ms"] - played_ms) < 200, (cut_in, played_ms)
+    assert cut_in["full_ms"] == len(greeting_audio()) // 8
+    assert cut_in["heard"] == f"heard {cut_in['heard_ms']} ms of {cut_in['full_ms']} ms"
+    assert ended["agent_audio"]["interrupted"] >= 1
 
 
 def test_caller_audio_before_settings_applied_arrives_intact(

@@ -162,6 +162,8 @@ def test_call_record_is_posted_signed(
     assert record["outcome"] == "caller_hangup"
     assert record["from"] == "+15550000001" and record["to"] == "+15550000002"
     assert record["turns"] >= 1
+    # lengths only (no words): what the caller heard of each utterance, always in the record
+    assert record["utterances"] and all(0 <= u["heard_ms"] <= u["full_ms"] for u in record["utterances"])
     if transcript:
         assert {t["role"] for t in record["transcript"]} == {"assistant", "user"}
     else:
