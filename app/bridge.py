@@ -37,6 +37,7 @@ from app.core.actions import (
     SendMark,
     SendMedia,
     SendToAgent,
+    StartRecording,
     TwilioOut,
 )
 from app.core.call import Call
@@ -48,6 +49,7 @@ from app.core.events import (
     Event,
     FunctionDone,
     OutboxFull,
+    RecordingFailed,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
@@ -213,6 +215,8 @@ class CallSession:
                     self._spawn(self._update_call(call_sid, None))
                 case RedirectCall(call_sid=call_sid, twiml=twiml):
                     self._spawn(self._update_call(call_sid, twiml))
+                case StartRecording():
+                    self._spawn(self._start_recording(action))
                 case RedeemStreamToken(token=token, call_sid=call_sid, profile=profile):
                     self.deps.stream_started(call_sid)  # no longer only admitted
                     if self.deps.token_store is None:
@@ -359,6 +363,13 @@ class CallSession:
             request.add_done_callback(self._count_finished_update)
             result = await asyncio.shield(request)
         self.feed(result)
+
+    async def _start_recording(self, start: StartRecording) -> None:
+        updater = self.deps.call_updater
+        if updater is None:
+            self.feed(RecordingFailed("no Twilio REST credentials (TWILIO_ACCOUNT_SID) to record the call"))
+            return
+        self.feed(await updater.start_recording(start.call_sid, start.status_callback_url))
 
     def _count_finished_update(self, request: asyncio.Future[CallUpdated | CallUpdateFailed]) -> None:
         if not request.cancelled() and request.exception() is None:

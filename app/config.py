@@ -21,9 +21,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
 from app.core.call_control import END_CALL, TRANSFER_CALL
-from app.core.options import CallOptions, Telephony, ToolSpec
+from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
+from app.core.vocabulary import ConsentMode
 from app.twilio.rest import E164
-from app.twilio.webhook import DEFAULT_FALLBACK_SAY, fallback_twiml
+from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, fallback_twiml
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -215,6 +216,27 @@ class ToolModel(BaseModel):
         return value
 
 
+class RecordingModel(BaseModel):
+    """``bridge.recording``: record the call (both channels, by Twilio) after the caller's
+    consent; absent, calls are never recorded (README, "Recording with consent")."""
+
+    model_config = ConfigDict(extra="forbid")
+    consent: ConsentMode
+    announcement: str | None = Field(default=None, min_length=1, max_length=500)
+    consent_key: str = Field(default="1", pattern=r"^[0-9*#]$")
+    consent_words: list[Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z']+$")]] = Field(
+        default=list(DEFAULT_CONSENT_WORDS), min_length=1, max_length=20
+    )
+    consent_window_seconds: float = Field(default=30.0, ge=5, le=300)
+
+    def spoken_announcement(self) -> str:
+        if self.announcement:
+            return self.announcement
+        if self.consent is ConsentMode.IMPLIED:
+            return "This call is recorded."
+        return f"We would like to record this call. Press {self.consent_key} or say yes if you agree."
+
+
 class BridgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     agent_audio: AgentAudioModel = AgentAudioModel()
@@ -226,6 +248,7 @@ class BridgeOptions(BaseModel):
     tools: dict[str, ToolModel] = {}
     fallback: FallbackModel = FallbackModel()
     reconnect: ReconnectModel = ReconnectModel()
+    recording: RecordingModel | None = None
 
 
 class AgentBlock(BaseModel):
@@ -271,6 +294,10 @@ def load_profile(path: Path, variable: str = "AGENT_PROFILE") -> AgentProfile:
         raise ConfigError(f"{variable} {path}: " + "; ".join(profile_problems(data, exc))) from exc
     if profile.prompt_length() > PROMPT_LIMIT:
         raise ConfigError(f"{variable} {path}: agent.think.prompt is over {PROMPT_LIMIT} characters")
+    if profile.bridge.recording is not None and isinstance(profile.agent, str):
+        raise ConfigError(
+            f"{variable} {path}: bridge.recording needs the agent block inline: its greeting carries the announcement"
+        )
     problem = function_problem(profile)
     if problem:
         raise ConfigError(f"{variable} {path}: {problem}")
@@ -469,7 +496,7 @@ class RuntimeConfig:
         profile = self.profiles[profile_name] if profile_name else self.profile
         bridge = profile.bridge
         return CallOptions(
-            agent=profile.agent_payload(),
+            agent=self.announced(profile),
             agent_input=bridge.agent_audio.input.to_format(),
             agent_output=bridge.agent_audio.output.to_format(),
             tags=tuple(bridge.tags),
@@ -481,6 +508,30 @@ class RuntimeConfig:
             fallback_twiml=self.fallback_twiml(profile_name),
             reconnect_attempts=bridge.reconnect.attempts,
             reconnect_within=bridge.reconnect.within_seconds,
+            recording=self.recording(profile),
+        )
+
+    @staticmethod
+    def announced(profile: AgentProfile) -> dict[str, Any] | str:
+        """The agent payload, with the recording announcement leading the greeting: the caller
+        hears it first, and its playing through (or being cut short) is known from its mark."""
+        agent, recording = profile.agent_payload(), profile.bridge.recording
+        if recording is None or isinstance(agent, str):
+            return agent
+        greeting = agent.get("greeting")
+        return {**agent, "greeting": " ".join(filter(None, (recording.spoken_announcement(), greeting)))}
+
+    def recording(self, profile: AgentProfile) -> RecordingSpec | None:
+        recording = profile.bridge.recording
+        if recording is None:
+            return None
+        public = self.settings.public_url
+        return RecordingSpec(
+            consent=recording.consent,
+            consent_key=recording.consent_key,
+            consent_words=tuple(recording.consent_words),
+            consent_window=recording.consent_window_seconds,
+            status_callback_url=public.rstrip("/") + RECORDING_STATUS_PATH if public else "",
         )
 
     def fallback_twiml(self, profile_name: str = "") -> str:
@@ -572,6 +623,11 @@ def resolve(settings: Settings) -> RuntimeConfig:
         warnings.append("the agent is a stored configuration id: end_call and transfer_call cannot be added to it")
     if profile.bridge.tools and settings.webhook_signing_secret is None:
         warnings.append("bridge.tools is set without WEBHOOK_SIGNING_SECRET: tool requests are sent unsigned")
+    recorded = [p for p in (profile, *profiles.values()) if p.bridge.recording is not None]
+    if recorded and not rest:
+        warnings.append("bridge.recording is set but calls cannot be recorded: needs TWILIO_ACCOUNT_SID")
+    if recorded and not settings.public_url:
+        warnings.append("bridge.recording is set without PUBLIC_URL: Twilio gets no recording status callback")
     return RuntimeConfig(
         settings=settings,
         profile=profile,

@@ -220,6 +220,24 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         )
         return Response(status_code=204)
 
+    @app.post(webhook.RECORDING_STATUS_PATH)
+    async def twilio_recording_status(request: Request) -> Response:
+        """Twilio's word on a recording the bridge started after the caller's consent."""
+        params = await signed_form(request)
+        if isinstance(params, Response):
+            return params
+        status = params.get("RecordingStatus", "")
+        metrics.recording_status_callback(status)
+        log.info(
+            "recording_status",
+            call_sid=params.get("CallSid", "")[:64],
+            recording_sid=params.get("RecordingSid", "")[:64],
+            status=status[:32],
+            duration_s=params.get("RecordingDuration", "")[:16],
+            channels=params.get("RecordingChannels", "")[:4],
+        )
+        return Response(status_code=204)
+
     @app.post(webhook.VOICE_PATH)
     async def twilio_voice(request: Request) -> Response:
         params = await signed_form(request)

@@ -145,6 +145,7 @@ def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
             path = tmp_path / f"profile-{len(servers)}.json"
             path.write_text(json.dumps(profile))
             fields["agent_profile"] = path
+        port = env.pop("port", 0)  # a test that needs its URL before the start (PUBLIC_URL) picks one
         fields.update(env)
         config = resolve(Settings(_env_file=None, **fields))  # type: ignore[call-arg]
         buffer = io.StringIO()
@@ -154,7 +155,7 @@ def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
             uvicorn.Config(
                 create_app(config),
                 host="127.0.0.1",
-                port=0,
+                port=port,
                 log_config=None,
                 ws_max_size=64 * 1024,
                 ws_per_message_deflate=False,

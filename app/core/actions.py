@@ -80,6 +80,16 @@ class HangUpCall:
 
 
 @dataclass(frozen=True, slots=True)
+class StartRecording:
+    """The caller consented: have Twilio record the call, both channels, through its REST
+    API, reporting to ``status_callback_url`` if set; answer with RecordingStarted or
+    RecordingFailed."""
+
+    call_sid: str
+    status_callback_url: str
+
+
+@dataclass(frozen=True, slots=True)
 class RedirectCall:
     """Replace the live call's TwiML with ``twiml`` (a transfer's ``<Dial>``, or the fallback's
     ``<Say>``) through Twilio's REST API; answer with CallUpdated or CallUpdateFailed."""
@@ -145,6 +155,7 @@ Action = (
     | RunFunction
     | HangUpCall
     | RedirectCall
+    | StartRecording
     | RedeemStreamToken
     | EndCall
     | Log

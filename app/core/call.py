@@ -64,6 +64,8 @@ from app.core.events import (
     HangUpDue,
     KeepAliveDue,
     OutboxFull,
+    RecordingFailed,
+    RecordingStarted,
     StartDeadlinePassed,
     StreamTokenAccepted,
     StreamTokenRefused,
@@ -86,6 +88,7 @@ from app.core.options import (
     CallOptions,
 )
 from app.core.playback import Playback
+from app.core.recording import Recording
 from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
 from app.core.vocabulary import (
@@ -125,6 +128,7 @@ class Call:
         self.agent = AgentLink(options, stats, now)
         self.conversation = Conversation(options.log_transcripts, stats, now)
         self.control = CallControl(options, stats, now)
+        self.recording = Recording(options.recording)
         self.handoff_started_at = 0.0
         self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
         self.transferred_to = ""  # the destination's name, when it transfers
@@ -333,11 +337,28 @@ class Call:
         return [Log(LogLevel.WARNING, "twilio_start_rejected", {"detail": event.detail})]
 
     def _on_mark(self, event: TwilioMark, now: float) -> list[Action]:
-        return self.playback.mark_returned(event.name, now)
+        actions = self.playback.mark_returned(event.name, now)
+        return actions + self._announcement_played(now) if self.recording.waiting else actions
 
     def _on_dtmf(self, event: TwilioDtmf, now: float) -> list[Action]:
+        consent, consumed = self.recording.key(event.digit, now, self.started_at)
+        if consumed:  # the consent key answers the bridge's question, not the agent's
+            return [*self.conversation.keypad(event), *consent]
         live = self.state is CallState.LIVE
         return [*self.conversation.keypad(event), *self.control.keypad(event.digit, now, live)]
+
+    def _announcement_played(self, now: float) -> list[Action]:
+        """The first utterance is the greeting, which carries the recording announcement."""
+        first = self.playback.heard.first
+        if first is None or first.heard_ms is None:
+            return []
+        return self.recording.announced(first.interrupted, now, self.started_at)
+
+    def _on_recording_started(self, event: RecordingStarted, now: float) -> list[Action]:
+        return self.recording.started(event.sid)
+
+    def _on_recording_failed(self, event: RecordingFailed, now: float) -> list[Action]:
+        return self.recording.failed(event.detail)
 
     def _on_twilio_invalid(self, event: TwilioInvalid, now: float) -> list[Action]:
         if self.stats.count_invalid(event.kind):
@@ -352,6 +373,8 @@ class Call:
             self.playback.configure(options)
             self.agent.configure(options)
             self.control = CallControl(options, self.stats, now)
+            self.recording = Recording(options.recording)
+        self.recording.bind(self.call_sid)
         return [Measure(MetricName.ACTIVE_CALLS, 1)]
 
     def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
@@ -397,7 +420,7 @@ class Call:
         actions, cut = self.playback.barge_in(now)
         if cut is not None:
             self.conversation.interrupted(cut)
-        return actions
+        return actions + self._announcement_played(now) if self.recording.waiting else actions
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
         self.playback.agent_started_speaking()
@@ -409,8 +432,12 @@ class Call:
         return self.playback.audio_done(now)
 
     def _on_conversation_text(self, event: AgentConversationText, now: float) -> list[Action]:
-        self.control.activity(now, caller=event.role == "user")
-        return self.conversation.text(event, now)
+        caller = event.role == "user"
+        self.control.activity(now, caller=caller)
+        actions = self.conversation.text(event, now)
+        if caller and self.recording.waiting:
+            actions += self.recording.said(event.content, now, self.started_at)
+        return actions
 
     def _on_injection_refused(self, event: AgentInjectionRefused, now: float) -> list[Action]:
         self.control.injection_refused()
@@ -511,6 +538,8 @@ class Call:
             actions, handoff = self.control.tick(now, self.playback.stream_started_at, live, quiet)
             if handoff is not None:
                 return actions + self.handle(handoff, now)
+        if self.recording.waiting:
+            actions = actions + self.recording.tick(now)
         if state is CallState.AGENT_DOWN:
             decided = self._agent_down_next(now)
             return actions + self.handle(decided, now) if decided is not None else actions
@@ -575,6 +604,9 @@ class Call:
             record["transferred_to"] = self.transferred_to
         if self.fallback_reason is not None:
             record["fallback_reason"] = self.fallback_reason.value
+        recording = self.recording.record()
+        if recording is not None:
+            record["recording"] = recording
         if self.reconnects:
             record["reconnects"] = len(self.reconnects)
             record["reconnect_waits_s"] = self.reconnects
@@ -608,6 +640,8 @@ _HANDLERS: dict[type[Event], _Handler] = {
     FunctionDone: Call._on_function_done,
     CallUpdated: Call._on_call_updated,
     CallUpdateFailed: Call._on_call_update_failed,
+    RecordingStarted: Call._on_recording_started,
+    RecordingFailed: Call._on_recording_failed,
     CallUpdateDeadlinePassed: Call._on_call_update_deadline,
     AgentRetryDue: Call._on_agent_retry_due,
     AgentUnavailable: Call._nothing,

@@ -231,6 +231,20 @@ class CallUpdated:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingStarted:
+    """Twilio is recording the call (``StartRecording``), as ``sid``."""
+
+    sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingFailed:
+    """Twilio would not (or could not be asked to) record the call."""
+
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallUpdateFailed:
     """Twilio refused or never answered the update; ``detail`` carries its error code."""
 
@@ -342,6 +356,8 @@ BridgeEvent = (
     | FunctionDone
     | CallUpdated
     | CallUpdateFailed
+    | RecordingStarted
+    | RecordingFailed
     | BridgeFailed
     | OutboxFull
     | BridgeShuttingDown

@@ -51,7 +51,7 @@ class Utterance:
 class HeardAudio:
     """The play-out position of one call's Twilio stream, and each utterance's share of it."""
 
-    __slots__ = ("_current", "_pending", "_play_end", "_sent_ms", "finished")
+    __slots__ = ("_current", "_pending", "_play_end", "_sent_ms", "finished", "first")
 
     def __init__(self) -> None:
         self._sent_ms = 0.0  # everything sent (and not cleared), in ms of audio
@@ -59,6 +59,7 @@ class HeardAudio:
         self._current: Utterance | None = None  # being sent now (no AgentAudioDone yet)
         self._pending: dict[str, Utterance] = {}  # sent whole, mark not back yet (by mark)
         self.finished: list[Utterance] = []  # heard in full or cut off, oldest first (bounded)
+        self.first: Utterance | None = None  # the greeting, when the agent has one
 
     def position_ms(self, now: float) -> float:
         """How much of what was sent Twilio has played by ``now``."""
@@ -71,6 +72,8 @@ class HeardAudio:
         current = self._current
         if current is None:
             current = self._current = Utterance(offset_ms=self._sent_ms)
+            if self.first is None:
+                self.first = current
         current.full_ms += ms
         self._sent_ms += ms
         self._play_end = max(self._play_end, now) + ms / 1000

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.codecs import FRAME_MS, TWILIO_FORMAT, AudioFormat
+from app.core.vocabulary import ConsentMode
 
 FRAMES_PER_SECOND = 1000 // FRAME_MS  # Twilio sends one 20 ms media frame at a time
 
@@ -125,6 +126,25 @@ class Telephony:
         return next((t for t in self.tools if t.name == name), None)
 
 
+DEFAULT_CONSENT_WORDS = ("yes", "yeah", "yep", "sure", "agree", "consent")
+"""Words that, said by the caller while consent is awaited (and without a "no", ``recording.py``),
+are explicit consent. Not "ok": callers say it to mean "go on", not "yes"."""
+
+
+@dataclass(frozen=True)
+class RecordingSpec:
+    """The profile's ``bridge.recording``: the call is recorded (both channels, by Twilio)
+    only once the caller has consented; the announcement leads the greeting (``config.py``)."""
+
+    consent: ConsentMode
+    consent_key: str = "1"
+    consent_words: tuple[str, ...] = DEFAULT_CONSENT_WORDS
+    consent_window: float = 30.0
+    """Explicit consent counts from the start of the call until this long after the
+    announcement has played (or was cut short); then, without it, nothing is recorded."""
+    status_callback_url: str = ""  # where Twilio reports the recording ("" without PUBLIC_URL)
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """Per-call settings, derived from the agent profile and the service config."""
@@ -155,6 +175,7 @@ class CallOptions:
     fallback_twiml: str = ""
     """TwiML the live call is redirected to when the agent cannot be reached ("": a short
     apology, then hang up); see ``webhook.fallback_twiml``."""
+    recording: RecordingSpec | None = None  # None: the call is never recorded (the default)
 
     @property
     def prebuffer_bytes(self) -> int:

@@ -55,6 +55,8 @@ from app.core.events import (
     HangUpDue,
     KeepAliveDue,
     OutboxFull,
+    RecordingFailed,
+    RecordingStarted,
     StartDeadlinePassed,
     StreamTokenAccepted,
     StreamTokenRefused,
@@ -146,9 +148,18 @@ def _handing_off(state: CallState) -> Row:
     return {BridgeFailed: Outcome.BRIDGE_ERROR, OutboxFull: state, BridgeShuttingDown: Outcome.BRIDGE_SHUTDOWN}
 
 
-# Twilio's inputs, and the clock, during a call; until LIVE the media is pre-buffered and a
-# returned mark is unknown
-_TWILIO_AND_CLOCK = (TwilioConnected, TwilioMedia, TwilioMark, TwilioDtmf, TwilioInvalid, Tick)
+# Twilio's inputs (the stream's, and the REST API's answers about a recording), and the clock,
+# during a call; until LIVE the media is pre-buffered and a returned mark is unknown
+_TWILIO_AND_CLOCK = (
+    TwilioConnected,
+    TwilioMedia,
+    TwilioMark,
+    TwilioDtmf,
+    TwilioInvalid,
+    RecordingStarted,
+    RecordingFailed,
+    Tick,
+)
 
 
 def _stay(state: CallState, *events: type[Event]) -> Row:

@@ -61,6 +61,30 @@ class RestResult(StrEnum):
     NO_CREDENTIALS = "no_credentials"  # offline: the stream is closed instead, ending the call
 
 
+class ConsentMode(StrEnum):
+    """How a caller agrees to be recorded (profile ``bridge.recording.consent``)."""
+
+    IMPLIED = "implied"  # the greeting announces it; heard in full, the call is recorded
+    EXPLICIT = "explicit"  # recorded only after the caller presses the key or says yes
+
+
+class Consent(StrEnum):
+    """How consent was given (the call record's ``recording.consent``)."""
+
+    IMPLIED = "implied"  # the announcement played through
+    KEY = "key"  # the caller pressed the consent key
+    SPEECH = "speech"  # the caller said yes
+    NONE = "none"  # no consent: nothing was recorded
+
+
+class RecordingResult(StrEnum):
+    """What became of a call's recording (label of callbridge_recordings_total)."""
+
+    STARTED = "started"  # Twilio is recording both channels
+    FAILED = "failed"  # consent given, but Twilio refused or could not be reached
+    NO_CONSENT = "no_consent"  # the caller did not agree (or cut the announcement short)
+
+
 class RejectReason(StrEnum):
     """Why a media stream was refused before it became a call (no agent session, no record)."""
 
@@ -135,3 +159,4 @@ class MetricName(StrEnum):
     FUNCTION_CALLS = "function_calls"  # counter by FunctionResult
     CALL_UPDATES = "call_updates"  # counter by RestResult
     FALLBACKS = "fallbacks"  # counter by FallbackReason
+    RECORDINGS = "recordings"  # counter by RecordingResult

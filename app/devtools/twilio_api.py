@@ -7,7 +7,10 @@ time, status answered), and serves what callbridge uses:
 - the account (``GET /2010-04-01/Accounts/{sid}.json``), for ``callbridge twilio check``;
 - incoming phone numbers: list by ``PhoneNumber`` and update, for ``configure-number``;
 - calls: fetch, and update (``POST .../Calls/{CallSid}.json``) with ``Status=completed`` (hang
-  up) or ``Twiml=`` / ``Url=`` (redirect, e.g. a transfer with ``<Dial>``).
+  up) or ``Twiml=`` / ``Url=`` (redirect, e.g. a transfer with ``<Dial>``);
+- call recordings: start one (``POST .../Calls/{CallSid}/Recordings.json``); like Twilio, it then
+  POSTs the ``in-progress`` status to ``RecordingStatusCallback``, signed with the auth token
+  (``X-Twilio-Signature``), so the receiving end's signature check is exercised for real.
 
 Calls are known once registered (the simulated caller registers its CallSid, as Twilio knows
 a call before the webhook fires). An update of a known, live call answers 200 with a call
@@ -23,7 +26,10 @@ import base64
 import json
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -151,6 +157,8 @@ class TwilioApiStandIn:
         self.number_updates: list[dict[str, str]] = []
         self.calls: dict[str, CallState] = {}
         self.fail_call_updates: tuple[int, int, str] | None = None
+        self.recordings: list[dict[str, Any]] = []  # recordings started, as answered
+        self.recording_callbacks: list[tuple[str, int]] = []  # (status callback URL, HTTP status it answered)
         self.call_update_delay = 0.0
         self._lock = threading.Lock()
         self._port = port
@@ -288,6 +296,8 @@ class TwilioApiStandIn:
             return 200, self._number_page(path, query.get("PhoneNumber", "")), None
         if rest.startswith("/IncomingPhoneNumbers/") and method == "POST":
             return self._update_number(path, rest.split("/")[2].removesuffix(".json"), form)
+        if rest.startswith("/Calls/") and rest.endswith("/Recordings.json") and method == "POST":
+            return self._start_recording(path, rest.split("/")[2], form)
         if rest.startswith("/Calls/") and rest.endswith(".json") and rest.count("/") == 2:
             sid = rest.split("/")[2].removesuffix(".json")
             if method == "GET":
@@ -346,6 +356,64 @@ class TwilioApiStandIn:
                 if key in NUMBER_FIELDS:
                     number[NUMBER_FIELDS[key]] = value
             return 200, dict(number), None
+
+    def _start_recording(
+        self, path: str, call_sid: str, form: dict[str, str]
+    ) -> tuple[int, dict[str, Any], Callable[[], None] | None]:
+        with self._lock:
+            call = self.calls.get(call_sid)
+            if call is None or call.ended is not None:
+                return self._not_found(path)
+            sid = "RE" + uuid.uuid4().hex
+            uri = f"/{API_VERSION}/Accounts/{self.account_sid}/Calls/{call_sid}/Recordings/{sid}.json"
+            recording = {
+                "sid": sid,
+                "account_sid": self.account_sid,
+                "call_sid": call_sid,
+                "status": "in-progress",
+                "channels": 2 if form.get("RecordingChannels") == "dual" else 1,
+                "source": "StartCallRecording",
+                "start_time": formatdate(time.time(), usegmt=True),
+                "date_created": formatdate(time.time(), usegmt=True),
+                "api_version": API_VERSION,
+                "uri": uri,
+            }
+            self.recordings.append({**recording, "form": dict(form)})
+        callback = form.get("RecordingStatusCallback")
+        if not callback:
+            return 201, recording, None
+        params = {
+            "AccountSid": self.account_sid,
+            "CallSid": call_sid,
+            "RecordingSid": sid,
+            "RecordingUrl": f"https://api.twilio.com{uri.removesuffix('.json')}",
+            "RecordingStatus": "in-progress",
+            "RecordingChannels": str(recording["channels"]),
+            "RecordingSource": "StartCallRecording",
+        }
+        return 201, recording, lambda: self._post_signed(callback, params)
+
+    def _post_signed(self, url: str, params: dict[str, str]) -> None:
+        """POST ``params`` to ``url`` as Twilio does its callbacks: form-encoded, signed."""
+        from twilio.request_validator import RequestValidator
+
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        request = urllib.request.Request(
+            url, data=urllib.parse.urlencode(params).encode(), headers={"X-Twilio-Signature": signature}
+        )
+
+        def post() -> None:
+            try:
+                with urllib.request.urlopen(request, timeout=5) as answer:
+                    status = answer.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                status = 0
+            with self._lock:
+                self.recording_callbacks.append((url, status))
+
+        threading.Thread(target=post, daemon=True).start()
 
     def _update_call(
         self, path: str, sid: str, form: dict[str, str]

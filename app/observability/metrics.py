@@ -38,6 +38,8 @@ CALL_STATUSES = frozenset(
     {"queued", "initiated", "ringing", "in-progress", "completed", "busy", "failed", "no-answer", "canceled"}
 )
 
+RECORDING_STATUSES = frozenset({"in-progress", "completed", "absent", "failed"})
+
 
 def bounded(value: str, allowed: frozenset[str]) -> str:
     """A label value from a peer, folded to "other" unless it is one we know."""
@@ -129,6 +131,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.recordings = Counter(
+            "callbridge_recordings_total",
+            "Calls of a recording profile: recorded after consent, failed at Twilio, or not recorded for want of consent.",
+            ["result"],
+            registry=r,
+        )
+        self.recording_status = Counter(
+            "callbridge_recording_status_total",
+            "Recording status callbacks from Twilio (signature checked), by status.",
+            ["status"],
+            registry=r,
+        )
         self.header_timeouts = Counter(
             "callbridge_http_header_timeouts_total",
             "Connections closed because a request's headers did not arrive in time (HTTP_HEADER_TIMEOUT_SECONDS).",
@@ -183,8 +197,13 @@ class Metrics:
                 self.call_updates.labels(label).inc(value)
             case MetricName.FALLBACKS:
                 self.fallbacks.labels(label).inc(value)
+            case MetricName.RECORDINGS:
+                self.recordings.labels(label).inc(value)
             case _:
                 assert_never(name)
+
+    def recording_status_callback(self, status: str) -> None:
+        self.recording_status.labels(bounded(status, RECORDING_STATUSES)).inc()
 
     def call_status(self, status: str) -> None:
         self.call_status_total.labels(bounded(status, CALL_STATUSES)).inc()

@@ -23,7 +23,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from app.core.events import CallUpdated, CallUpdateFailed
+from app.core.events import CallUpdated, CallUpdateFailed, RecordingFailed, RecordingStarted
 from app.core.vocabulary import RestResult
 from app.twilio.webhook import STATUS_PATH, VOICE_PATH
 
@@ -244,6 +244,26 @@ class CallUpdater:
 
     async def transfer(self, call_sid: str, twiml: str) -> CallUpdated | CallUpdateFailed:
         return await asyncio.to_thread(self._update, call_sid, {"twiml": twiml})
+
+    async def start_recording(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
+        return await asyncio.to_thread(self._record, call_sid, status_callback_url)
+
+    def _record(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
+        """Both channels (caller and agent apart), as Twilio keeps them with the account's
+        other recordings; the status callback, when there is a public URL, says when it is ready."""
+        options: dict[str, Any] = {"recording_channels": "dual"}
+        if status_callback_url:
+            options["recording_status_callback"] = status_callback_url
+            options["recording_status_callback_event"] = ["in-progress", "completed", "absent"]
+        try:
+            recording = _call(self._client, lambda: self._client.calls(call_sid).recordings.create(**options))
+        except TwilioRestException as exc:
+            return RecordingFailed(f"Twilio error {exc.code}: HTTP {exc.status} {str(exc.msg)[:200]}")
+        except TwilioUnreachable as exc:
+            return RecordingFailed(str(exc))
+        except TwilioException as exc:
+            return RecordingFailed(f"{type(exc).__name__}: {str(exc)[:200]}")
+        return RecordingStarted(str(recording.sid))
 
     def _update(self, call_sid: str, change: dict[str, str]) -> CallUpdated | CallUpdateFailed:
         try:

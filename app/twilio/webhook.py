@@ -14,6 +14,7 @@ from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
+RECORDING_STATUS_PATH = "/twilio/recording-status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
 MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB; read at most this (413 beyond)
 
