@@ -24,7 +24,7 @@ from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
 from app.core.vocabulary import ConsentMode
 from app.twilio.rest import E164
-from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, fallback_twiml
+from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, Fallback, fallback_twiml
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -534,9 +534,13 @@ class RuntimeConfig:
             status_callback_url=public.rstrip("/") + RECORDING_STATUS_PATH if public else "",
         )
 
-    def fallback_twiml(self, profile_name: str = "") -> str:
-        """The fallback TwiML of ``profile_name``'s number ("" for the default profile)."""
+    def fallback(self, profile_name: str = "") -> Fallback:
+        """The fallback of ``profile_name``'s number ("" for the default profile)."""
         fallback = (self.profiles[profile_name] if profile_name else self.profile).bridge.fallback
+        return Fallback(fallback.say, fallback.dial)
+
+    def fallback_twiml(self, profile_name: str = "") -> str:
+        fallback = self.fallback(profile_name)
         return fallback_twiml(fallback.say, fallback.dial)
 
     @property

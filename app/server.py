@@ -264,6 +264,7 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             params.get("From", ""),
             params.get("To", ""),
             profile,
+            then=config.fallback(profile) if config.rest_available else None,  # should the stream die
         )
         log.info(
             "call_answered", call_sid=call_sid, direction=params.get("Direction", ""), profile=profile or "default"

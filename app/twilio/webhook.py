@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import HTTPConnection, Request
@@ -14,6 +15,7 @@ from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
+DEFAULT_FALLBACK_SAY = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 RECORDING_STATUS_PATH = "/twilio/recording-status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
 MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB; read at most this (413 beyond)
@@ -56,7 +58,29 @@ def signature_ok(validator: RequestValidator, url: str, params: Mapping[str, str
     return bool(validator.validate(url, dict(params), signature))
 
 
-def connect_twiml(media_url: str, token: str, caller: str, callee: str, profile: str = "") -> str:
+@dataclass(frozen=True)
+class Fallback:
+    """What a caller hears when the agent cannot take the call: ``say``, then a person at
+    ``dial`` (an E.164 number or ``sip:`` URI) or the end of the call."""
+
+    say: str = DEFAULT_FALLBACK_SAY
+    dial: str | None = None
+
+    def append_to(self, response: VoiceResponse) -> None:
+        response.say(self.say)
+        if self.dial is None:
+            response.hangup()
+        else:
+            response.append(_dial(self.dial))
+
+
+def connect_twiml(
+    media_url: str, token: str, caller: str, callee: str, profile: str = "", then: Fallback | None = None
+) -> str:
+    """``<Connect><Stream>``, and ``then`` after it: Twilio runs what follows ``<Connect>`` when
+    the stream ends without the call having been hung up or redirected, so a bridge that dies
+    (or drops the stream) leaves the caller with the fallback instead of a dead line. Only with
+    REST credentials: without them, closing the stream is how the bridge hangs up."""
     response = VoiceResponse()
     connect = Connect()
     stream = connect.stream(url=media_url)
@@ -66,6 +90,8 @@ def connect_twiml(media_url: str, token: str, caller: str, callee: str, profile:
     stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
     stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
     response.append(connect)
+    if then is not None:
+        then.append_to(response)
     return str(response)
 
 
@@ -86,16 +112,8 @@ def transfer_twiml(destination: str) -> str:
     return str(response)
 
 
-DEFAULT_FALLBACK_SAY = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
-
-
 def fallback_twiml(say: str = DEFAULT_FALLBACK_SAY, dial: str | None = None) -> str:
-    """What a caller hears when the agent cannot take the call: ``say``, then a person at
-    ``dial`` (an E.164 number or ``sip:`` URI) or the end of the call."""
+    """The fallback (``Fallback``) as a whole TwiML document."""
     response = VoiceResponse()
-    response.say(say)
-    if dial is None:
-        response.hangup()
-    else:
-        response.append(_dial(dial))
+    Fallback(say, dial).append_to(response)
     return str(response)

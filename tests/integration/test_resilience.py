@@ -98,3 +98,19 @@ def test_a_draining_instance_answers_new_calls_with_the_fallback(
     status, twiml = SimulatedCaller(bridge.base_url, TWILIO_TOKEN).post_webhook()
     assert status == 200 and "<Connect>" not in twiml and "<Say>" in twiml and "<Hangup />" in twiml
     assert bridge.records("call_not_admitted")[0]["reason"] == "draining"
+
+
+def test_with_rest_credentials_the_answer_carries_the_fallback_after_the_stream(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle], twilio_api: TwilioApiStandIn
+) -> None:
+    """Should the stream die with the bridge (a crash, a lost node), Twilio goes on to what
+    follows <Connect>: the fallback, not a dead line."""
+    agent = start_agent()
+    with_rest = start_bridge(agent.url, profile(fallback=FALLBACK), **rest_env(twilio_api))
+    status, twiml = SimulatedCaller(with_rest.base_url, TWILIO_TOKEN).post_webhook()
+    assert status == 200
+    after = twiml.split("</Connect>", 1)[1]
+    assert "<Say>Sorry, our assistant is resting." in after and "<Number>+15551230002</Number>" in after
+    without = start_bridge(agent.url, profile(fallback=FALLBACK))
+    status, twiml = SimulatedCaller(without.base_url, TWILIO_TOKEN).post_webhook()
+    assert status == 200 and twiml.split("</Connect>", 1)[1] == "</Response>"  # closing the stream hangs up

@@ -64,3 +64,12 @@ def test_twiml_connects_stream_with_parameters() -> None:
     assert params["stream_token"] == "tok.en.sig"
     assert params["from"] == "+15551234567"
     assert len("to") + len(params["to"]) < 500  # Twilio's limit on a Parameter
+
+
+def test_the_fallback_follows_the_stream_so_a_dropped_stream_is_never_a_dead_line() -> None:
+    then = webhook.Fallback("Sorry, one moment.", "+15551230002")
+    root = ET.fromstring(webhook.connect_twiml("wss://b.example.com/twilio/media", "t", "+1", "+2", then=then))
+    assert [child.tag for child in root] == ["Connect", "Say", "Dial"]  # Twilio runs these when the stream ends
+    assert root[1].text == "Sorry, one moment." and root[2][0].text == "+15551230002"
+    bare = ET.fromstring(webhook.connect_twiml("wss://b.example.com/twilio/media", "t", "+1", "+2"))
+    assert [child.tag for child in bare] == ["Connect"]  # without REST credentials: closing the stream hangs up
