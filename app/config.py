@@ -24,6 +24,7 @@ from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import CallOptions, Telephony, ToolSpec
 from app.twilio.rest import E164
 from app.twilio.webhook import DEFAULT_FALLBACK_SAY, fallback_twiml
+from app.workers import MAX_WORKERS
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -63,6 +64,8 @@ class Settings(BaseSettings):
     max_calls: int = Field(default=100, ge=1, le=10000)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     redis_url: str | None = None
+    workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
+    """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""
 
     @field_validator("redis_url")
     @classmethod
