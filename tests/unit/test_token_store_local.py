@@ -54,10 +54,15 @@ def test_a_token_minted_by_one_worker_redeems_once_across_workers(tmp_path: Path
     path = machine_db.create(tmp_path)
     worker_1 = StreamTokens(SECRET, machine=MachineTokenStore(path))
     worker_2 = StreamTokens(SECRET, machine=MachineTokenStore(path))
-    token = worker_1.mint(CALL, now=1000)
-    assert worker_2.redeem(token, CALL, now=1001) is None
-    assert worker_1.redeem(token, CALL, now=1002) == "already used"
-    assert worker_2.redeem(token, CALL, now=1003) == "already used"
+    try:
+        token = worker_1.mint(CALL, now=1000)
+        assert worker_2.redeem(token, CALL, now=1001) is None
+        assert worker_1.redeem(token, CALL, now=1002) == "already used"
+        assert worker_2.redeem(token, CALL, now=1003) == "already used"
+    finally:
+        for tokens in (worker_1, worker_2):
+            assert tokens.machine is not None
+            tokens.machine.close()
 
 
 def test_racing_processes_each_nonce_is_granted_once(tmp_path: Path) -> None:
