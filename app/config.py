@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""
+    prometheus_multiproc_dir: Path | None = None
+    """With workers: where prometheus-client's multiprocess files and app.machine_db live (a
+    tmpfs); None: a new temporary directory. prometheus-client reads the variable itself."""
 
     @field_validator("redis_url")
     @classmethod

@@ -338,7 +338,8 @@ class Supervisor:
             self.log.error("bind_failed", host=self.host, port=self.port, detail=str(exc))
             say(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
             return EXIT_GAVE_UP
-        self._multiproc_dir, ours = prepare_multiproc_dir(os.environ.get(workers.ENV_MULTIPROC_DIR))
+        configured = settings.prometheus_multiproc_dir
+        self._multiproc_dir, ours = prepare_multiproc_dir(str(configured) if configured else None)
         machine_db.create(self._multiproc_dir)
         local_agent: LocalAgent | None = None
         parent_write = -1
