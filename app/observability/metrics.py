@@ -150,7 +150,7 @@ class Metrics:
         )
         self.token_store_errors = Counter(
             "callbridge_token_store_errors_total",
-            "Stream tokens checked in this process only because Redis (REDIS_URL) did not answer.",
+            "Stream tokens checked on this machine only because Redis (REDIS_URL) did not answer.",
             registry=r,
         )
         self.overflows = Counter(
