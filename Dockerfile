@@ -29,7 +29,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8080 \
-    REQUIRE_DEEPGRAM=1
+    REQUIRE_DEEPGRAM=1 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/callbridge-metrics
+# WORKERS (unset): one worker process per core the container may use (its CPU limit, rounded
+# down); the metrics and the workers' shared file go to PROMETHEUS_MULTIPROC_DIR, under /tmp
+# (mount a tmpfs there: docker run --read-only --tmpfs /tmp).
 RUN useradd --system --no-log-init --uid 10001 --no-create-home --shell /usr/sbin/nologin callbridge
 COPY --from=build /opt/venv /opt/venv
 USER 10001

@@ -325,7 +325,8 @@ class CallSession:
             problem = None if first else "already used"
         except TokenStoreUnavailable as exc:
             self.metrics.token_store_errors.inc()
-            self.log.error("token_store_unavailable", detail=str(exc), fallback="single use checked in this process")
+            where = "on this machine" if tokens.machine is not None else "in this process"
+            self.log.error("token_store_unavailable", detail=str(exc), fallback=f"single use checked {where}")
             problem = tokens.use_locally(verified)
         self._token_checked(redeem.profile, problem)
 

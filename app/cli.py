@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.serving import serve
+    from app.serving import prepare_multiproc_dir, serve, supervise
+    from app.workers import ENV_MULTIPROC_DIR, default_workers
 
     try:
         settings = load_settings()
@@ -30,7 +31,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level)
     logs.register_secrets(config.secrets())
-    return serve(config, args.host or settings.host, args.port or settings.port)
+    host, port = args.host or settings.host, args.port or settings.port
+    # the offline quickstart stays one process: one stream of logs, one local agent
+    count = args.workers or settings.workers or (1 if config.use_local_agent else default_workers())
+    if count > 1:
+        return supervise(config, host, port, count)
+    if os.environ.get(ENV_MULTIPROC_DIR):  # set in the image: one process still reads its metrics there
+        prepare_multiproc_dir(os.environ[ENV_MULTIPROC_DIR])
+    return serve(config, host, port)
+
+
+def worker_count(text: str) -> int:
+    """argparse type of --workers: 1..MAX_WORKERS."""
+    from app.workers import MAX_WORKERS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}")
+    return value
 
 
 def cmd_emulate_agent(args: argparse.Namespace) -> int:
@@ -315,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the bridge (configuration from the environment / .env)")
     serve.add_argument("--host", help="override HOST")
     serve.add_argument("--port", type=int, help="override PORT")
+    serve.add_argument(
+        "--workers",
+        type=worker_count,
+        help="override WORKERS: worker processes sharing the port (default: the cores this process may use, "
+        "1 with the local agent)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser(

@@ -25,6 +25,7 @@ from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, 
 from app.core.vocabulary import ConsentMode
 from app.twilio.rest import E164
 from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, Fallback, fallback_twiml
+from app.workers import MAX_WORKERS
 
 DEFAULT_AGENT_URL = "wss://agent.deepgram.com/v1/agent/converse"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
@@ -64,6 +65,11 @@ class Settings(BaseSettings):
     max_calls: int = Field(default=100, ge=1, le=10000)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     redis_url: str | None = None
+    workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
+    """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""
+    prometheus_multiproc_dir: Path | None = None
+    """With workers: where prometheus-client's multiprocess files and app.machine_db live (a
+    tmpfs); None: a new temporary directory. prometheus-client reads the variable itself."""
 
     @field_validator("redis_url")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,9 +12,9 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twilio.request_validator import RequestValidator
 
+from app import machine_db
 from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
 from app.core.endings import POLICY_VIOLATION, close_code
@@ -23,12 +24,13 @@ from app.devtools.local_agent import LocalAgent
 from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
-from app.observability.metrics import Metrics
+from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
-from app.twilio.token_store import RedisTokenStore
+from app.twilio.token_store import MachineTokenStore, RedisTokenStore
+from app.workers import InstanceLoad, WorkerContext
 
 log = get_logger(component="server")
 
@@ -57,6 +59,8 @@ class AppState:
     refusals: LogLimiter = field(default_factory=LogLimiter)  # bounded log lines for what we refuse
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
+    worker: WorkerContext | None = None  # serve --workers N: this worker's place
+    load: InstanceLoad | None = None  # with workers: every worker's calls, for MAX_CALLS per instance
 
     async def agent_problem(self) -> str | None:
         """Can this pod reach the agent host? A TCP connect, cached: no session is opened."""
@@ -91,8 +95,56 @@ class AppState:
     def admit(self, call_sid: str) -> None:
         self.admissions[call_sid] = time.monotonic()
 
+    def try_admit(self, call_sid: str, max_calls: int) -> str | None:
+        """Admit a call, or say why not (as ``admission_problem``). With workers, MAX_CALLS
+        holds for the instance: the check and the admission are one step in the machine's
+        file. Should that file fail, this worker's own calls are checked (and it is logged)."""
+        if self.draining:
+            return "draining"
+        if self.load is not None:
+            try:
+                return None if self.load.admit(call_sid, max_calls) else "over_capacity"
+            except sqlite3.Error as exc:
+                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc), fallback="this worker's calls")
+        problem = self.admission_problem(max_calls)
+        if problem is None:
+            self.admit(call_sid)
+        return problem
+
     def stream_started(self, call_sid: str) -> None:
         self.admissions.pop(call_sid, None)
+        if self.load is not None:
+            try:
+                self.load.stream_started(call_sid)
+            except sqlite3.Error as exc:
+                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
+
+    def active_calls(self) -> int:
+        """Calls in progress on this instance: every worker's, when there are several."""
+        if self.load is not None:
+            try:
+                return self.load.active()
+            except sqlite3.Error as exc:
+                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
+        return len(self.calls)
+
+    def call_started(self, task: asyncio.Task[None]) -> None:
+        self.calls.add(task)
+        self.idle.clear()
+        self.publish_load()
+
+    def call_ended(self, task: asyncio.Task[None]) -> None:
+        self.calls.discard(task)
+        if not self.calls:
+            self.idle.set()
+        self.publish_load()
+
+    def publish_load(self) -> None:
+        if self.load is not None:
+            try:
+                self.load.set_active(len(self.calls))
+            except sqlite3.Error as exc:
+                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
 
     async def drain(self, limit_s: float) -> None:
         """Stop being ready, then wait (bounded) for the calls in progress to end."""
@@ -103,17 +155,33 @@ class AppState:
         log.info("drain_finished", calls_left=len(self.calls))
 
 
-def create_app(config: RuntimeConfig) -> FastAPI:
+def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> FastAPI:
+    """The app of the one process, or (``worker``) of one of ``serve --workers N``'s workers,
+    which share single use of stream tokens, the call count and the local agent."""
     settings = config.settings
     metrics = Metrics()
+    shared_file = machine_db.path_in(worker.multiproc_dir) if worker is not None else None  # see app.machine_db
     state = AppState(
         config=config,
-        tokens=StreamTokens(config.stream_token_secret, settings.stream_token_ttl_seconds),
+        tokens=StreamTokens(
+            config.stream_token_secret,
+            settings.stream_token_ttl_seconds,
+            machine=MachineTokenStore(shared_file) if shared_file is not None else None,
+        ),
         validator=RequestValidator(config.twilio_auth_token) if config.twilio_auth_token else None,
         metrics=metrics,
-        records=CallRecordSender(settings.call_events_url, config.webhook_signing_secret, metrics),
+        records=CallRecordSender(
+            settings.call_events_url,
+            config.webhook_signing_secret,
+            metrics,
+            worker=worker.worker_id if worker is not None else None,
+        ),
         agent_url=config.agent_url or "",
         token_store=RedisTokenStore(settings.redis_url) if settings.redis_url else None,
+        worker=worker,
+        load=InstanceLoad(shared_file, worker.worker_id, ADMISSION_HOLD_SECONDS)
+        if worker is not None and shared_file is not None
+        else None,
     )
 
     @contextlib.asynccontextmanager
@@ -122,7 +190,10 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         state.idle.set()
         for warning in config.warnings:
             log.warning("config_warning", detail=warning)
-        if config.use_local_agent:
+        state.publish_load()
+        if config.use_local_agent and worker is not None and worker.local_agent_url:
+            state.agent_url = worker.local_agent_url  # the supervisor's, one for all workers
+        elif config.use_local_agent:
             state.local_agent = LocalAgent()
             await state.local_agent.start("127.0.0.1", settings.local_agent_port)
             state.agent_url = state.local_agent.url
@@ -145,6 +216,12 @@ def create_app(config: RuntimeConfig) -> FastAPI:
                 await state.token_store.close()
             if state.local_agent is not None:
                 await state.local_agent.stop()
+            if state.load is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    state.load.set_active(0)
+                state.load.close()
+            if state.tokens.machine is not None:
+                state.tokens.machine.close()
             log.info("service_stopped")
 
     call_updater = (
@@ -181,14 +258,20 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             problem = await state.agent_problem()
             if problem:
                 problems.append(problem)
-        body: dict[str, object] = {"status": "ready" if not problems else "not ready", "active_calls": len(state.calls)}
+        body: dict[str, object] = {
+            "status": "ready" if not problems else "not ready",
+            "active_calls": state.active_calls(),
+        }
+        if worker is not None:  # which worker answered, and its own share of the calls
+            body["worker"] = worker.worker_id
+            body["worker_active_calls"] = len(state.calls)
         if problems:
             body["problems"] = problems
         return JSONResponse(body, status_code=503 if problems else 200)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     async def signed_form(request: Request) -> dict[str, str] | Response:
         """The posted parameters, or the error response when they are unusable or unsigned."""
@@ -250,14 +333,13 @@ def create_app(config: RuntimeConfig) -> FastAPI:
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
         profile = config.profile_for_number(params.get("To", ""))
-        refusal = state.admission_problem(settings.max_calls)
+        refusal = state.try_admit(call_sid, settings.max_calls)
         if refusal is not None:  # the caller hears the fallback, never a failed call
             state.refusals.warn(
                 log, "call_not_admitted", call_sid=call_sid, reason=refusal, max_calls=settings.max_calls
             )
             metrics.webhooks.labels(refusal).inc()
             return Response(config.fallback_twiml(profile), media_type="application/xml")
-        state.admit(call_sid)
         twiml = webhook.connect_twiml(
             webhook.stream_url(base),
             state.tokens.mint(call_sid, profile),
@@ -274,10 +356,9 @@ def create_app(config: RuntimeConfig) -> FastAPI:
 
     @app.websocket(webhook.MEDIA_PATH)
     async def twilio_media(ws: WebSocket) -> None:
-        if len(state.calls) >= settings.max_calls:  # more streams than calls admitted here
-            state.refusals.warn(
-                log, "media_stream_over_capacity", active_calls=len(state.calls), max_calls=settings.max_calls
-            )
+        active = state.active_calls()
+        if active >= settings.max_calls:  # more streams than calls admitted on this instance
+            state.refusals.warn(log, "media_stream_over_capacity", active_calls=active, max_calls=settings.max_calls)
             metrics.streams_rejected.labels(RejectReason.OVER_CAPACITY.value).inc()
             await ws.close(close_code(RejectReason.OVER_CAPACITY))
             return
@@ -308,13 +389,10 @@ def create_app(config: RuntimeConfig) -> FastAPI:
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
         assert task is not None
-        state.calls.add(task)
-        state.idle.clear()
+        state.call_started(task)
         try:
             await session.run()
         finally:
-            state.calls.discard(task)
-            if not state.calls:
-                state.idle.set()
+            state.call_ended(task)
 
     return app

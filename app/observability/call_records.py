@@ -30,6 +30,7 @@ class CallRecordSender:
         attempts: int = 3,
         backoff: float = 0.5,
         max_pending: int = 200,
+        worker: int | None = None,
     ) -> None:
         self.url = url
         self.secret = secret
@@ -38,6 +39,7 @@ class CallRecordSender:
         self.attempts = attempts
         self.backoff = backoff
         self.max_pending = max_pending
+        self.worker = worker  # with --workers: the worker that carried the call, in each record
         self._pending: set[asyncio.Task[None]] = set()
 
     def submit(self, record: dict[str, Any]) -> None:
@@ -47,6 +49,8 @@ class CallRecordSender:
             self.metrics.call_records.labels("dropped").inc()
             log.error("call_record_dropped", reason="too many deliveries in flight", call_sid=record.get("call_sid"))
             return
+        if self.worker is not None:
+            record = {**record, "worker": self.worker}
         body = json.dumps(record, separators=(",", ":"), default=str).encode()
         task = asyncio.create_task(self._deliver(body, str(record.get("call_sid", ""))))
         self._pending.add(task)

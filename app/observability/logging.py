@@ -45,8 +45,19 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
-def configure(level: str = "info", stream: Any = None) -> None:
-    """JSON lines on stdout for our logs and for uvicorn's and websockets' stdlib logs alike."""
+def worker_field(worker: int) -> Any:
+    """A processor naming the worker process (``--workers``) on every line, ours and uvicorn's."""
+
+    def add(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict.setdefault("worker", worker)
+        return event_dict
+
+    return add
+
+
+def configure(level: str = "info", stream: Any = None, worker: int | None = None) -> None:
+    """JSON lines on stdout for our logs and for uvicorn's and websockets' stdlib logs alike.
+    ``worker``: this process's worker id, on every line, when ``serve`` runs several."""
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -54,6 +65,8 @@ def configure(level: str = "info", stream: Any = None) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if worker is not None:
+        shared.append(worker_field(worker))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -3,15 +3,26 @@ fixed sets (never a call id), so cardinality stays bounded whatever the peers se
 
 Hot-path counters (frames, bytes) are not touched per frame: the call adds its own counts
 and the pump flushes the difference here every tick and at the end of the call.
+
+With worker processes (``serve --workers N``) prometheus-client runs in its multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor): every worker writes its values to
+files of that directory and ``/metrics``, on whichever worker answers, sums them all. Counters
+and histograms of a dead worker keep counting in the sum (they never go down); its gauge
+values are dropped (``mark_process_dead``, see ``active_calls``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import assert_never
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from app.core.vocabulary import MetricName
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
@@ -49,7 +60,10 @@ def bounded(value: str, allowed: frozenset[str]) -> str:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.active_calls = Gauge("callbridge_active_calls", "Calls with an open media stream.", registry=r)
+        # livesum: the calls of the workers alive now, summed; a dead worker's calls ended with it
+        self.active_calls = Gauge(
+            "callbridge_active_calls", "Calls with an open media stream.", registry=r, multiprocess_mode="livesum"
+        )
         self.calls = Counter("callbridge_calls_total", "Calls ended, by outcome.", ["outcome"], registry=r)
         self.webhooks = Counter(
             "callbridge_webhook_requests_total", "Voice webhook requests, by result.", ["result"], registry=r
@@ -150,7 +164,7 @@ class Metrics:
         )
         self.token_store_errors = Counter(
             "callbridge_token_store_errors_total",
-            "Stream tokens checked in this process only because Redis (REDIS_URL) did not answer.",
+            "Stream tokens checked on this machine only because Redis (REDIS_URL) did not answer.",
             registry=r,
         )
         self.overflows = Counter(
@@ -204,6 +218,16 @@ class Metrics:
 
     def recording_status_callback(self, status: str) -> None:
         self.recording_status.labels(bounded(status, RECORDING_STATUSES)).inc()
+
+    def exposition(self) -> bytes:
+        """The text for ``/metrics``: this process's registry or, with worker processes, the
+        sum over every worker's files."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
     def call_status(self, status: str) -> None:
         self.call_status_total.labels(bounded(status, CALL_STATUSES)).inc()

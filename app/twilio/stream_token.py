@@ -12,8 +12,14 @@ import base64
 import hashlib
 import hmac
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
+
+from app.observability.logging import get_logger
+from app.twilio.token_store import MachineTokenStore
+
+log = get_logger(component="stream_tokens")
 
 TOKEN_PARAMETER = "stream_token"
 
@@ -30,13 +36,21 @@ PROFILE_PARAMETER = "profile"
 
 
 class StreamTokens:
-    def __init__(self, secret: bytes, ttl_seconds: float = 60.0, max_remembered: int = 100_000) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        ttl_seconds: float = 60.0,
+        max_remembered: int = 100_000,
+        machine: MachineTokenStore | None = None,
+    ) -> None:
         if len(secret) < 16:
             raise ValueError("stream token secret must be at least 16 bytes")
         self._secret = secret
         self.ttl = ttl_seconds
         self._used: dict[str, float] = {}  # nonce -> expiry, to refuse replays until expiry
         self._max_remembered = max_remembered
+        self.machine = machine
+        """With worker processes: single use is checked in the file they share, not in memory."""
 
     def _sign(self, call_sid: str, profile: str, expires: int, nonce: str) -> str:
         mac = hmac.new(self._secret, f"{call_sid}|{profile}|{expires}|{nonce}".encode(), hashlib.sha256)
@@ -63,8 +77,15 @@ class StreamTokens:
         return Verified(nonce, expires)
 
     def use_locally(self, verified: Verified, now: float | None = None) -> str | None:
-        """Mark a verified token used in this process: None the first time, else why not."""
+        """Mark a verified token used on this machine (every worker process) or, with one
+        process, in this process: None the first time, else why not. Should the machine's
+        file fail, this process's memory still refuses replays to this worker (logged)."""
         now = time.time() if now is None else now
+        if self.machine is not None:
+            try:
+                return self.machine.use_once(verified.nonce, verified.expires, now)
+            except sqlite3.Error as exc:
+                log.error("machine_token_store_unavailable", detail=str(exc), fallback="checked in this process")
         self._forget_expired(now)
         if verified.nonce in self._used:
             return "already used"
@@ -75,7 +96,7 @@ class StreamTokens:
 
     def redeem(self, token: str, call_sid: str, profile: str = "", now: float | None = None) -> str | None:
         """Consume ``token`` for ``call_sid`` and ``profile`` in this process. None when
-        accepted, else why not. (With a shared store, the pump uses ``verify`` and the store.)"""
+        accepted, else why not. (With Redis, the pump uses ``verify`` and the store.)"""
         verified = self.verify(token, call_sid, profile, now)
         if isinstance(verified, str):
             return verified
