@@ -45,10 +45,10 @@ AGENT_OUTPUT_ENCODINGS: tuple[str, ...] = ("mulaw", "alaw", "linear16")
 AGENT_SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 24000, 48000)
 
 # libsoxr's "medium quality" recipe, chosen by measurement (callbridge bench-audio, README
-# "Audio"): flat to 3.6 kHz (the whole telephone band) and more than 100 dB of alias and image
-# rejection, far beyond what mu-law carries, with the least held-back audio of the recipes that
-# keep the telephone band: HQ and VHQ add rejection nobody can hear and hold up to twice as
-# long (48 kHz: 155-171 ms against 74-92 ms); LQ cuts 3.4 kHz by 8 dB.
+# "Audio"): flat to 3.6 kHz (the whole telephone band) and more than 100 dB of alias rejection,
+# far beyond what mu-law carries, with the least held-back audio of the recipes that keep the
+# telephone band: HQ and VHQ add rejection nobody can hear and hold back up to 175 ms against
+# 118 ms; LQ cuts 3.4 kHz by 8 dB.
 RESAMPLER_QUALITY = "MQ"
 
 
@@ -132,15 +132,15 @@ class Transcoder:
     measured with 20 ms frames (``callbridge bench-audio``), the audio held back, worst case /
     on average:
 
-    ======================  =================
-    8 kHz -> 16 kHz         115 ms / 65 ms
-    8 kHz -> 24 kHz         75 ms / 41 ms
-    8 kHz -> 48 kHz         92 ms / 51 ms
-    16 kHz -> 8 kHz         115 ms / 65 ms
-    24 kHz -> 8 kHz         75 ms / 41 ms
-    48 kHz -> 8 kHz         74 ms / 42 ms
+    ======================  ===================
+    8 kHz -> 16 kHz         118 ms / 63 ms
+    8 kHz -> 24 kHz         75 ms / 43 ms
+    8 kHz -> 48 kHz         92 ms / 53 ms
+    16 kHz -> 8 kHz         118 ms / 63 ms
+    24 kHz -> 8 kHz         75 ms / 43 ms
+    48 kHz -> 8 kHz         75 ms / 43 ms
     codec only (8 kHz)      0 ms
-    ======================  =================
+    ======================  ===================
 
     libsoxr filters in blocks, so the output comes in bursts of about 100 ms rather than
     frame by frame. Agent speech arrives faster than real time and is flushed at the end of
