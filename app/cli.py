@@ -274,6 +274,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 1 if report.failures or any(r.violations for r in report.results) else 0
 
 
+def cmd_bench_audio(args: argparse.Namespace) -> int:
+    from app.devtools import bench_audio
+
+    if args.frames < 1:
+        print("callbridge: --frames must be at least 1", file=sys.stderr)
+        return 2
+    print(bench_audio.run(args.frames))
+    return 0
+
+
 def cmd_twilio(args: argparse.Namespace) -> int:
     from app.twilio import rest
 
@@ -416,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--url", help="test an already running bridge instead of starting one (no CPU/RSS)")
     load.add_argument("--auth-token", help="with --url: the bridge's TWILIO_AUTH_TOKEN")
     load.set_defaults(func=cmd_loadtest)
+
+    bench = sub.add_parser(
+        "bench-audio",
+        help="benchmark: each agent audio format's conversion (quality, held-back audio, cost per 20 ms frame)",
+        formatter_class=DefaultsHelp,
+    )
+    bench.add_argument("--frames", type=int, default=5000, help="20 ms frames timed per path (best of 3 runs)")
+    bench.set_defaults(func=cmd_bench_audio)
 
     twilio = sub.add_parser(
         "twilio", help="Twilio number setup (uses TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, PUBLIC_URL)"

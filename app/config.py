@@ -12,14 +12,29 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.codecs import SUPPORTED_ENCODINGS, AudioFormat
+from app.codecs import (
+    AGENT_INPUT_ENCODINGS,
+    AGENT_OUTPUT_ENCODINGS,
+    TWILIO_SAMPLE_RATE,
+    AudioFormat,
+    agent_sample_rates,
+)
 from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
 from app.core.vocabulary import ConsentMode
@@ -139,24 +154,48 @@ class Settings(BaseSettings):
 
 
 class AudioFormatModel(BaseModel):
+    """The agent's audio format one way (an agent output; ``AgentInputFormatModel`` for input).
+
+    Only formats the bridge converts properly: mu-law/A-law at 8 kHz, linear16 at the rates of
+    ``AGENT_SAMPLE_RATES`` (app/codecs.py); anything else stops the service at start-up."""
+
     model_config = ConfigDict(extra="forbid")
+    ENCODINGS: ClassVar[tuple[str, ...]] = AGENT_OUTPUT_ENCODINGS
     encoding: str = "mulaw"
-    sample_rate: int = Field(default=8000, ge=8000, le=48000)
+    sample_rate: int = TWILIO_SAMPLE_RATE
 
     @field_validator("encoding")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in SUPPORTED_ENCODINGS:
-            raise ValueError(f"must be one of {', '.join(SUPPORTED_ENCODINGS)}")
+        if value not in cls.ENCODINGS:
+            raise ValueError(f"must be one of {', '.join(cls.ENCODINGS)}")
+        return value
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _rate(cls, value: int, info: ValidationInfo) -> int:
+        encoding = info.data.get("encoding")
+        if encoding is None:  # the encoding is wrong itself, and said so
+            return value
+        rates = agent_sample_rates(encoding)
+        if value not in rates:
+            allowed = str(rates[0]) if len(rates) == 1 else f"one of {', '.join(map(str, rates))}"
+            raise ValueError(f"must be {allowed} for {encoding}")
         return value
 
     def to_format(self) -> AudioFormat:
         return AudioFormat(self.encoding, self.sample_rate)  # type: ignore[arg-type]
 
 
+class AgentInputFormatModel(AudioFormatModel):
+    """The caller's audio as the agent gets it: A-law is not offered (see app/codecs.py)."""
+
+    ENCODINGS: ClassVar[tuple[str, ...]] = AGENT_INPUT_ENCODINGS
+
+
 class AgentAudioModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: AudioFormatModel = AudioFormatModel()
+    input: AgentInputFormatModel = AgentInputFormatModel()
     output: AudioFormatModel = AudioFormatModel()
 
 

@@ -40,4 +40,6 @@ def speech_like(text: str, rate: int = SAMPLE_RATE) -> bytes:
 
 
 def encode(pcm16: bytes, fmt: AudioFormat, rate: int = SAMPLE_RATE) -> bytes:
-    return Transcoder(AudioFormat("linear16", rate), fmt).convert(pcm16)
+    """A whole recording in ``fmt``: flushed, so it ends where the recording ends."""
+    transcoder = Transcoder(AudioFormat("linear16", rate), fmt)
+    return transcoder.convert(pcm16) + transcoder.flush()

@@ -26,7 +26,8 @@ def load_caller_audio(path: Path) -> bytes:
         pcm = audioop.tomono(pcm, 2, 0.5, 0.5)
     elif channels != 1:
         raise ValueError(f"{path}: {channels} channels; use mono or stereo")
-    return Transcoder(AudioFormat("linear16", rate), AudioFormat("mulaw", TWILIO_SAMPLE_RATE)).convert(pcm)
+    transcoder = Transcoder(AudioFormat("linear16", rate), AudioFormat("mulaw", TWILIO_SAMPLE_RATE))
+    return transcoder.convert(pcm) + transcoder.flush()
 
 
 def write_mulaw_as_wav(path: Path, mulaw: bytes) -> None:
