@@ -211,6 +211,7 @@ class Call:
                 self.was_live = True
                 return actions
             case CallState.AGENT_DOWN:
+                self.caller.session_lost()
                 self.failed_at = now
                 if self.down_since is None:
                     self.down_since = now

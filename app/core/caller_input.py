@@ -17,12 +17,13 @@ from app.core.vocabulary import LogLevel, Overflow
 
 
 class CallerInput:
-    __slots__ = ("_buffer", "_buffered", "_frame_bytes", "_limit", "_stats", "_to_agent")
+    __slots__ = ("_buffer", "_buffered", "_frame_bytes", "_limit", "_stats", "_tail", "_to_agent")
 
     def __init__(self, options: CallOptions, stats: CallStats) -> None:
         self._stats = stats
         self._buffer: deque[bytes] = deque()  # the caller's own mu-law, as it came
         self._buffered = 0
+        self._tail = b""  # converted audio the resampler held when the agent session was lost
         self.configure(options)
 
     def configure(self, options: CallOptions) -> None:
@@ -72,15 +73,20 @@ class CallerInput:
             ]
         return []
 
+    def session_lost(self) -> None:
+        """The agent session is gone: what the resampler still holds (up to ~120 ms, see
+        ``codecs.Transcoder``) was never sent, so it goes first to the next session."""
+        if self._to_agent is not None:
+            self._tail += self._to_agent.flush()
+
     def flush(self) -> list[Action]:
         """The agent is ready: everything held goes out first, in order, in 20 ms frames (so
         the agent queue's size depends only on the pre-buffer's duration, however the caller's
         frames were cut)."""
-        if not self._buffer:
-            return []
-        held = b"".join(self._buffer)
-        self._buffer.clear()
-        self._buffered = 0
-        if self._to_agent is not None:
-            held = self._to_agent.convert(held)
-        return [SendToAgent(frame) for frame in frames(held, self._frame_bytes)]
+        held, self._tail = self._tail, b""
+        if self._buffer:
+            raw = b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            held += raw if self._to_agent is None else self._to_agent.convert(raw)
+        return [SendToAgent(frame) for frame in frames(held, self._frame_bytes)] if held else []

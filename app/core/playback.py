@@ -59,6 +59,9 @@ class Playback:
             data = self._to_twilio.convert(data)
             if not data:
                 return []
+        return self._send(data, now)
+
+    def _send(self, data: bytes, now: float) -> list[Action]:
         if self.state is not PlaybackState.SPEAKING:
             self._go(PlaybackInput.AGENT_SPEAKS)
         stats = self._stats
@@ -75,7 +78,13 @@ class Playback:
         self._go(PlaybackInput.AGENT_SPEAKS)
 
     def audio_done(self, now: float) -> list[Action]:
-        """The utterance is complete: a mark after it tells us when Twilio has played it."""
+        """The utterance is complete: what the resampler still holds goes out, then a mark
+        after it tells us when Twilio has played it all."""
+        tail: list[Action] = []
+        if self._to_twilio is not None:
+            held = self._to_twilio.flush()
+            if held:
+                tail = self._send(held, now)
         self._go(PlaybackInput.AUDIO_DONE)
         self._mark_seq += 1
         name = f"agent-audio-{self._mark_seq}"
@@ -83,7 +92,7 @@ class Playback:
         self.heard.done(name)
         if len(self._outstanding_marks) > MAX_OUTSTANDING_MARKS:
             del self._outstanding_marks[next(iter(self._outstanding_marks))]
-        return [SendMark(twilio_msg.mark(self.stream_sid, name), name)]
+        return [*tail, SendMark(twilio_msg.mark(self.stream_sid, name), name)]
 
     def mark_returned(self, name: str, now: float) -> list[Action]:
         sent_at = self._outstanding_marks.pop(name, None)
@@ -105,6 +114,8 @@ class Playback:
         the first action; the pump also drops agent audio it still holds for Twilio. Also
         returns the utterance the caller cut short, if they did."""
         interrupted = self.state is not PlaybackState.QUIET
+        if self._to_twilio is not None:
+            self._to_twilio.reset()  # the cut-off speech must not open the next utterance
         cut = self.heard.cleared(now)
         heard = next((u for u in cut if u.heard_ms), cut[0] if cut else None)  # the one playing
         self._go(PlaybackInput.BARGE_IN)
