@@ -193,10 +193,11 @@ def bridge_said(url: str, before: MetricsSnapshot | None) -> str:
 
 
 def cmd_simulate_call(args: argparse.Namespace) -> int:
+    from app.codecs import load_audio_file as load_caller_audio
     from app.devtools.loadtest import signing_token
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
     from app.devtools.twilio_api import DEFAULT_ACCOUNT_SID, TwilioApiStandIn
-    from app.devtools.wavio import load_caller_audio, write_mulaw_as_wav
+    from app.devtools.wavio import write_mulaw_as_wav
 
     out = Path(args.out)
     problem = writable_file_problem(out)

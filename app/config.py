@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -31,9 +32,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.codecs import (
     AGENT_INPUT_ENCODINGS,
     AGENT_OUTPUT_ENCODINGS,
+    TWILIO_FORMAT,
     TWILIO_SAMPLE_RATE,
     AudioFormat,
     agent_sample_rates,
+    load_audio_file,
 )
 from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
@@ -237,12 +240,39 @@ class FallbackModel(BaseModel):
     dial: Annotated[str, AfterValidator(_destination)] | None = None
 
 
+BUILTIN_HOLD_AUDIO = "builtin"
+BUILTIN_HOLD_FILE = Path(__file__).parent / "profiles" / "one_moment.ulaw"
+"""espeak-ng 1.51 (voice en-us+f3, 150 words a minute) saying "One moment, please.", converted
+to mu-law 8 kHz and trimmed: 1.56 s, 12 KB."""
+MAX_HOLD_AUDIO_SECONDS = 10.0
+"""A hold message longer than this is refused at start-up: it would talk over the agent's return."""
+
+
+def load_hold_audio(setting: str, profile_dir: Path) -> bytes:
+    """``bridge.reconnect.hold_audio`` as mu-law 8 kHz, read once at start-up."""
+    if setting == "none":
+        return b""
+    path = BUILTIN_HOLD_FILE if setting == BUILTIN_HOLD_AUDIO else profile_dir / setting
+    try:
+        audio = load_audio_file(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"bridge.reconnect.hold_audio: cannot read {path}: {exc}") from exc
+    if not audio or len(audio) > MAX_HOLD_AUDIO_SECONDS * TWILIO_FORMAT.sample_rate:
+        raise ConfigError(f"bridge.reconnect.hold_audio: {path} must hold 0-{MAX_HOLD_AUDIO_SECONDS:g} s of audio")
+    return audio
+
+
 class ReconnectModel(BaseModel):
     """``bridge.reconnect``: the budget for reopening an agent session lost mid-call."""
 
     model_config = ConfigDict(extra="forbid")
     attempts: int = Field(default=3, ge=0, le=10)
     within_seconds: float = Field(default=10.0, gt=0, le=60)
+    hold_after_seconds: float = Field(default=2.0, ge=0.5, le=30)
+    hold_audio: str = Field(default=BUILTIN_HOLD_AUDIO, min_length=1)
+    """What the caller hears once a reconnect takes ``hold_after_seconds``: "builtin" (a short
+    "One moment, please."), "none" (silence), or a 16-bit PCM WAV (any rate) or raw mu-law
+    8 kHz ``.ulaw`` file, relative to the profile's directory."""
 
 
 class ToolModel(BaseModel):
@@ -311,6 +341,11 @@ class AgentProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     agent: AgentBlock | str
     bridge: BridgeOptions = BridgeOptions()
+    _hold_audio: bytes = PrivateAttr(default=b"")  # bridge.reconnect.hold_audio, read by load_profile
+
+    @property
+    def hold_audio(self) -> bytes:
+        return self._hold_audio
 
     def agent_payload(self) -> dict[str, Any] | str:
         if isinstance(self.agent, str):
@@ -346,6 +381,7 @@ def load_profile(path: Path, variable: str = "AGENT_PROFILE") -> AgentProfile:
     problem = function_problem(profile)
     if problem:
         raise ConfigError(f"{variable} {path}: {problem}")
+    profile._hold_audio = load_hold_audio(profile.bridge.reconnect.hold_audio, path.parent)
     return profile
 
 
@@ -554,6 +590,8 @@ class RuntimeConfig:
             reconnect_attempts=bridge.reconnect.attempts,
             reconnect_within=bridge.reconnect.within_seconds,
             recording=self.recording(profile),
+            hold_audio=profile.hold_audio,
+            hold_after=bridge.reconnect.hold_after_seconds,
         )
 
     @staticmethod

@@ -104,6 +104,11 @@ from app.core.vocabulary import (
 from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 from app.twilio.webhook import fallback_twiml
 
+_RECONNECTING = frozenset(
+    {CallState.AGENT_DOWN, CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME, CallState.AWAITING_SETTINGS_APPLIED}
+)
+"""States of a lost session being replaced (with ``down_since`` set): the caller is waiting."""
+
 _CONTROLLED = frozenset(
     {CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE, CallState.HANGING_UP, CallState.TRANSFERRING}
 )  # where functions may be running, so call control keeps their deadlines
@@ -139,6 +144,7 @@ class Call:
         self.failed_at = 0.0  # the latest failure, which the backoff counts from
         self.attempts: list[float] = []  # reconnect attempts since then
         self.reconnects: list[float] = []  # seconds the caller waited, per restored session
+        self.held = False  # the "one moment" was played for this loss
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
 
@@ -206,12 +212,13 @@ class Call:
                 if self.down_since is not None:  # back after a loss: how long the caller waited
                     waited = round(now - self.down_since, 3)
                     self.reconnects.append(waited)
-                    self.down_since, self.attempts = None, []
+                    self.down_since, self.attempts, self.held = None, [], False
                     actions.append(Log(LogLevel.INFO, "agent_reconnected", {"waited_s": waited}))
                 self.was_live = True
                 return actions
             case CallState.AGENT_DOWN:
                 self.caller.session_lost()
+                self.playback.session_lost()
                 self.failed_at = now
                 if self.down_since is None:
                     self.down_since = now
@@ -399,6 +406,18 @@ class Call:
         self.attempts.append(now)
         return [Log(LogLevel.INFO, "agent_reconnecting", {"attempt": len(self.attempts)})]
 
+    def _hold_if_long(self, now: float) -> list[Action]:
+        """A reconnect taking longer than ``hold_after``: the caller hears "one moment" once,
+        rather than a silence that grows."""
+        options = self.options
+        if self.held or not self.was_live or not options.hold_audio or self.down_since is None:
+            return []
+        if now - self.down_since < options.hold_after:
+            return []
+        self.held = True
+        played = Log(LogLevel.INFO, "hold_message_played", {"after_s": round(now - self.down_since, 3)})
+        return [played, *self.playback.hold(options.hold_audio, now)]
+
     def _agent_down_next(self, now: float) -> AgentRetryDue | AgentUnavailable | None:
         """In AGENT_DOWN: another attempt (after its backoff), or the fallback. A call that
         never got its agent, or lost it for a reason a new session would repeat, gets the
@@ -541,6 +560,8 @@ class Call:
                 return actions + self.handle(handoff, now)
         if self.recording.waiting:
             actions = actions + self.recording.tick(now)
+        if self.down_since is not None and state in _RECONNECTING:
+            actions = actions + self._hold_if_long(now)
         if state is CallState.AGENT_DOWN:
             decided = self._agent_down_next(now)
             return actions + self.handle(decided, now) if decided is not None else actions

@@ -66,15 +66,17 @@ class HeardAudio:
         unplayed_ms = max(0.0, self._play_end - now) * 1000
         return max(0.0, self._sent_ms - unplayed_ms)  # never below zero from float rounding
 
-    def sent(self, nbytes: int, now: float) -> None:
-        """``nbytes`` of mu-law went to Twilio: cheap, it runs for every agent frame."""
+    def sent(self, nbytes: int, now: float, agent: bool = True) -> None:
+        """``nbytes`` of mu-law went to Twilio: cheap, it runs for every agent frame. Audio
+        that is not the agent's (the bridge's own "one moment") moves the play-out only."""
         ms = nbytes * MS_PER_TWILIO_BYTE
-        current = self._current
-        if current is None:
-            current = self._current = Utterance(offset_ms=self._sent_ms)
-            if self.first is None:
-                self.first = current
-        current.full_ms += ms
+        if agent:
+            current = self._current
+            if current is None:
+                current = self._current = Utterance(offset_ms=self._sent_ms)
+                if self.first is None:
+                    self.first = current
+            current.full_ms += ms
         self._sent_ms += ms
         self._play_end = max(self._play_end, now) + ms / 1000
 
@@ -86,6 +88,14 @@ class HeardAudio:
             self._pending[mark] = current
             if len(self._pending) > MAX_OUTSTANDING_MARKS:  # a Twilio that returns no marks
                 self._finish(self._pending.pop(next(iter(self._pending))))  # heard: unknown
+
+    def session_lost(self) -> None:
+        """The agent session is gone mid-utterance: no AgentAudioDone (and no mark) will
+        follow it, and the next session's speech is another utterance. What of it was heard
+        is known from the play-out when the caller cuts in or the call ends."""
+        current, self._current = self._current, None
+        if current is not None:
+            self._pending[f"lost-{len(self.finished)}-{len(self._pending)}"] = current
 
     def mark_returned(self, mark: str, now: float) -> None:
         """Twilio played the utterance through: heard in full, and the position is at least its end."""

@@ -176,6 +176,11 @@ class CallOptions:
     """TwiML the live call is redirected to when the agent cannot be reached ("": a short
     apology, then hang up); see ``webhook.fallback_twiml``."""
     recording: RecordingSpec | None = None  # None: the call is never recorded (the default)
+    hold_audio: bytes = b""
+    """What the caller hears (mu-law 8 kHz) once a lost agent session has been away for
+    ``hold_after`` seconds: by default a short "One moment, please." (``config.py``); empty:
+    silence. Played once per loss, on the stream that is still open."""
+    hold_after: float = 2.0
 
     @property
     def prebuffer_bytes(self) -> int:

@@ -7,7 +7,7 @@ when they started to speak; the marks tell which utterances Twilio actually play
 
 from __future__ import annotations
 
-from app.codecs import TWILIO_FORMAT, Transcoder
+from app.codecs import TWILIO_FORMAT, Transcoder, frames
 from app.core.actions import Action, ClearTwilio, Log, Measure, SendMark, SendMedia
 from app.core.heard import HeardAudio, Utterance
 from app.core.options import MAX_OUTSTANDING_MARKS, CallOptions
@@ -73,6 +73,22 @@ class Playback:
             self.first_audio_at = now
             return [send, Measure(MetricName.FIRST_AGENT_AUDIO, now - self.stream_started_at)]
         return [send]
+
+    def session_lost(self) -> None:
+        """The agent session dropped: its cut-off speech is not replayed, nor its resampler tail."""
+        if self._to_twilio is not None:
+            self._to_twilio.reset()
+        self.heard.session_lost()
+
+    def hold(self, audio: bytes, now: float) -> list[Action]:
+        """The bridge's own "one moment" (mu-law 8 kHz), in 20 ms frames, while the agent is
+        away. Not an agent utterance: no mark, no playback state; a barge-in clears it."""
+        heard, sid = self.heard, self.stream_sid
+        out: list[Action] = []
+        for frame in frames(audio):
+            heard.sent(len(frame), now, agent=False)
+            out.append(SendMedia(twilio_msg.media(sid, frame), len(frame)))
+        return out
 
     def agent_started_speaking(self) -> None:
         self._go(PlaybackInput.AGENT_SPEAKS)

@@ -322,6 +322,32 @@ def test_an_agent_lost_mid_call_is_reconnected_with_the_conversation_and_no_gree
     assert call.summary(5.0)["reconnects"] == 1 and call.summary(5.0)["reconnect_waits_s"] == [1.0]
 
 
+def test_a_reconnect_that_takes_long_plays_one_moment_once_per_loss() -> None:
+    hold = b"\x11" * 1000  # what the profile's hold_audio became: mu-law 8 kHz
+    call = ready_call(hold_audio=hold, hold_after=2.0, reconnect_attempts=5, reconnect_within=20.0)
+    feed(call, AgentAudio(b"\x22" * 800), now=2.0)  # the agent is speaking when it is lost
+    feed(call, AgentClosed(1006, ""), now=3.0)
+    feed(call, Tick(), AgentConnectFailed("connection refused"), now=3.5)  # the first attempt fails
+    assert of(feed(call, Tick(), now=4.9), SendMedia) == []  # silence is fine for a moment
+    actions = feed(call, Tick(), now=5.0)
+    played = b"".join(base64.b64decode(json.loads(m.text)["media"]["payload"]) for m in of(actions, SendMedia))
+    assert played == hold and [log.event for log in of(actions, Log)] == ["hold_message_played"]
+    assert of(actions, SendMark) == []  # not an agent utterance
+    assert of(feed(call, Tick(), AgentConnectFailed("refused"), Tick(), now=7.0), SendMedia) == []  # once
+    feed(call, Tick(), AgentConnected(), AgentWelcome("r2"), AgentSettingsApplied(), now=8.0)
+    assert call.state is CallState.LIVE
+    # the agent's cut-off utterance is one record, the hold message none
+    assert [u["full_ms"] for u in call.playback.heard.records(9.0)] == [100]
+    feed(call, AgentClosed(1006, ""), now=10.0)
+    assert of(feed(call, Tick(), AgentConnectFailed("refused"), Tick(), now=12.5), SendMedia)  # a new loss: again
+
+
+def test_without_hold_audio_a_long_reconnect_stays_silent() -> None:
+    call = ready_call(reconnect_attempts=5, reconnect_within=20.0)
+    feed(call, AgentClosed(1006, ""), now=3.0)
+    assert of(feed(call, Tick(), AgentConnectFailed("refused"), Tick(), now=9.0), SendMedia) == []
+
+
 def test_the_reconnect_budget_spent_gets_the_caller_the_fallback() -> None:
     call = ready_call(reconnect_attempts=2, reconnect_within=10.0)
     feed(call, AgentClosed(1011, "gone"), now=1.0)

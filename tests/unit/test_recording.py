@@ -186,3 +186,28 @@ def test_a_bad_recording_option_is_a_start_up_error_naming_the_field(
 def test_recording_needs_an_inline_agent_to_announce_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"bridge\.recording needs the agent block inline"):
         load_profile(profile_file(tmp_path, {"consent": "implied"}, agent="a-stored-agent-id"))
+
+
+# --- the reconnect's "one moment" (issue 8) -------------------------------------------------
+
+
+def test_the_builtin_one_moment_is_loaded_once_and_reaches_the_call(tmp_path: Path) -> None:
+    options = config_for(profile_file(tmp_path, None)).call_options()
+    assert 1.0 < len(options.hold_audio) / 8000 < 3.0 and options.hold_after == 2.0  # "One moment, please."
+
+
+def test_hold_audio_none_is_silence_and_a_bad_file_is_a_start_up_error(tmp_path: Path) -> None:
+    path = profile_file(tmp_path, None)
+    data = json.loads(path.read_text())
+    data["bridge"]["reconnect"] = {"hold_audio": "none"}
+    path.write_text(json.dumps(data))
+    assert config_for(path).call_options().hold_audio == b""
+    data["bridge"]["reconnect"] = {"hold_audio": "missing.wav"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"bridge\.reconnect\.hold_audio: cannot read .*missing\.wav"):
+        load_profile(path)
+    (tmp_path / "mine.ulaw").write_bytes(b"\x7f" * 4000)  # the operator's own, next to the profile
+    data["bridge"]["reconnect"] = {"hold_audio": "mine.ulaw", "hold_after_seconds": 1.5}
+    path.write_text(json.dumps(data))
+    options = config_for(path).call_options()
+    assert options.hold_audio == b"\x7f" * 4000 and options.hold_after == 1.5
