@@ -142,7 +142,8 @@ class Call:
         self.failure: Event | None = None  # what took the agent session down last
         self.down_since: float | None = None  # when the session was lost (until it is back)
         self.failed_at = 0.0  # the latest failure, which the backoff counts from
-        self.attempts: list[float] = []  # reconnect attempts since then
+        self.attempts: list[float] = []  # when each reconnect attempt was made (the budget's window)
+        self.gap_attempts = 0  # attempts since this loss (the backoff's step)
         self.reconnects: list[float] = []  # seconds the caller waited, per restored session
         self.held = False  # the "one moment" was played for this loss
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
@@ -212,7 +213,9 @@ class Call:
                 if self.down_since is not None:  # back after a loss: how long the caller waited
                     waited = round(now - self.down_since, 3)
                     self.reconnects.append(waited)
-                    self.down_since, self.attempts, self.held = None, [], False
+                    # the attempts stay: a session that comes back and drops again at once
+                    # spends the same budget, so a flapping agent still ends in the fallback
+                    self.down_since, self.gap_attempts, self.held = None, 0, False
                     actions.append(Log(LogLevel.INFO, "agent_reconnected", {"waited_s": waited}))
                 self.was_live = True
                 return actions
@@ -222,9 +225,7 @@ class Call:
                 self.failed_at = now
                 if self.down_since is None:
                     self.down_since = now
-                return [
-                    Log(LogLevel.WARNING, "agent_lost", {"was_live": self.was_live, "attempts": len(self.attempts)})
-                ]
+                return [Log(LogLevel.WARNING, "agent_lost", {"was_live": self.was_live, "attempts": self.gap_attempts})]
             case CallState.HANGING_UP | CallState.TRANSFERRING:
                 self.handoff_started_at = now  # the REST request went with the handler's actions
                 return []
@@ -404,7 +405,8 @@ class Call:
 
     def _on_agent_retry_due(self, event: AgentRetryDue, now: float) -> list[Action]:
         self.attempts.append(now)
-        return [Log(LogLevel.INFO, "agent_reconnecting", {"attempt": len(self.attempts)})]
+        self.gap_attempts += 1
+        return [Log(LogLevel.INFO, "agent_reconnecting", {"attempt": self.gap_attempts})]
 
     def _hold_if_long(self, now: float) -> list[Action]:
         """A reconnect taking longer than ``hold_after``: the caller hears "one moment" once,
@@ -421,15 +423,19 @@ class Call:
     def _agent_down_next(self, now: float) -> AgentRetryDue | AgentUnavailable | None:
         """In AGENT_DOWN: another attempt (after its backoff), or the fallback. A call that
         never got its agent, or lost it for a reason a new session would repeat, gets the
-        fallback at once; a call that was live gets the reconnect budget."""
+        fallback at once; a call that was live gets the reconnect budget: at most
+        ``reconnect_attempts`` attempts within any ``reconnect_within`` seconds, and no gap
+        longer than that."""
         failure = self.failure
         if not self.was_live or (failure is not None and cannot_heal(failure)):
             return AgentUnavailable()
         options = self.options
         down_since = self.down_since if self.down_since is not None else now
-        if len(self.attempts) >= options.reconnect_attempts or now - down_since > options.reconnect_within:
+        window = options.reconnect_within
+        self.attempts = [t for t in self.attempts if now - t <= window]
+        if len(self.attempts) >= options.reconnect_attempts or now - down_since > window:
             return AgentUnavailable()
-        backoff = RECONNECT_BACKOFF_SECONDS[min(len(self.attempts), len(RECONNECT_BACKOFF_SECONDS) - 1)]
+        backoff = RECONNECT_BACKOFF_SECONDS[min(self.gap_attempts, len(RECONNECT_BACKOFF_SECONDS) - 1)]
         return AgentRetryDue() if now - self.failed_at >= backoff else None
 
     def _on_agent_audio(self, event: AgentAudio, now: float) -> list[Action]:

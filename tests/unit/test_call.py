@@ -64,7 +64,7 @@ from app.core.events import (
 )
 from app.core.options import CallOptions, Telephony
 from app.core.states import CallState
-from app.core.vocabulary import InvalidKind, LogLevel, Outcome, RejectReason, RestResult
+from app.core.vocabulary import FallbackReason, InvalidKind, LogLevel, Outcome, RejectReason, RestResult
 from tests.conformance.sdk_oracle import validate_client_message
 
 AGENT = {"listen": {"provider": {"type": "deepgram", "model": "nova-3"}}, "greeting": "hi"}
@@ -340,6 +340,30 @@ def test_a_reconnect_that_takes_long_plays_one_moment_once_per_loss() -> None:
     assert [u["full_ms"] for u in call.playback.heard.records(9.0)] == [100]
     feed(call, AgentClosed(1006, ""), now=10.0)
     assert of(feed(call, Tick(), AgentConnectFailed("refused"), Tick(), now=12.5), SendMedia)  # a new loss: again
+
+
+def lose_and_restore(call: Call, at: float) -> None:
+    feed(call, AgentClosed(1006, ""), now=at)
+    feed(call, Tick(), now=at + 0.1)  # the attempt
+    if call.state is CallState.CONNECTING_AGENT:
+        feed(call, AgentConnected(), AgentWelcome("r"), AgentSettingsApplied(), now=at + 0.2)
+
+
+def test_an_agent_that_comes_back_and_drops_at_once_spends_the_budget_and_gets_the_fallback() -> None:
+    call = ready_call(reconnect_attempts=3, reconnect_within=10.0)
+    for at in (1.0, 2.0, 3.0):
+        lose_and_restore(call, at)
+        assert call.state is CallState.LIVE
+    lose_and_restore(call, 4.0)  # a fourth loss within 10 s: no fourth attempt
+    assert call.state is CallState.FALLING_BACK and call.fallback_reason is FallbackReason.RECONNECT_FAILED
+
+
+def test_losses_far_apart_heal_every_time() -> None:
+    call = ready_call(reconnect_attempts=3, reconnect_within=10.0)
+    for at in range(1, 200, 20):  # ten losses, one every 20 s
+        lose_and_restore(call, float(at))
+        assert call.state is CallState.LIVE
+    assert call.summary(300.0)["reconnects"] == 10
 
 
 def test_without_hold_audio_a_long_reconnect_stays_silent() -> None:
