@@ -251,9 +251,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.url and (args.floor or args.workers is not None):
         print("callbridge: --floor and --workers start their own servers: not with --url", file=sys.stderr)
         return 2
-    report = loadtest.run(
-        args.calls, args.seconds, args.ramp, args.url, args.auth_token, floor=args.floor, workers=args.workers
-    )
+    try:
+        report = loadtest.run(
+            args.calls, args.seconds, args.ramp, args.url, args.auth_token, floor=args.floor, workers=args.workers
+        )
+    except RuntimeError as exc:  # a server or the agent did not start: what it said is in the message
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
     print(report.render())
     return 1 if report.failures or any(r.violations for r in report.results) else 0
 

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 from collections import deque
 
 import uvicorn
@@ -129,15 +130,27 @@ def create_app(agent_url: str) -> Starlette:
     return Starlette(routes=[Route(VOICE_PATH, voice, methods=["POST"]), WebSocketRoute(MEDIA_PATH, media)])
 
 
+AGENT_URL_VARIABLE = "MINIMAL_RELAY_AGENT_URL"  # how --workers processes learn --agent-url
+
+
+def app_from_environment() -> Starlette:
+    """The app of one of several worker processes (uvicorn imports it by name)."""
+    return create_app(os.environ[AGENT_URL_VARIABLE])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.devtools.minimal_relay", description=__doc__)
     parser.add_argument("--agent-url", required=True, help="the agent's WebSocket URL")
     parser.add_argument("--host", default=LOOPBACK)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (uvicorn's own)")
     args = parser.parse_args(argv)
+    os.environ[AGENT_URL_VARIABLE] = args.agent_url
     # the bridge's WebSocket settings (app.serving.serve); uvloop and httptools as uvicorn picks
     uvicorn.run(
-        create_app(args.agent_url),
+        "app.devtools.minimal_relay:app_from_environment",
+        factory=True,
+        workers=args.workers,
         host=args.host,
         port=args.port,
         ws_max_size=WS_MAX_SIZE,
