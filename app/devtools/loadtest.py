@@ -93,6 +93,11 @@ class MetricsSnapshot:
                 snapshot.samples[key] = float(sample.value)
         return snapshot
 
+    def plus(self, other: MetricsSnapshot) -> MetricsSnapshot:
+        """Two runs' changes together (``--rounds``)."""
+        keys = self.samples.keys() | other.samples.keys()
+        return MetricsSnapshot({k: self.samples.get(k, 0.0) + other.samples.get(k, 0.0) for k in keys})
+
     def minus(self, before: MetricsSnapshot) -> MetricsSnapshot:
         """What changed since ``before`` (counters and histograms only ever grow)."""
         return MetricsSnapshot({k: v - before.samples.get(k, 0.0) for k, v in self.samples.items()})
@@ -397,6 +402,10 @@ class PathFigures:
     unknown_stamps: int = 0  # a stamp no one sent: should never happen
     sessions_missing: int = 0  # calls whose agent session record never came
 
+    def plus(self, other: PathFigures) -> PathFigures:
+        """Two runs' figures together (``--rounds``): samples pooled, counts added."""
+        return PathFigures(**{name: getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__})
+
     @property
     def lost(self) -> int:
         return self.caller_frames_lost + self.agent_chunks_lost
@@ -619,6 +628,32 @@ class Report:
     workers: int | None = None  # --workers given to the server
     paths: PathFigures | None = None  # only with the load test's own agent
     floor: Report | None = None  # --floor: the same load through the floor, just before
+    rounds: int = 1  # --rounds: runs of ``calls`` concurrent calls whose figures are pooled here
+
+    @classmethod
+    def pooled(cls, runs: list[Report]) -> Report:
+        """Several runs of the same load as one report: samples pooled, counts and CPU added,
+        memory per call the largest of any run (``calls`` stays the concurrency of each)."""
+        first = runs[0]
+        out = cls(first.calls, first.seconds, side=first.side, workers=first.workers, rounds=len(runs))
+        for run in runs:
+            out.results += run.results
+            out.failures += run.failures
+            out.wall_s += run.wall_s
+            out.metrics_problem = out.metrics_problem or run.metrics_problem
+            if run.metrics is not None:
+                out.metrics = run.metrics if out.metrics is None else out.metrics.plus(run.metrics)
+            if run.paths is not None:
+                out.paths = run.paths if out.paths is None else out.paths.plus(run.paths)
+            if run.process is not None:
+                p = run.process
+                if out.process is None:
+                    out.process = BridgeProcess(p.pid, p.rss_idle_mib, p.rss_peak_mib, pids=p.pids, cpu_s=p.cpu_s)
+                else:
+                    growth = max(out.process.rss_peak_mib - out.process.rss_idle_mib, p.rss_peak_mib - p.rss_idle_mib)
+                    out.process.rss_peak_mib = out.process.rss_idle_mib + growth
+                    out.process.cpu_s += p.cpu_s
+        return out
 
     def caller_barge_ms(self) -> list[float]:
         """From the caller starting to speak (as the agent's detector sees it) to Twilio's clear."""
@@ -682,9 +717,10 @@ class Report:
         if self.workers:
             where += f", {self.workers} workers"
         rows = [
-            f"callbridge loadtest: {self.calls} concurrent calls x {self.seconds:g} s, {where} "
-            f"(wall {self.wall_s:.1f} s, {os.cpu_count()} cores)",
-            f"  calls completed {ok}/{self.calls}, failed {len(self.failures)}, "
+            f"callbridge loadtest: {self.calls} concurrent calls x {self.seconds:g} s"
+            + (f", {self.rounds} rounds" if self.rounds > 1 else "")
+            + f", {where} (wall {self.wall_s:.1f} s, {os.cpu_count()} cores)",
+            f"  calls completed {ok}/{self.calls * self.rounds}, failed {len(self.failures)}, "
             f"Twilio protocol violations {sum(len(r.violations) for r in self.results)}",
         ]
         for failure, times in Counter(self.failures).most_common(5):
@@ -874,20 +910,25 @@ def run(
     *,
     floor: bool = False,
     workers: int | None = None,
+    rounds: int = 1,
 ) -> Report:
-    """The load test; with ``floor``, the same load through the floor first (not with ``url``)."""
+    """The load test; with ``floor``, the same load through the floor first (not with ``url``),
+    and with ``rounds``, that many times (floor, bridge, floor, bridge...), pooled: the two see
+    the same machine, even one whose other work comes and goes."""
     if url:  # an already running bridge: no CPU or memory, no stamps read at its agent
         report = Report(calls=calls, seconds=seconds, url=url.rstrip("/"))
         token, report.token_source = signing_token(token)
         _measure(report, report.url, token, ramp)
         return report
+    floors, bridges = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        base = (
-            _run_started(Report(calls, seconds, side=Side.FLOOR, workers=workers), Path(tmp), ramp) if floor else None
-        )
-        report = _run_started(Report(calls, seconds, workers=workers), Path(tmp), ramp)
-        report.floor = base
-        return report
+        for _ in range(rounds):
+            if floor:
+                floors.append(_run_started(Report(calls, seconds, side=Side.FLOOR, workers=workers), Path(tmp), ramp))
+            bridges.append(_run_started(Report(calls, seconds, workers=workers), Path(tmp), ramp))
+    report = Report.pooled(bridges)
+    report.floor = Report.pooled(floors) if floors else None
+    return report
 
 
 def server_command(side: Side, port: int, agent_port: int, workers: int | None) -> list[str]:
@@ -904,8 +945,8 @@ def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
     """Start the local agent and the server (bridge or floor), run the calls, stop both."""
     token = secrets.token_urlsafe(24)
     agent_port, port = free_port(), free_port()
-    records = tmp / f"{report.side.value}-agent.jsonl"
-    log_path = tmp / f"{report.side.value}.log"
+    records = Path(tempfile.mkdtemp(prefix=f"{report.side.value}-", dir=tmp)) / "agent.jsonl"
+    log_path = records.with_name("server.log")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
     agent = subprocess.Popen(
         [sys.executable, "-m", "app.devtools.loadtest", "agent", "--port", str(agent_port), "--record", str(records)],

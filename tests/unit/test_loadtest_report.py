@@ -198,3 +198,24 @@ def test_process_figures_are_summed_over_the_workers() -> None:
     assert process.pids[0] == me and process.cpu_s >= 0.0
     assert tree_rss_mib([me]) == rss_mib(me) > 0
     assert tree_cpu([me, 2**22 + 1]).keys() == {me}  # a process gone meanwhile is skipped
+
+
+def test_rounds_pool_samples_add_cpu_and_keep_the_largest_growth() -> None:
+    first = measured(Side.BRIDGE, cpu_s=0.4, c2a=[1.0, 2.0], lost=0)
+    second = measured(Side.BRIDGE, cpu_s=0.6, c2a=[3.0], lost=2)
+    assert second.process is not None
+    second.process.rss_peak_mib = 70.5
+    first.metrics = MetricsSnapshot.parse(exposition([0.0004], ["caller_hangup"]))
+    second.metrics = MetricsSnapshot.parse(exposition([0.002], ["caller_hangup", "agent_error"]))
+    pooled = Report.pooled([first, second])
+    assert pooled.rounds == 2 and pooled.calls == 2 and len(pooled.results) == 4
+    assert pooled.paths is not None and pooled.paths.caller_to_agent_ms == [1.0, 2.0, 3.0]
+    assert pooled.paths.caller_frames_sent == 200 and pooled.paths.lost == 2
+    assert pooled.process is not None and pooled.process.cpu_s == pytest.approx(1.0)
+    assert pooled.metrics is not None
+    assert pooled.metrics.by_label("callbridge_calls_total", "outcome") == {"caller_hangup": 2.0, "agent_error": 1.0}
+    assert pooled.metrics.histogram("callbridge_barge_in_clear_seconds").count == 2
+    text = pooled.render()
+    assert "2 concurrent calls x 30 s, 2 rounds" in text and "calls completed 4/4" in text
+    assert "CPU 1.00 s for 2.0 call-minutes = 0.500 CPU-s per call-minute" in text
+    assert "256 KiB per concurrent call" in text  # (70.5 - 70) MiB over 2 calls, the larger growth
