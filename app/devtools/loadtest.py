@@ -264,6 +264,7 @@ class _StampingSocket:
         self.reader = StampReader(CALLER_MAGIC)
         self.heard: list[tuple[int, int, float]] = []  # (call, frame, arrival)
         self.said: list[float] = []  # when each stamped chunk was sent, by chunk number
+        self.ready_at: float | None = None  # when SettingsApplied was sent
 
     async def recv(self, decode: bool | None = None) -> str | bytes:
         message = await self.ws.recv(decode)
@@ -277,6 +278,8 @@ class _StampingSocket:
             message = stamp(AGENT_MAGIC, self.session, len(self.said)) + message[STAMP_LEN:]
             self.said.append(time.monotonic())
         await self.ws.send(message)
+        if isinstance(message, str) and self.ready_at is None and '"SettingsApplied"' in message:
+            self.ready_at = time.monotonic()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ws, name)
@@ -297,7 +300,9 @@ class StampingAgent(LocalAgent):
         try:
             await super()._handle(cast(ServerConnection, socket))
         finally:
-            line = json.dumps({"session": socket.session, "heard": socket.heard, "said": socket.said})
+            line = json.dumps(
+                {"session": socket.session, "ready": socket.ready_at, "heard": socket.heard, "said": socket.said}
+            )
             with self.record.open("a") as out:
                 out.write(line + "\n")
 
@@ -389,7 +394,8 @@ class ProbedCaller(SimulatedCaller):
 class PathFigures:
     """Every stamped frame, both ways: latency, and what was lost, duplicated or reordered."""
 
-    caller_to_agent_ms: list[float] = field(default_factory=list)
+    caller_to_agent_ms: list[float] = field(default_factory=list)  # frames sent once the agent was ready
+    caller_held_ms: list[float] = field(default_factory=list)  # frames sent before: held until SettingsApplied
     agent_to_caller_ms: list[float] = field(default_factory=list)
     caller_frames_sent: int = 0
     caller_frames_lost: int = 0
@@ -418,6 +424,7 @@ class PathFigures:
         rows = [
             "measured from the stamps, ms (every caller frame, every agent audio message):",
             _latency_row("caller frame sent -> at the agent", self.caller_to_agent_ms),
+            _latency_row("  sent before SettingsApplied (held)", self.caller_held_ms),
             _latency_row("agent audio sent -> at the caller", self.agent_to_caller_ms),
             f"  caller -> agent: {self.caller_frames_sent} frames sent, lost {self.caller_frames_lost}, "
             f"duplicated {self.caller_frames_duplicated}, reordered {self.caller_frames_reordered}",
@@ -437,24 +444,27 @@ def join_paths(probes: list[tuple[int, CallerProbe]], sessions: list[dict[str, A
     """Match the callers' stamps (call number, ``probes``) with the agent's (``sessions``);
     ``stamped`` is how many frames of each caller's script carry a stamp."""
     figures = PathFigures(sessions_missing=max(0, len(probes) - len(sessions)))
-    heard: dict[int, list[tuple[int, float]]] = {}
+    heard: dict[int, list[tuple[int, float, float]]] = {}
     said: dict[int, list[float]] = {}
     for session in sessions:
         said[session["session"]] = session["said"]
+        ready = session.get("ready") or math.inf  # never ready: every frame it heard was held
         for call, frame, at in session["heard"]:
-            heard.setdefault(call, []).append((frame, at))
+            heard.setdefault(call, []).append((frame, at, ready))
     for call, probe in probes:
         _caller_to_agent(figures, probe.media_sent, heard.get(call, []), stamped)
         _agent_to_caller(figures, probe.received, said)
     return figures
 
 
-def _caller_to_agent(figures: PathFigures, sent: list[float], heard: list[tuple[int, float]], stamped: int) -> None:
+def _caller_to_agent(
+    figures: PathFigures, sent: list[float], heard: list[tuple[int, float, float]], stamped: int
+) -> None:
     stamped = min(stamped, len(sent))
     figures.caller_frames_sent += stamped
     seen: set[int] = set()
     latest = -1
-    for frame, at in heard:
+    for frame, at, ready in heard:
         if frame >= len(sent):
             figures.unknown_stamps += 1
             continue
@@ -465,7 +475,8 @@ def _caller_to_agent(figures: PathFigures, sent: list[float], heard: list[tuple[
             figures.caller_frames_reordered += 1
         latest = max(latest, frame)
         seen.add(frame)
-        figures.caller_to_agent_ms.append((at - sent[frame]) * 1000)
+        latencies = figures.caller_to_agent_ms if sent[frame] >= ready else figures.caller_held_ms
+        latencies.append((at - sent[frame]) * 1000)
     figures.caller_frames_lost += stamped - sum(1 for frame in seen if frame < stamped)
 
 

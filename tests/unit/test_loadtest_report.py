@@ -133,6 +133,7 @@ def test_join_paths_counts_latency_loss_duplicates_and_reordering() -> None:
     sent = [10.0 + i * 0.02 for i in range(6)]
     agent = {
         "session": 3,
+        "ready": sent[1],  # SettingsApplied sent as frame 1 left: frame 0 was held until then
         # frame 2 never arrived, 4 arrived before 3, 5 twice; 1 ms after it was sent
         "heard": [[0, f, sent[f] + 0.001] for f in (0, 1, 4, 3, 5, 5)],
         "said": [20.0, 20.1, 20.2, 20.3, 20.4, 20.5, 20.6, 20.7],
@@ -149,7 +150,7 @@ def test_join_paths_counts_latency_loss_duplicates_and_reordering() -> None:
     paths = join_paths([(0, FakeProbe(sent, received))], [agent], stamped=6)
     assert paths.caller_frames_sent == 6 and paths.caller_frames_lost == 1
     assert paths.caller_frames_duplicated == 1 and paths.caller_frames_reordered == 1
-    assert paths.caller_to_agent_ms == pytest.approx([1.0] * 5)
+    assert paths.caller_to_agent_ms == pytest.approx([1.0] * 4) and paths.caller_held_ms == pytest.approx([1.0])
     assert paths.agent_chunks_received == 5 and paths.agent_chunks_lost == 1
     assert paths.agent_chunks_duplicated == 1 and paths.agent_chunks_reordered == 0
     assert paths.unknown_stamps == 1 and paths.sessions_missing == 0
