@@ -1,8 +1,8 @@
 """``callbridge loadtest``: many concurrent simulated calls, and the numbers that matter.
 
-By default it starts its own bridge (``callbridge serve``) and local agent
-(``callbridge emulate-agent``) as separate processes on the loopback interface, so the
-bridge's CPU and memory are measured alone, from /proc. With ``--url`` it calls a bridge that
+By default it starts its own bridge (``callbridge serve``) and local agent (the one of
+``callbridge emulate-agent``, with its defaults) as separate processes on the loopback
+interface, so the bridge's CPU and memory are measured alone, from /proc. With ``--url`` it calls a bridge that
 is already running and reports no CPU or memory. Every caller talks, pauses and talks over the
 agent's replies, so calls exercise relaying, marks and barge-in all the time.
 
