@@ -1,5 +1,6 @@
 """`callbridge loadtest --url` against an offline `callbridge serve`, as the README's user runs it:
-no Twilio token anywhere, the local agent inside the bridge."""
+no Twilio token anywhere, the local agent inside the bridge; and `--floor`, the yardstick, in a
+tiny run that still accounts for every frame."""
 
 from __future__ import annotations
 
