@@ -270,7 +270,26 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from app.devtools import loadtest
 
-    report = loadtest.run(args.calls, args.seconds, args.ramp, args.url, args.auth_token)
+    if args.url and (args.floor or args.workers is not None or args.rounds != 1):
+        print("callbridge: --floor, --workers and --rounds start their own servers: not with --url", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or args.calls < 1:
+        print("callbridge: --rounds and --calls must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = loadtest.run(
+            args.calls,
+            args.seconds,
+            args.ramp,
+            args.url,
+            args.auth_token,
+            floor=args.floor,
+            workers=args.workers,
+            rounds=args.rounds,
+        )
+    except RuntimeError as exc:  # a server or the agent did not start: what it said is in the message
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
     print(report.render())
     return 1 if report.failures or any(r.violations for r in report.results) else 0
 
@@ -426,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--ramp", type=float, default=2.0, help="seconds over which calls start")
     load.add_argument("--url", help="test an already running bridge instead of starting one (no CPU/RSS)")
     load.add_argument("--auth-token", help="with --url: the bridge's TWILIO_AUTH_TOKEN")
+    load.add_argument(
+        "--floor",
+        action="store_true",
+        help="first run the same load through the floor (app.devtools.minimal_relay, a relay that does nothing "
+        "else) and print every figure of the bridge as a difference and a ratio to it",
+    )
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the load this many times (with --floor: floor, bridge, floor, bridge...) and pool the figures",
+    )
+    load.add_argument(
+        "--workers",
+        type=int,
+        help="start the bridge (and the floor) with --workers N (default: the option is not passed)",
+    )
     load.set_defaults(func=cmd_loadtest)
 
     bench = sub.add_parser(

@@ -1,19 +1,35 @@
 """``callbridge loadtest``: many concurrent simulated calls, and the numbers that matter.
 
-By default it starts its own bridge (``callbridge serve``) and local agent
-(``callbridge emulate-agent``) as separate processes on the loopback interface, so the
-bridge's CPU and memory are measured alone, from /proc. With ``--url`` it calls a bridge that
+By default it starts its own bridge (``callbridge serve``) and local agent (the one of
+``callbridge emulate-agent``, with its defaults) as separate processes on the loopback
+interface, so the bridge's CPU and memory are measured alone, from /proc. With ``--url`` it calls a bridge that
 is already running and reports no CPU or memory. Every caller talks, pauses and talks over the
 agent's replies, so calls exercise relaying, marks and barge-in all the time.
 
-The figures come from two places only: what the simulated callers measure themselves (raw
-samples, exact percentiles), and the bridge's ``/metrics``, scraped before and after the run
-(the change is what the run did; histograms only give the bucket a quantile falls in).
+The figures come from three places only: what the simulated callers measure themselves (raw
+samples, exact percentiles), what the local agent saw (it runs here as ``python -m
+app.devtools.loadtest agent``: the local agent, recording stamps), and the bridge's
+``/metrics``, scraped before and after the run (the change is what the run did; histograms only
+give the bucket a quantile falls in).
+
+Stamps: every 20 ms caller frame starts with a stamp (call, frame number) and every agent audio
+message with one (session, chunk number): a magic prefix and nibbles coded as the quietest
+mu-law samples, so the speech detectors do not notice them. Both ends note when each stamp
+left and arrived on the one monotonic clock of this machine, which gives the latency of each
+frame both ways and every frame lost, duplicated or reordered.
+
+``--floor`` first runs the same load through the floor, ``app.devtools.minimal_relay`` (a relay
+that does nothing else), then through the bridge, and prints each figure as a ratio to it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
+import contextlib
+import enum
+import json
 import math
 import os
 import secrets
@@ -24,21 +40,38 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
 
-from app.codecs import TWILIO_FORMAT, TWILIO_SAMPLE_RATE
+from app.codecs import TWILIO_FORMAT, TWILIO_FRAME_BYTES, TWILIO_SAMPLE_RATE
 from app.config import OFFLINE_TWILIO_AUTH_TOKEN, ConfigError, load_settings
 from app.devtools import synth
 from app.devtools.endpoints import LOCAL_HOSTNAMES, LOOPBACK, METRICS_PATH, agent_url, bridge_url, wait_for_port
 from app.devtools.endpoints import free_port as free_port  # re-exported: tests import it from here
+from app.devtools.local_agent import LocalAgent
 from app.devtools.simulated_caller import CallResult, SimulatedCaller
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 BARGE_IN_WINDOW_S = 1.0  # a clear pairs with the caller's speech onset at most this long before it
+AGENT_RECORDS_WAIT_S = 5.0
+"""How long after the calls the load test waits for the agent to write every session's record
+(it writes one when the session's socket closes: within a second of the call's end)."""
+WORKERS_START_S = 2.0  # extra settling time for a server started with --workers N > 1
+
+
+class Side(enum.Enum):
+    """What the load test measured: the bridge, or the floor it is compared with."""
+
+    BRIDGE = "bridge"
+    FLOOR = "floor"
+
 
 # --- the bridge's /metrics ------------------------------------------------------------------
 
@@ -59,6 +92,11 @@ class MetricsSnapshot:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 snapshot.samples[key] = float(sample.value)
         return snapshot
+
+    def plus(self, other: MetricsSnapshot) -> MetricsSnapshot:
+        """Two runs' changes together (``--rounds``)."""
+        keys = self.samples.keys() | other.samples.keys()
+        return MetricsSnapshot({k: self.samples.get(k, 0.0) + other.samples.get(k, 0.0) for k in keys})
 
     def minus(self, before: MetricsSnapshot) -> MetricsSnapshot:
         """What changed since ``before`` (counters and histograms only ever grow)."""
@@ -148,6 +186,161 @@ def scrape_settled(base_url: str, before: MetricsSnapshot, calls: int, timeout: 
         time.sleep(0.1)
 
 
+# --- stamps ---------------------------------------------------------------------------------
+
+CALLER_MAGIC = b"\x7e\xf3\x7d\xf6"  # starts every caller frame's stamp
+AGENT_MAGIC = b"\x7b\xf5\x7a\xf2"  # starts the stamp of every agent audio message
+STAMP_NIBBLES = 12  # 16 bits of call (or session) number, 32 bits of frame (or chunk) number
+STAMP_LEN = len(CALLER_MAGIC) + STAMP_NIBBLES + 1  # magic, nibbles, check nibble: 17 bytes
+QUIET = 0xF0
+"""mu-law bytes 0xF0-0xFF are the quietest positive samples (at most 120 of 32767): a stamp
+adds an RMS of about 40 to a 20 ms frame, a tenth of the speech detectors' threshold."""
+
+
+def stamp(magic: bytes, stream: int, index: int) -> bytes:
+    """``magic``, then ``stream`` (16 bits) and ``index`` (32 bits) as quiet nibbles, and a check."""
+    value = (stream & 0xFFFF) << 32 | (index & 0xFFFFFFFF)
+    nibbles = [(value >> (4 * k)) & 0xF for k in range(STAMP_NIBBLES)]
+    check = sum((k + 1) * n for k, n in enumerate(nibbles)) & 0xF
+    return magic + bytes(QUIET | n for n in nibbles) + bytes((QUIET | check,))
+
+
+def read_stamps(magic: bytes, data: bytes) -> list[tuple[int, int]]:
+    """Every well-formed stamp in ``data``, as (stream, index), in order."""
+    found = []
+    pos = data.find(magic)
+    while 0 <= pos <= len(data) - STAMP_LEN:
+        body = data[pos + len(magic) : pos + STAMP_LEN]
+        nibbles = [b & 0xF for b in body[:STAMP_NIBBLES]]
+        check = sum((k + 1) * n for k, n in enumerate(nibbles)) & 0xF
+        if all(b & 0xF0 == QUIET for b in body) and body[-1] & 0xF == check:
+            value = sum(n << (4 * k) for k, n in enumerate(nibbles))
+            found.append((value >> 32, value & 0xFFFFFFFF))
+            pos = data.find(magic, pos + STAMP_LEN)
+        else:
+            pos = data.find(magic, pos + 1)
+    return found
+
+
+class StampReader:
+    """Stamps in a stream of messages, including one split across two of them."""
+
+    def __init__(self, magic: bytes) -> None:
+        self.magic = magic
+        self.tail = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, int]]:
+        joined = self.tail + data
+        self.tail = joined[-(STAMP_LEN - 1) :]  # too short to hold a stamp already read
+        return read_stamps(self.magic, joined)
+
+    def reset(self) -> None:
+        self.tail = b""
+
+
+def stamp_count(audio_bytes: int) -> int:
+    """How many frames of that much caller audio carry a stamp (not a last one too short)."""
+    return len(range(0, audio_bytes - STAMP_LEN + 1, TWILIO_FRAME_BYTES))
+
+
+def stamped_audio(audio: bytes, call: int) -> bytes:
+    """``audio`` with each 20 ms frame's first bytes replaced by its stamp (call, frame number)."""
+    out = bytearray(audio)
+    for frame, start in enumerate(range(0, len(audio) - STAMP_LEN + 1, TWILIO_FRAME_BYTES)):
+        out[start : start + STAMP_LEN] = stamp(CALLER_MAGIC, call, frame)
+    return bytes(out)
+
+
+# --- the agent, recording stamps ------------------------------------------------------------
+
+
+class _StampingSocket:
+    """The local agent's socket to one client: notes when each caller frame's stamp arrives
+    and stamps each audio message it sends. Everything else goes straight to the socket."""
+
+    def __init__(self, ws: ServerConnection, session: int) -> None:
+        self.ws = ws
+        self.session = session
+        self.reader = StampReader(CALLER_MAGIC)
+        self.heard: list[tuple[int, int, float]] = []  # (call, frame, arrival)
+        self.said: list[float] = []  # when each stamped chunk was sent, by chunk number
+        self.ready_at: float | None = None  # when SettingsApplied was sent
+
+    async def recv(self, decode: bool | None = None) -> str | bytes:
+        message = await self.ws.recv(decode)
+        if isinstance(message, bytes):
+            now = time.monotonic()
+            self.heard += [(call, frame, now) for call, frame in self.reader.feed(message)]
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        if isinstance(message, bytes) and len(message) >= STAMP_LEN:
+            message = stamp(AGENT_MAGIC, self.session, len(self.said)) + message[STAMP_LEN:]
+            self.said.append(time.monotonic())
+        await self.ws.send(message)
+        if isinstance(message, str) and self.ready_at is None and '"SettingsApplied"' in message:
+            self.ready_at = time.monotonic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ws, name)
+
+
+class StampingAgent(LocalAgent):
+    """The local agent (``emulate-agent``'s defaults), writing one JSON line per session to
+    ``record`` when the session ends: the caller frames it heard and when it sent each chunk."""
+
+    def __init__(self, record: Path) -> None:
+        super().__init__()
+        self.record = record
+        self.opened = 0
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.opened += 1
+        socket = _StampingSocket(ws, self.opened)
+        try:
+            await super()._handle(cast(ServerConnection, socket))
+        finally:
+            line = json.dumps(
+                {"session": socket.session, "ready": socket.ready_at, "heard": socket.heard, "said": socket.said}
+            )
+            with self.record.open("a") as out:
+                out.write(line + "\n")
+
+
+def agent_main(argv: list[str]) -> int:
+    """``python -m app.devtools.loadtest agent --port P --record FILE``: the load test's agent."""
+    from app.observability import logging as logs
+
+    parser = argparse.ArgumentParser(prog="python -m app.devtools.loadtest agent")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--record", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logs.configure("warning")
+
+    async def main() -> None:
+        agent = StampingAgent(args.record)
+        await agent.start(LOOPBACK, args.port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await agent.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0
+
+
+def read_agent_records(path: Path, sessions: int, timeout: float = AGENT_RECORDS_WAIT_S) -> list[dict[str, Any]]:
+    """The agent's session records, once there are ``sessions`` of them or at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        complete = [json.loads(line) for line in lines if line.endswith("}")]
+        if len(complete) >= sessions or time.monotonic() >= deadline:
+            return complete
+        time.sleep(0.1)
+
+
 # --- the callers ----------------------------------------------------------------------------
 
 
@@ -162,6 +355,175 @@ def caller_script(seconds: float) -> bytes:
     return synth.encode(pcm[: int(seconds * synth.SAMPLE_RATE) * 2], TWILIO_FORMAT)
 
 
+class CallerProbe:
+    """The simulated caller's media socket: when each ``media`` event left (the n-th is frame n)
+    and when each message arrived. Everything else goes straight to the socket."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.media_sent: list[float] = []
+        self.received: list[tuple[float, str | bytes]] = []
+
+    async def send(self, message: str | bytes) -> None:
+        sent_at = time.monotonic()
+        await self.ws.send(message)
+        if isinstance(message, str) and message.startswith('{"event": "media"'):
+            self.media_sent.append(sent_at)
+
+    def __aiter__(self) -> AsyncIterator[str | bytes]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[str | bytes]:
+        async for message in self.ws:
+            self.received.append((time.monotonic(), message))
+            yield message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ws, name)
+
+
+class ProbedCaller(SimulatedCaller):
+    probe: CallerProbe | None = None
+
+    async def open_stream(self, url: str) -> ClientConnection:
+        self.probe = CallerProbe(await super().open_stream(url))
+        return cast(ClientConnection, self.probe)
+
+
+@dataclass
+class PathFigures:
+    """Every stamped frame, both ways: latency, and what was lost, duplicated or reordered."""
+
+    caller_to_agent_ms: list[float] = field(default_factory=list)  # frames sent once the agent was ready
+    caller_held_ms: list[float] = field(default_factory=list)  # frames sent before: held until SettingsApplied
+    agent_to_caller_ms: list[float] = field(default_factory=list)
+    caller_frames_sent: int = 0
+    caller_frames_lost: int = 0
+    caller_frames_duplicated: int = 0
+    caller_frames_reordered: int = 0
+    agent_chunks_received: int = 0
+    agent_chunks_lost: int = 0  # a gap in a session's chunk numbers with no clear inside it
+    agent_chunks_duplicated: int = 0
+    agent_chunks_reordered: int = 0
+    unknown_stamps: int = 0  # a stamp no one sent: should never happen
+    sessions_missing: int = 0  # calls whose agent session record never came
+
+    def plus(self, other: PathFigures) -> PathFigures:
+        """Two runs' figures together (``--rounds``): samples pooled, counts added."""
+        return PathFigures(**{name: getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__})
+
+    @property
+    def lost(self) -> int:
+        return self.caller_frames_lost + self.agent_chunks_lost
+
+    @property
+    def reordered(self) -> int:
+        return self.caller_frames_reordered + self.agent_chunks_reordered
+
+    def rows(self) -> list[str]:
+        rows = [
+            "measured from the stamps, ms (every caller frame, every agent audio message):",
+            _latency_row("caller frame sent -> at the agent", self.caller_to_agent_ms),
+            _latency_row("  sent before SettingsApplied (held)", self.caller_held_ms),
+            _latency_row("agent audio sent -> at the caller", self.agent_to_caller_ms),
+            f"  caller -> agent: {self.caller_frames_sent} frames sent, lost {self.caller_frames_lost}, "
+            f"duplicated {self.caller_frames_duplicated}, reordered {self.caller_frames_reordered}",
+            f"  agent -> caller: {self.agent_chunks_received} audio messages received, lost {self.agent_chunks_lost} "
+            f"(gaps without a clear), duplicated {self.agent_chunks_duplicated}, "
+            f"reordered {self.agent_chunks_reordered}",
+        ]
+        if self.unknown_stamps or self.sessions_missing:
+            rows.append(
+                f"  unmatched: {self.unknown_stamps} stamps no one sent, "
+                f"{self.sessions_missing} agent sessions without a record"
+            )
+        return rows
+
+
+def join_paths(probes: list[tuple[int, CallerProbe]], sessions: list[dict[str, Any]], stamped: int) -> PathFigures:
+    """Match the callers' stamps (call number, ``probes``) with the agent's (``sessions``);
+    ``stamped`` is how many frames of each caller's script carry a stamp."""
+    figures = PathFigures(sessions_missing=max(0, len(probes) - len(sessions)))
+    heard: dict[int, list[tuple[int, float, float]]] = {}
+    said: dict[int, list[float]] = {}
+    for session in sessions:
+        said[session["session"]] = session["said"]
+        ready = session.get("ready") or math.inf  # never ready: every frame it heard was held
+        for call, frame, at in session["heard"]:
+            heard.setdefault(call, []).append((frame, at, ready))
+    for call, probe in probes:
+        _caller_to_agent(figures, probe.media_sent, heard.get(call, []), stamped)
+        _agent_to_caller(figures, probe.received, said)
+    return figures
+
+
+def _caller_to_agent(
+    figures: PathFigures, sent: list[float], heard: list[tuple[int, float, float]], stamped: int
+) -> None:
+    stamped = min(stamped, len(sent))
+    figures.caller_frames_sent += stamped
+    seen: set[int] = set()
+    latest = -1
+    for frame, at, ready in heard:
+        if frame >= len(sent):
+            figures.unknown_stamps += 1
+            continue
+        if frame in seen:
+            figures.caller_frames_duplicated += 1
+            continue
+        if frame < latest:
+            figures.caller_frames_reordered += 1
+        latest = max(latest, frame)
+        seen.add(frame)
+        latencies = figures.caller_to_agent_ms if sent[frame] >= ready else figures.caller_held_ms
+        latencies.append((at - sent[frame]) * 1000)
+    figures.caller_frames_lost += stamped - sum(1 for frame in seen if frame < stamped)
+
+
+def _agent_to_caller(
+    figures: PathFigures, received: list[tuple[float, str | bytes]], said: dict[int, list[float]]
+) -> None:
+    reader = StampReader(AGENT_MAGIC)
+    latest: dict[int, int] = {}
+    seen: dict[int, set[int]] = {}
+    cleared: set[int] = set()  # sessions with a clear since their last chunk arrived
+    for at, raw in received:
+        if not isinstance(raw, str):
+            continue
+        try:
+            msg = json.loads(raw)
+            event = msg.get("event")
+            payload = base64.b64decode(msg["media"]["payload"]) if event == "media" else b""
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue  # the caller reports malformed frames as protocol violations
+        if event == "clear":  # the bridge dropped what it still held: gaps are expected
+            reader.reset()
+            cleared |= set(latest)
+            continue
+        for session, chunk in reader.feed(payload):
+            sent = said.get(session)
+            if sent is None or chunk >= len(sent):
+                figures.unknown_stamps += 1
+                continue
+            chunks = seen.setdefault(session, set())
+            if chunk in chunks:
+                figures.agent_chunks_duplicated += 1
+                continue
+            chunks.add(chunk)
+            figures.agent_chunks_received += 1
+            figures.agent_to_caller_ms.append((at - sent[chunk]) * 1000)
+            last = latest.get(session, -1)
+            if chunk < last:
+                figures.agent_chunks_reordered += 1
+            elif chunk > last + 1 and session not in cleared:
+                figures.agent_chunks_lost += chunk - last - 1
+            cleared.discard(session)
+            latest[session] = max(last, chunk)
+
+
+# --- the server's process -------------------------------------------------------------------
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
@@ -174,6 +536,38 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process descended from it (``--workers``: the workers too)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
+
+
+def tree_cpu(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = cpu_seconds(pid)
+    return out
+
+
+def tree_rss_mib(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += rss_mib(pid)
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile of raw samples; ``values`` must not be empty."""
     ordered = sorted(values)
@@ -182,13 +576,51 @@ def pct(values: list[float], q: float) -> float:
 
 @dataclass
 class BridgeProcess:
-    """What /proc says about a bridge the load test started itself."""
+    """What /proc says about a server the load test started itself (all its processes)."""
 
     pid: int
     rss_idle_mib: float
     rss_peak_mib: float
-    cpu_at_start: float = 0.0
+    pids: list[int] = field(default_factory=list)  # the process and its workers
+    cpu_at_start: dict[int, float] = field(default_factory=dict)
     cpu_s: float = 0.0  # during the calls
+
+    def start(self) -> None:
+        self.pids = process_tree(self.pid)
+        self.cpu_at_start = tree_cpu(self.pids)
+
+    def stop(self) -> None:
+        self.pids = process_tree(self.pid)
+        now = tree_cpu(self.pids)
+        self.cpu_s = sum(cpu - self.cpu_at_start.get(pid, 0.0) for pid, cpu in now.items())
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+class FigureKind(enum.Enum):
+    """How a figure compares with the floor's: a latency by difference and ratio, a cost by
+    ratio, a count side by side (0 is the only right count of lost frames)."""
+
+    LATENCY_MS = "latency"
+    COST = "cost"
+    COUNT = "count"
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    kind: FigureKind
+    value: float | None  # None: nothing measured (no samples, or not started by the load test)
+
+
+def _latency_row(name: str, values: list[float]) -> str:
+    if not values:
+        return f"  {name:<46} no samples"
+    return (
+        f"  {name:<46} p50 {pct(values, 50):8.2f}  p95 {pct(values, 95):8.2f}  "
+        f"p99 {pct(values, 99):8.2f}  max {max(values):8.2f}  (n={len(values)})"
+    )
 
 
 @dataclass
@@ -200,9 +632,39 @@ class Report:
     failures: list[str] = field(default_factory=list)
     metrics: MetricsSnapshot | None = None  # the change in the bridge's /metrics over the run
     metrics_problem: str = ""
-    process: BridgeProcess | None = None  # only for a bridge started by the load test
+    process: BridgeProcess | None = None  # only for a server started by the load test
     token_source: str = ""  # with a running bridge: which token the webhooks were signed with
     wall_s: float = 0.0
+    side: Side = Side.BRIDGE
+    workers: int | None = None  # --workers given to the server
+    paths: PathFigures | None = None  # only with the load test's own agent
+    floor: Report | None = None  # --floor: the same load through the floor, just before
+    rounds: int = 1  # --rounds: runs of ``calls`` concurrent calls whose figures are pooled here
+
+    @classmethod
+    def pooled(cls, runs: list[Report]) -> Report:
+        """Several runs of the same load as one report: samples pooled, counts and CPU added,
+        memory per call the largest of any run (``calls`` stays the concurrency of each)."""
+        first = runs[0]
+        out = cls(first.calls, first.seconds, side=first.side, workers=first.workers, rounds=len(runs))
+        for run in runs:
+            out.results += run.results
+            out.failures += run.failures
+            out.wall_s += run.wall_s
+            out.metrics_problem = out.metrics_problem or run.metrics_problem
+            if run.metrics is not None:
+                out.metrics = run.metrics if out.metrics is None else out.metrics.plus(run.metrics)
+            if run.paths is not None:
+                out.paths = run.paths if out.paths is None else out.paths.plus(run.paths)
+            if run.process is not None:
+                p = run.process
+                if out.process is None:
+                    out.process = BridgeProcess(p.pid, p.rss_idle_mib, p.rss_peak_mib, pids=p.pids, cpu_s=p.cpu_s)
+                else:
+                    growth = max(out.process.rss_peak_mib - out.process.rss_idle_mib, p.rss_peak_mib - p.rss_idle_mib)
+                    out.process.rss_peak_mib = out.process.rss_idle_mib + growth
+                    out.process.cpu_s += p.cpu_s
+        return out
 
     def caller_barge_ms(self) -> list[float]:
         """From the caller starting to speak (as the agent's detector sees it) to Twilio's clear."""
@@ -216,13 +678,60 @@ class Report:
                     out.append((cleared - before[-1]) * 1000)
         return out
 
+    def figures(self) -> list[Figure]:
+        """The figures compared with the floor, in the order printed."""
+
+        def quantiles(name: str, values: list[float]) -> list[Figure]:
+            return [
+                Figure(f"{name} {label}", FigureKind.LATENCY_MS, pct(values, q) if values else None)
+                for label, q in (("p50", 50), ("p99", 99))
+            ]
+
+        paths = self.paths
+        out = [
+            *quantiles("caller -> agent, ms", paths.caller_to_agent_ms if paths else []),
+            *quantiles("agent -> caller, ms", paths.agent_to_caller_ms if paths else []),
+            *quantiles("barge-in (speech -> clear), ms", self.caller_barge_ms()),
+            *quantiles(
+                "first agent audio, ms", [r.first_media_s * 1000 for r in self.results if r.first_media_s is not None]
+            ),
+        ]
+        call_minutes = len(self.results) * self.seconds / 60
+        p = self.process
+        out += [
+            Figure("CPU-s per call-minute", FigureKind.COST, p.cpu_s / call_minutes if p and call_minutes else None),
+            Figure(
+                "memory per call, KiB",
+                FigureKind.COST,
+                (p.rss_peak_mib - p.rss_idle_mib) * 1024 / max(1, self.calls) if p else None,
+            ),
+            Figure("frames lost", FigureKind.COUNT, paths.lost if paths else None),
+            Figure("frames reordered", FigureKind.COUNT, paths.reordered if paths else None),
+            Figure("calls failed", FigureKind.COUNT, len(self.failures)),
+        ]
+        return out
+
     def render(self) -> str:
+        rows = self._render_one()
+        if self.floor is not None:
+            rows += ["", *self.floor._render_one(), "", *comparison_rows(self, self.floor)]
+        return "\n".join(rows)
+
+    def _render_one(self) -> list[str]:
         ok = len(self.results)
-        where = f"bridge at {self.url}" if self.url else "bridge and local agent started by the load test"
+        if self.url:
+            where = f"bridge at {self.url}"
+        elif self.side is Side.FLOOR:
+            where = "the floor (app.devtools.minimal_relay) and local agent started by the load test"
+        else:
+            where = "bridge and local agent started by the load test"
+        if self.workers:
+            where += f", {self.workers} workers"
         rows = [
-            f"callbridge loadtest: {self.calls} concurrent calls x {self.seconds:g} s, {where} "
-            f"(wall {self.wall_s:.1f} s, {os.cpu_count()} cores)",
-            f"  calls completed {ok}/{self.calls}, failed {len(self.failures)}, "
+            f"callbridge loadtest: {self.calls} concurrent calls x {self.seconds:g} s"
+            + (f", {self.rounds} rounds" if self.rounds > 1 else "")
+            + f", {where} (wall {self.wall_s:.1f} s, {os.cpu_count()} cores)",
+            f"  calls completed {ok}/{self.calls * self.rounds}, failed {len(self.failures)}, "
             f"Twilio protocol violations {sum(len(r.violations) for r in self.results)}",
         ]
         for failure, times in Counter(self.failures).most_common(5):
@@ -235,29 +744,24 @@ class Report:
             )
         if ok:
             rows += self._caller_rows()
-        rows += self._bridge_rows()
+        if ok and self.paths is not None:
+            rows += self.paths.rows()
+        if self.side is Side.BRIDGE:
+            rows += self._bridge_rows()
         if self.process is not None:
             rows += self._process_rows(ok)
-        return "\n".join(rows)
+        return rows
 
     def _caller_rows(self) -> list[str]:
-        def line(name: str, values: list[float]) -> str:
-            if not values:
-                return f"  {name:<46} no samples"
-            return (
-                f"  {name:<46} p50 {pct(values, 50):8.2f}  p95 {pct(values, 95):8.2f}  "
-                f"p99 {pct(values, 99):8.2f}  max {max(values):8.2f}  (n={len(values)})"
-            )
-
         first = [r.first_media_s * 1000 for r in self.results if r.first_media_s is not None]
         clears = sum(len(r.clears) for r in self.results)
         cleared = sum(r.bytes_dropped_by_clear for r in self.results) / TWILIO_SAMPLE_RATE
         return [
             "measured by the callers, ms (exact percentiles):",
-            line("webhook POST -> TwiML", [r.webhook_s * 1000 for r in self.results]),
-            line("media WebSocket open", [r.connect_s * 1000 for r in self.results]),
-            line("stream start -> first agent audio (greeting)", first),
-            line("caller speech detected -> clear at caller", self.caller_barge_ms()),
+            _latency_row("webhook POST -> TwiML", [r.webhook_s * 1000 for r in self.results]),
+            _latency_row("media WebSocket open", [r.connect_s * 1000 for r in self.results]),
+            _latency_row("stream start -> first agent audio (greeting)", first),
+            _latency_row("caller speech detected -> clear at caller", self.caller_barge_ms()),
             f"  clears received {clears}, dropping {cleared:.2f} s of agent audio not yet played",
         ]
 
@@ -296,58 +800,100 @@ class Report:
         p = self.process
         call_minutes = ok * self.seconds / 60
         per_call_minute = f" = {p.cpu_s / call_minutes:.3f} CPU-s per call-minute" if call_minutes else ""
+        what = f"{self.side.value} process" + (f"es ({len(p.pids)})" if len(p.pids) > 1 else "")
         return [
-            "bridge process, from /proc:",
+            f"{what}, from /proc:",
             f"  CPU {p.cpu_s:.2f} s for {call_minutes:.1f} call-minutes{per_call_minute}",
             f"  RSS idle {p.rss_idle_mib:.1f} MiB, peak {p.rss_peak_mib:.1f} MiB, "
-            f"{(p.rss_peak_mib - p.rss_idle_mib) / max(1, self.calls):.2f} MiB per concurrent call",
+            f"{(p.rss_peak_mib - p.rss_idle_mib) * 1024 / max(1, self.calls):.0f} KiB per concurrent call",
         ]
 
 
-async def _one_call(base_url: str, token: str, audio: bytes, delay: float) -> CallResult:
+def comparison_rows(bridge: Report, floor: Report) -> list[str]:
+    """Each figure of the bridge next to the floor's, as a difference and a ratio."""
+    rows = [
+        "bridge against the floor (the same load, one after the other):",
+        f"  {'figure':<36} {'bridge':>9} {'floor':>9} {'difference':>11} {'ratio':>7}",
+    ]
+    floors = {figure.name: figure.value for figure in floor.figures()}
+    for figure in bridge.figures():
+        mine, base = figure.value, floors.get(figure.name)
+        cells = [_cell(mine, figure.kind), _cell(base, figure.kind), "", ""]
+        if mine is not None and base is not None:
+            if figure.kind is FigureKind.LATENCY_MS:
+                cells[2] = f"{mine - base:+.2f}"
+            if figure.kind is not FigureKind.COUNT and base > 0:
+                cells[3] = f"{mine / base:.2f}x"
+        rows.append(f"  {figure.name:<36} {cells[0]:>9} {cells[1]:>9} {cells[2]:>11} {cells[3]:>7}")
+    return rows
+
+
+def _cell(value: float | None, kind: FigureKind) -> str:
+    if value is None:
+        return "-"
+    if kind is FigureKind.COUNT:
+        return f"{value:.0f}"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+# --- running it -----------------------------------------------------------------------------
+
+
+async def _one_call(base_url: str, token: str, audio: bytes, delay: float) -> tuple[CallResult, CallerProbe | None]:
     await asyncio.sleep(delay)
-    caller = SimulatedCaller(base_url, token, tail=1.0, max_tail=5.0)
-    return await caller.run(audio)
+    caller = ProbedCaller(base_url, token, tail=1.0, max_tail=5.0)
+    return await caller.run(audio), caller.probe
 
 
-async def _run_calls(report: Report, base_url: str, token: str, ramp: float) -> None:
+async def _run_calls(report: Report, base_url: str, token: str, ramp: float) -> list[tuple[int, CallerProbe]]:
+    """Every call, each with its own stamps; the probes of the calls that completed, by call number."""
     audio = caller_script(report.seconds)
 
     async def sample(process: BridgeProcess) -> None:
         while True:
-            process.rss_peak_mib = max(process.rss_peak_mib, rss_mib(process.pid))
+            process.rss_peak_mib = max(process.rss_peak_mib, tree_rss_mib(process.pids))
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample(report.process)) if report.process is not None else None
-    tasks = [_one_call(base_url, token, audio, ramp * i / max(1, report.calls)) for i in range(report.calls)]
-    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-        if isinstance(outcome, CallResult):
-            report.results.append(outcome)
-        else:
+    tasks = [
+        _one_call(base_url, token, stamped_audio(audio, i), ramp * i / max(1, report.calls))
+        for i in range(report.calls)
+    ]
+    probes = []
+    for i, outcome in enumerate(await asyncio.gather(*tasks, return_exceptions=True)):
+        if isinstance(outcome, BaseException):
             report.failures.append(" ".join(f"{type(outcome).__name__}: {outcome}".split()))  # one line each
+            continue
+        result, probe = outcome
+        report.results.append(result)
+        if probe is not None:
+            probes.append((i, probe))
     if sampler is not None:
         sampler.cancel()
+    return probes
 
 
-def _measure(report: Report, base_url: str, token: str, ramp: float) -> None:
-    """Run the calls, with /metrics scraped before and after."""
+def _measure(report: Report, base_url: str, token: str, ramp: float) -> list[tuple[int, CallerProbe]]:
+    """Run the calls, with the bridge's /metrics scraped before and after (the floor has none)."""
     before: MetricsSnapshot | None = None
-    try:
-        before = scrape(base_url)
-    except (OSError, ValueError) as exc:
-        report.metrics_problem = f"{base_url}{METRICS_PATH}: {exc}"
+    if report.side is Side.BRIDGE:
+        try:
+            before = scrape(base_url)
+        except (OSError, ValueError) as exc:
+            report.metrics_problem = f"{base_url}{METRICS_PATH}: {exc}"
     if report.process is not None:
-        report.process.cpu_at_start = cpu_seconds(report.process.pid)
+        report.process.start()
     began = time.monotonic()
-    asyncio.run(_run_calls(report, base_url, token, ramp))
+    probes = asyncio.run(_run_calls(report, base_url, token, ramp))
     report.wall_s = time.monotonic() - began
     if report.process is not None:
-        report.process.cpu_s = cpu_seconds(report.process.pid) - report.process.cpu_at_start
+        report.process.stop()
     if before is not None:
         try:
             report.metrics = scrape_settled(base_url, before, len(report.results)).minus(before)
         except (OSError, ValueError) as exc:
             report.metrics_problem = f"{base_url}{METRICS_PATH}: {exc}"
+    return probes
 
 
 def signing_token(given: str | None) -> tuple[str, str]:
@@ -366,51 +912,96 @@ def signing_token(given: str | None) -> tuple[str, str]:
     return OFFLINE_TWILIO_AUTH_TOKEN, "the offline development token (no TWILIO_AUTH_TOKEN set)"
 
 
-def run(calls: int, seconds: float, ramp: float, url: str | None, token: str | None) -> Report:
-    if url:  # an already running bridge: no CPU or memory
+def run(
+    calls: int,
+    seconds: float,
+    ramp: float,
+    url: str | None,
+    token: str | None,
+    *,
+    floor: bool = False,
+    workers: int | None = None,
+    rounds: int = 1,
+) -> Report:
+    """The load test; with ``floor``, the same load through the floor first (not with ``url``),
+    and with ``rounds``, that many times (floor, bridge, floor, bridge...), pooled: the two see
+    the same machine, even one whose other work comes and goes."""
+    if url:  # an already running bridge: no CPU or memory, no stamps read at its agent
         report = Report(calls=calls, seconds=seconds, url=url.rstrip("/"))
         token, report.token_source = signing_token(token)
         _measure(report, report.url, token, ramp)
         return report
-    report = Report(calls=calls, seconds=seconds)
-    token = secrets.token_urlsafe(24)
-    agent_port, bridge_port = free_port(), free_port()
+    floors, bridges = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "bridge.log"
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "app", "emulate-agent", "--port", str(agent_port), "--log-level", "warning"],
-            env=base_env,
-        )
-        env = {
-            **base_env,
-            "AGENT_URL": agent_url(agent_port),
-            "TWILIO_AUTH_TOKEN": token,
-            "STREAM_TOKEN_SECRET": secrets.token_urlsafe(32),
-            "PORT": str(bridge_port),
-            "HOST": LOOPBACK,
-            "LOG_LEVEL": "info",
-        }
-        with log_path.open("wb") as log_file:  # kept only to explain a bridge that fails to start
-            bridge = subprocess.Popen([sys.executable, "-m", "app", "serve"], env=env, stdout=log_file, stderr=log_file)
-        try:
-            wait_for_port(agent_port, agent)
-            try:
-                wait_for_port(bridge_port, bridge)
-            except RuntimeError as exc:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
-                raise RuntimeError(f"the bridge did not start: {exc}\n{tail}") from exc
-            time.sleep(0.3)
-            idle = rss_mib(bridge.pid)
-            report.process = BridgeProcess(bridge.pid, rss_idle_mib=idle, rss_peak_mib=idle)
-            _measure(report, bridge_url(bridge_port), token, ramp)
-        finally:
-            for proc in (bridge, agent):
-                proc.terminate()
-            for proc in (bridge, agent):
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for _ in range(rounds):
+            if floor:
+                floors.append(_run_started(Report(calls, seconds, side=Side.FLOOR, workers=workers), Path(tmp), ramp))
+            bridges.append(_run_started(Report(calls, seconds, workers=workers), Path(tmp), ramp))
+    report = Report.pooled(bridges)
+    report.floor = Report.pooled(floors) if floors else None
     return report
+
+
+def server_command(side: Side, port: int, agent_port: int, workers: int | None) -> list[str]:
+    """How the server under test starts; ``--workers`` only when given (``serve`` gained it late)."""
+    if side is Side.BRIDGE:
+        command = [sys.executable, "-m", "app", "serve"]
+    else:
+        command = [sys.executable, "-m", "app.devtools.minimal_relay", "--agent-url", agent_url(agent_port)]
+        command += ["--host", LOOPBACK, "--port", str(port)]
+    return command + (["--workers", str(workers)] if workers is not None else [])
+
+
+def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
+    """Start the local agent and the server (bridge or floor), run the calls, stop both."""
+    token = secrets.token_urlsafe(24)
+    agent_port, port = free_port(), free_port()
+    records = Path(tempfile.mkdtemp(prefix=f"{report.side.value}-", dir=tmp)) / "agent.jsonl"
+    log_path = records.with_name("server.log")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "app.devtools.loadtest", "agent", "--port", str(agent_port), "--record", str(records)],
+        env=base_env,
+    )
+    env = {
+        **base_env,
+        "AGENT_URL": agent_url(agent_port),
+        "TWILIO_AUTH_TOKEN": token,
+        "STREAM_TOKEN_SECRET": secrets.token_urlsafe(32),
+        "PORT": str(port),
+        "HOST": LOOPBACK,
+        "LOG_LEVEL": "info",
+    }
+    command = server_command(report.side, port, agent_port, report.workers)
+    with log_path.open("wb") as log_file:  # kept only to explain a server that fails to start
+        server = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file)
+    try:
+        wait_for_port(agent_port, agent)
+        try:
+            wait_for_port(port, server)
+        except RuntimeError as exc:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+            raise RuntimeError(f"the {report.side.value} did not start: {exc}\n{tail}") from exc
+        time.sleep(0.3 + (WORKERS_START_S if report.workers and report.workers > 1 else 0.0))
+        pids = process_tree(server.pid)
+        idle = tree_rss_mib(pids)
+        report.process = BridgeProcess(server.pid, rss_idle_mib=idle, rss_peak_mib=idle, pids=pids)
+        probes = _measure(report, bridge_url(port), token, ramp)
+        sessions = read_agent_records(records, len(probes))
+        report.paths = join_paths(probes, sessions, stamp_count(len(caller_script(report.seconds))))
+    finally:
+        for proc in (server, agent):
+            proc.terminate()
+        for proc in (server, agent):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return report
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["agent"]:
+        sys.exit("usage: python -m app.devtools.loadtest agent --port PORT --record FILE")
+    sys.exit(agent_main(sys.argv[2:]))
