@@ -943,13 +943,14 @@ def run(
 
 
 def server_command(side: Side, port: int, agent_port: int, workers: int | None) -> list[str]:
-    """How the server under test starts; ``--workers`` only when given (``serve`` gained it late)."""
+    """How the server under test starts: one worker unless ``--workers`` says otherwise (the
+    bridge's own default is one per core, which would not compare with a one-process floor)."""
     if side is Side.BRIDGE:
         command = [sys.executable, "-m", "app", "serve"]
     else:
         command = [sys.executable, "-m", "app.devtools.minimal_relay", "--agent-url", agent_url(agent_port)]
         command += ["--host", LOOPBACK, "--port", str(port)]
-    return command + (["--workers", str(workers)] if workers is not None else [])
+    return command + ["--workers", str(workers or 1)]
 
 
 def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
