@@ -422,6 +422,10 @@ class Supervisor:
             slot.process = None
             if self.is_stopping():  # set by a signal while this worker ran
                 self.log.info("worker_stopped", worker=slot.worker_id, pid=process.pid, exit_code=code)
+                # nobody accepts on its socket any more: closed now, the kernel sends new
+                # connections (a readiness probe, say) to the workers still draining instead
+                # of queueing them where nothing will answer
+                self._socks[slot.worker_id - 1].close()
                 return
             lived = time.monotonic() - slot.started_at
             slot.quick_deaths = slot.quick_deaths + 1 if lived < QUICK_DEATH_SECONDS else 0

@@ -292,6 +292,22 @@ def test_sigterm_drains_the_calls_of_both_workers(instance: Instance) -> None:
     assert sorted(r["worker"] for r in finished) == [1, 2] and all(r["calls_left"] == 0 for r in finished)
 
 
+def test_while_one_worker_drains_a_call_the_idle_one_is_gone_and_every_request_is_answered(
+    instance: Instance,
+) -> None:
+    """A worker with no calls stops at once on SIGTERM; its listening socket must go with it, or
+    the kernel would keep queueing half of the new connections where nobody accepts them."""
+    caller, thread, outcome = call_in_thread(instance.base_url, silence=4.0)
+    assert wait_until(lambda: instance.worker_of("stream_started", caller.call_sid) is not None, timeout=10)
+    instance.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: bool(instance.events("worker_stopped")), timeout=10)  # the idle one
+    answers = [get(instance.base_url + "/readyz")[0] for _ in range(20)]  # each would hang 5 s, not answer
+    assert answers == [503] * 20
+    thread.join(30)
+    assert outcome["result"].ended_by == "caller"
+    assert instance.proc.wait(30) == 0
+
+
 def test_worker_count_is_checked(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "app", "serve", "--workers", "0"], cwd=tmp_path, capture_output=True, timeout=30
