@@ -407,7 +407,8 @@ class TwilioApiStandIn:
                 with urllib.request.urlopen(request, timeout=5) as answer:
                     status = answer.status
             except urllib.error.HTTPError as exc:
-                status = exc.code
+                with exc:
+                    status = exc.code
             except OSError:
                 status = 0
             with self._lock:

@@ -96,5 +96,6 @@ def test_a_forged_recording_callback_is_refused(
     )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
-    assert refused.value.code == 403
+    with refused.value:  # its socket goes with it
+        assert refused.value.code == 403
     assert bridge.records("recording_status") == []
