@@ -950,7 +950,7 @@ def server_command(side: Side, port: int, agent_port: int, workers: int | None) 
     else:
         command = [sys.executable, "-m", "app.devtools.minimal_relay", "--agent-url", agent_url(agent_port)]
         command += ["--host", LOOPBACK, "--port", str(port)]
-    return command + ["--workers", str(workers or 1)]
+    return [*command, "--workers", str(workers or 1)]
 
 
 def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
