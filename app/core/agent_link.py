@@ -5,6 +5,8 @@ holds the session's facts (times, request id) and builds its messages.
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.agent import messages as agent_msg
 from app.core.actions import Action, BindLogContext, ConnectAgent, Log, Measure, SendToAgent
 from app.core.call_control import with_functions
@@ -35,22 +37,17 @@ class AgentLink:
     def connected(self, now: float) -> list[Action]:
         return [Log(LogLevel.INFO, "agent_connected", {"connect_s": round(now - self.connect_started, 3)})]
 
-    def send_settings(
-        self, request_id: str, now: float, history: list[tuple[float, str, str]] | None = None
-    ) -> list[Action]:
-        """The session's one Settings. ``history`` (a reconnect) goes in ``agent.context`` as
-        Deepgram's History messages, and the greeting is left out."""
+    def send_settings(self, request_id: str, now: float, history: list[dict[str, Any]] | None = None) -> list[Action]:
+        """The session's one Settings. ``history`` (a reconnect: Deepgram History messages,
+        turns and function calls, see ``Conversation.context``) goes in ``agent.context``
+        after the profile's own, and the greeting is left out."""
         self.request_id = request_id
         options = self._options
         agent = with_functions(options.agent, options.telephony)
         if history is not None and isinstance(agent, dict):
-            messages = [
-                {"type": "History", "role": role, "content": text}
-                for _, role, text in history
-                if role in ("user", "assistant") and text
-            ]
+            context = agent.get("context", {})
             agent = {key: value for key, value in agent.items() if key != "greeting"}
-            agent["context"] = {**agent.get("context", {}), "messages": messages}
+            agent["context"] = {**context, "messages": [*context.get("messages", []), *history]}
         settings = agent_msg.settings(agent, options.agent_input, options.agent_output, tags=list(options.tags))
         self.last_sent = now
         return [BindLogContext({"request_id": request_id}), SendToAgent(settings)]

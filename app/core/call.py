@@ -400,7 +400,7 @@ class Call:
     def _on_welcome(self, event: AgentWelcome, now: float) -> list[Action]:
         """The one Settings of this session; after a loss mid-call it carries the conversation
         so far, and no greeting (the caller has been greeted)."""
-        history = self.conversation.transcript if self.was_live else None
+        history = self.conversation.context if self.was_live else None
         return self.agent.send_settings(event.request_id, now, history)
 
     def _on_agent_retry_due(self, event: AgentRetryDue, now: float) -> list[Action]:
@@ -523,6 +523,8 @@ class Call:
         ]
 
     def _on_info(self, event: AgentInfo, now: float) -> list[Action]:
+        if event.type == "History":
+            self.conversation.history(event.body)
         return [Log(LogLevel.DEBUG, "agent_message", {"type": event.type})]
 
     def _on_unknown(self, event: AgentUnknown, now: float) -> list[Action]:

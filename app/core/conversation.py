@@ -13,9 +13,18 @@ from app.core.heard import Utterance
 from app.core.stats import CallStats
 from app.core.vocabulary import LogLevel, MetricName
 
+FUNCTION_CALL_FIELDS: dict[str, type] = {
+    "id": str,
+    "name": str,
+    "client_side": bool,
+    "arguments": str,
+    "response": str,
+}
+"""What a function call in Deepgram's History holds (all of it is needed to give it back)."""
+
 
 class Conversation:
-    __slots__ = ("_log_text", "_started_at", "_stats", "cut_short", "transcript")
+    __slots__ = ("_log_text", "_started_at", "_stats", "context", "cut_short", "transcript")
 
     def __init__(self, log_transcripts: bool, stats: CallStats, started_at: float) -> None:
         self._log_text = log_transcripts
@@ -23,6 +32,9 @@ class Conversation:
         self._started_at = started_at
         self.transcript: list[tuple[float, str, str]] = []  # (seconds into the call, role, text)
         self.cut_short: dict[int, Utterance] = {}  # transcript index of an assistant turn -> what was heard
+        # the conversation as Deepgram's History messages, in order: the turns and the function
+        # calls with their answers; a new session after a loss is given it in agent.context
+        self.context: list[dict[str, Any]] = []
 
     def interrupted(self, utterance: Utterance) -> None:
         """The caller cut the agent short: the latest assistant turn is the one they heard part of."""
@@ -33,10 +45,27 @@ class Conversation:
 
     def text(self, event: AgentConversationText, now: float) -> list[Action]:
         self.transcript.append((round(now - self._started_at, 3), event.role, event.content))
+        if event.role in ("user", "assistant") and event.content:
+            self.context.append({"type": "History", "role": event.role, "content": event.content})
         fields: dict[str, Any] = {"role": event.role, "chars": len(event.content)}
         if self._log_text:
             fields["content"] = event.content
         return [Log(LogLevel.INFO, "conversation_text", fields)]
+
+    def history(self, body: dict[str, Any]) -> None:
+        """Deepgram's own History message. Its turns are the ConversationText already kept;
+        its function calls (ours and the server-side ones, each with its answer) are not, and
+        a reconnected agent must know what it already did (a transfer looked up, an order placed)."""
+        calls = body.get("function_calls")
+        if not isinstance(calls, list):
+            return
+        kept = [
+            {key: call[key] for key in FUNCTION_CALL_FIELDS}
+            for call in calls
+            if isinstance(call, dict) and all(isinstance(call.get(k), t) for k, t in FUNCTION_CALL_FIELDS.items())
+        ]
+        if kept:
+            self.context.append({"type": "History", "function_calls": kept})
 
     def thinking(self, event: AgentThinking) -> list[Action]:
         fields = {"content": event.content} if self._log_text else {}

@@ -372,6 +372,24 @@ def test_without_hold_audio_a_long_reconnect_stays_silent() -> None:
     assert of(feed(call, Tick(), AgentConnectFailed("refused"), Tick(), now=9.0), SendMedia) == []
 
 
+def test_a_reconnected_agent_is_told_of_the_function_calls_it_made_and_their_answers() -> None:
+    call = ready_call()
+    feed(call, AgentConversationText("user", "where is order 42?"), now=2.0)
+    made = {"id": "f1", "name": "lookup", "client_side": True, "arguments": '{"order": 42}', "response": "shipped"}
+    feed(call, AgentInfo("History", {"type": "History", "function_calls": [made, {"id": 7}]}), now=2.5)
+    feed(call, AgentInfo("History", {"type": "History", "role": "user", "content": "where is order 42?"}), now=2.5)
+    feed(call, AgentConversationText("assistant", "It has shipped."), now=3.0)
+    feed(call, AgentClosed(1006, ""), Tick(), now=4.0)
+    feed(call, AgentConnected(), now=4.1)
+    settings = json.loads(next(a.data for a in feed(call, AgentWelcome("r2"), now=4.2) if isinstance(a, SendToAgent)))
+    validate_client_message(settings)  # deepgram-sdk's model: function-call history included
+    assert settings["agent"]["context"]["messages"] == [
+        {"type": "History", "role": "user", "content": "where is order 42?"},  # once: the text turn
+        {"type": "History", "function_calls": [made]},  # the malformed one left out
+        {"type": "History", "role": "assistant", "content": "It has shipped."},
+    ]
+
+
 def test_the_reconnect_budget_spent_gets_the_caller_the_fallback() -> None:
     call = ready_call(reconnect_attempts=2, reconnect_within=10.0)
     feed(call, AgentClosed(1011, "gone"), now=1.0)
