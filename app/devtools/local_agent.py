@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import select
 import socket
@@ -110,6 +111,13 @@ def in_sessions(spec: str, number: int) -> bool:
     return number >= int(first) and (not last or number <= int(last))
 
 
+@functools.lru_cache(maxsize=32)
+def speech_for(text: str) -> bytes:
+    """What the agent says for ``text`` (linear16, 8 kHz), kept as a TTS cache would: a long
+    greeting is synthesised once, not on the event loop of every session that speaks it."""
+    return synth.speech_like(text)
+
+
 def peer_gone(fd: int) -> bool:
     """Whether the peer of a socket this process is not reading has shut down or reset it."""
     poller = select.poll()
@@ -135,8 +143,10 @@ class ScriptStep:
     - stall: send nothing more in this session (on "connect": never Welcome; on "settings":
       never SettingsApplied), while still reading and discarding what the client sends;
     - stop_reading: stop consuming the socket (its receive buffer shrunk to a few KB), so the
-      client's writes back up; for ``seconds`` (0: until the client goes away, then the socket
-      is dropped). Anything already being said goes on;
+      client's writes back up; for ``seconds``, then it reads again (what waited, and the
+      client's close if it left meanwhile). A client that resets the connection ends the
+      session at once; with ``seconds`` 0 that is the only end, since a client's orderly close
+      cannot be seen without reading. Anything already being said goes on;
     - drop_mid_reply (on "utterance"/"user_message" only): start the reply, then drop the
       socket abruptly (no close frame) once ``seconds`` of its audio have gone out (0: after
       the first chunk). ``SessionRecord.dropped_after_bytes`` says how much of ``audio_out`` was
@@ -527,8 +537,8 @@ class _Session:
         self.spawn(self.resume_reading(seconds))
 
     async def resume_reading(self, seconds: float) -> None:
-        """After ``seconds`` read again; with 0, wait for the client to go (its FIN or reset,
-        seen without reading: the socket is polled), then drop the socket."""
+        """After ``seconds`` (0: never) read again; a client that resets the connection (seen
+        without reading: the socket is polled) ends the session at once."""
         transport = self.ws.transport
         sock = transport.get_extra_info("socket")
         loop = asyncio.get_running_loop()
@@ -706,7 +716,7 @@ class _Session:
         async with self.voice:
             self.voice_owner = asyncio.current_task()
             try:
-                audio = synth.speech_like(text) if pcm is None else pcm
+                audio = speech_for(text) if pcm is None else pcm
                 await self.speak(audio, rate, text, think_s, drop_after)
             finally:
                 self.voice_owner = None
