@@ -120,6 +120,8 @@ def speech_for(text: str) -> bytes:
 
 def peer_gone(fd: int) -> bool:
     """Whether the peer of a socket this process is not reading has shut down or reset it."""
+    if fd < 0:  # closed meanwhile
+        return True
     poller = select.poll()
     poller.register(fd, getattr(select, "POLLRDHUP", 0x2000))  # Linux; errors and hang-ups always count
     return bool(poller.poll(0))
@@ -154,7 +156,10 @@ class ScriptStep:
 
     ``sessions``: which sessions the step applies to, counted from 1 over every upgrade request
     (refused ones included): "all" (default), "1" (the first only), "2-" (every one after the
-    first: a reconnect never succeeds), "1-3", "3/10" (sessions 3, 13, 23...).
+    first: a reconnect never succeeds), "1-3", "3/10" (sessions 3, 13, 23...). ``tag``: only
+    sessions whose Settings carry this tag (``tags``; a bridge takes them from the profile, so
+    one dialled number can have a faulty agent while the others do not); never on "connect",
+    which comes before Settings.
 
     function_call sends one FunctionCallRequest with ``functions`` (a list of
     ``{"name": .., "arguments": "<JSON string or an object>", "client_side": true}``), or, without
@@ -177,6 +182,7 @@ class ScriptStep:
     seconds: float = 0.0
     status: int = 429
     sessions: str = "all"
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         if self.on not in SCRIPT_EVENTS:
@@ -188,6 +194,8 @@ class ScriptStep:
         if self.do == "drop_mid_reply" and self.on not in TURN_EVENTS:
             raise ValueError("script step: 'drop_mid_reply' is for 'on': 'utterance' or 'user_message'")
         check_sessions(self.sessions)
+        if self.tag is not None and self.on == "connect":
+            raise ValueError("script step: 'tag' is known from Settings, after 'connect'")
         for entry in self.functions or []:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ValueError(f"script step: each of 'functions' needs a 'name': {entry!r}")
@@ -357,11 +365,12 @@ class _Session:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guarded(coro))
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(functools.partial(self._done, coro))
         return task
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        coro.close()  # a task cancelled before it started (the session ended) never ran it: no warning
         if not task.cancelled() and task.exception() is not None:
             self.log.error("local_agent_task_failed", error=repr(task.exception()))
 
@@ -383,8 +392,15 @@ class _Session:
         return [
             s
             for s in self.cfg.script
-            if s.on == on and (not per_turn or s.n == n) and in_sessions(s.sessions, self.rec.number)
+            if s.on == on
+            and (not per_turn or s.n == n)
+            and in_sessions(s.sessions, self.rec.number)
+            and (s.tag is None or s.tag in self.tags())
         ]
+
+    def tags(self) -> list[str]:
+        tags = (self.rec.settings or {}).get("tags")
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
     async def run(self) -> None:
         try:
@@ -527,12 +543,15 @@ class _Session:
     def stop_reading(self, seconds: float) -> None:
         """Stop consuming the socket: the receive loop waits, the transport stops reading, and
         the kernel buffer is shrunk so the client's side fills within seconds."""
+        transport = self.ws.transport
+        if transport.is_closing():  # the client left first
+            return
         self.rec.stopped_reading_at = time.monotonic()
         self.reading.clear()
-        transport = self.ws.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
         transport.pause_reading()
         self.spawn(self.resume_reading(seconds))
 
@@ -545,7 +564,7 @@ class _Session:
         until = loop.time() + seconds
         while seconds <= 0 or loop.time() < until:
             await asyncio.sleep(PEER_GONE_POLL_S)
-            if sock is None or peer_gone(sock.fileno()):
+            if sock is None or transport.is_closing() or peer_gone(sock.fileno()):
                 transport.abort()
                 break
         if not transport.is_closing():

@@ -468,9 +468,12 @@ class _Stream:
     def pause_reading(self) -> None:
         """Stop consuming the socket, with a small kernel buffer so the bridge's side fills soon."""
         transport = self.ws.transport
+        if transport.is_closing():  # the bridge closed it first: nothing left to not read
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
         transport.pause_reading()
         self.reading_paused = True
 
@@ -485,7 +488,8 @@ class _Stream:
             await self.send_stop()
             self.pause_reading()
             await asyncio.sleep(fault.hold)
-            self.ws.transport.resume_reading()
+            if self.reading_paused and not self.ws.transport.is_closing():
+                self.ws.transport.resume_reading()
             self.reading_paused = False
             with contextlib.suppress(TimeoutError):  # how did the bridge end it meanwhile?
                 await asyncio.wait_for(self.ws.wait_closed(), 2.0)
