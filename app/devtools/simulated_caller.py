@@ -443,6 +443,8 @@ class _Stream:
         if update is None and not self.updates.empty():  # accepted by the API as the bridge closed
             update = self.updates.get_nowait()
             self.on_update(update)
+        if update is None and self.result.rest_updates:  # taken, and the bridge closed before our stop went
+            update = self.result.rest_updates[-1]
         tasks = (receiver, player, sender, keypad, rest) + ((fault,) if fault is not None else ())
         for task in tasks:
             task.cancel()
