@@ -9,15 +9,21 @@ CLIENT_MESSAGE_TIMEOUT when the client goes quiet, InjectAgentMessage (spoken, o
 InjectionRefused while anyone speaks), InjectUserMessage (a user turn) and FunctionCallResponse
 (once every client-side function of a request is answered, it "continues" with a short spoken
 reply, as an LLM would). A script makes it misbehave on purpose for tests: request functions,
-send an Error or Warning, close abruptly, delay a reply. Each session's record keeps what the
-client declared, answered and injected, with arrival times, for tests to inspect.
+send an Error or Warning, close abruptly, delay a reply, refuse the upgrade (401, 429, ...),
+never send Welcome or SettingsApplied, drop the socket in the middle of a reply, stop reading
+the socket; each fault for every session or only some (the first, every one after the first).
+Each session's record keeps what the client declared, answered and injected, with arrival
+times, for tests to inspect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import select
+import socket
 import time
 import uuid
 from collections import deque
@@ -55,20 +61,105 @@ UPDATE_REPLIES = {
 }
 
 
-SCRIPT_EVENTS = frozenset({"settings", "settings_applied", "utterance", "user_message"})
-SCRIPT_ACTIONS = frozenset({"delay", "warning", "error", "close", "function_call", "unknown"})
+SCRIPT_EVENTS = frozenset({"connect", "settings", "settings_applied", "utterance", "user_message"})
+SCRIPT_ACTIONS = frozenset(
+    {
+        "delay",
+        "warning",
+        "error",
+        "close",
+        "function_call",
+        "unknown",
+        "refuse",
+        "stall",
+        "stop_reading",
+        "drop_mid_reply",
+    }
+)
+TURN_EVENTS = frozenset({"utterance", "user_message"})
+STOPPED_READING_RCVBUF = 4096
+"""The receive buffer a session that stops reading shrinks its socket to, so the client's
+writes back up within seconds instead of after the megabytes loopback TCP would buffer."""
+PEER_GONE_POLL_S = 0.2  # how often a session that stopped reading checks its peer is still there
+
+
+def check_sessions(spec: str) -> None:
+    """``all``, ``N``, ``N-`` (N and every later one), ``N-M`` or ``N/K`` (N, N+K, N+2K...),
+    sessions counted from 1."""
+    sep = "/" if "/" in spec else "-"
+    first, _, last = spec.partition(sep)
+    if sep == "/":
+        ok = first.isdigit() and int(first) >= 1 and last.isdigit() and int(last) >= 1
+    else:
+        ok = spec == "all" or (
+            first.isdigit() and int(first) >= 1 and (not last or (last.isdigit() and int(last) >= int(first)))
+        )
+    if not ok:
+        raise ValueError(f"script step: 'sessions' must be all, N, N-, N-M or N/K (from 1), not {spec!r}")
+
+
+def in_sessions(spec: str, number: int) -> bool:
+    """Whether session ``number`` (the n-th upgrade request, refused ones included) is in ``spec``."""
+    if spec == "all":
+        return True
+    if "/" in spec:
+        first, _, every = spec.partition("/")
+        return number >= int(first) and (number - int(first)) % int(every) == 0
+    first, dash, last = spec.partition("-")
+    if not dash:
+        return number == int(first)
+    return number >= int(first) and (not last or number <= int(last))
+
+
+@functools.lru_cache(maxsize=32)
+def speech_for(text: str) -> bytes:
+    """What the agent says for ``text`` (linear16, 8 kHz), kept as a TTS cache would: a long
+    greeting is synthesised once, not on the event loop of every session that speaks it."""
+    return synth.speech_like(text)
+
+
+def peer_gone(fd: int) -> bool:
+    """Whether the peer of a socket this process is not reading has shut down or reset it."""
+    if fd < 0:  # closed meanwhile
+        return True
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0x2000))  # Linux; errors and hang-ups always count
+    return bool(poller.poll(0))
 
 
 @dataclass
 class ScriptStep:
     """One scripted misbehaviour.
 
-    ``on``: "settings" (before SettingsApplied is sent), "settings_applied" (after it),
-    "utterance" (before the reply to the caller's ``n``-th spoken utterance) or "user_message"
-    (before the reply to the ``n``-th InjectUserMessage).
+    ``on``: "connect" (the upgrade request, then the open socket before Welcome), "settings"
+    (before SettingsApplied is sent), "settings_applied" (after it), "utterance" (before the
+    reply to the caller's ``n``-th spoken utterance) or "user_message" (before the reply to the
+    ``n``-th InjectUserMessage).
 
     ``do``: function_call, error/warning (``code``, ``description``), close (abrupt, no close
-    frame), delay (``seconds`` before the reply), unknown (a message type the client cannot know).
+    frame), delay (``seconds`` before the reply), unknown (a message type the client cannot
+    know), and the faults the bridge must survive:
+
+    - refuse (on "connect" only): answer the upgrade with HTTP ``status`` (429, 401, 503...);
+      no session is opened (the attempt is listed in ``LocalAgent.refused``);
+    - stall: send nothing more in this session (on "connect": never Welcome; on "settings":
+      never SettingsApplied), while still reading and discarding what the client sends;
+    - stop_reading: stop consuming the socket (its receive buffer shrunk to a few KB), so the
+      client's writes back up; for ``seconds``, then it reads again (what waited, and the
+      client's close if it left meanwhile). A client that resets the connection ends the
+      session at once; with ``seconds`` 0 that is the only end, since a client's orderly close
+      cannot be seen without reading. Anything already being said goes on;
+    - drop_mid_reply (on "utterance"/"user_message" only): start the reply, then drop the
+      socket abruptly (no close frame) once ``seconds`` of its audio have gone out (0: after
+      the first chunk). ``SessionRecord.dropped_after_bytes`` says how much of ``audio_out`` was
+      sent.
+
+    ``sessions``: which sessions the step applies to, counted from 1 over every upgrade request
+    (refused ones included): "all" (default), "1" (the first only), "2-" (every one after the
+    first: a reconnect never succeeds), "1-3", "3/10" (sessions 3, 13, 23...). ``tag``: only
+    sessions whose Settings carry this tag (``tags``; a bridge takes them from the profile, so
+    one dialled number can have a faulty agent while the others do not); never on "connect",
+    which comes before Settings.
 
     function_call sends one FunctionCallRequest with ``functions`` (a list of
     ``{"name": .., "arguments": "<JSON string or an object>", "client_side": true}``), or, without
@@ -89,12 +180,22 @@ class ScriptStep:
     code: str = "INTERNAL_SERVER_ERROR"
     description: str = "scripted"
     seconds: float = 0.0
+    status: int = 429
+    sessions: str = "all"
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         if self.on not in SCRIPT_EVENTS:
             raise ValueError(f"script step: 'on' must be one of {sorted(SCRIPT_EVENTS)}, not {self.on!r}")
         if self.do not in SCRIPT_ACTIONS:
             raise ValueError(f"script step: 'do' must be one of {sorted(SCRIPT_ACTIONS)}, not {self.do!r}")
+        if self.do == "refuse" and (self.on != "connect" or not 400 <= self.status <= 599):
+            raise ValueError("script step: 'refuse' is for 'on': 'connect', with an HTTP 'status' of 400-599")
+        if self.do == "drop_mid_reply" and self.on not in TURN_EVENTS:
+            raise ValueError("script step: 'drop_mid_reply' is for 'on': 'utterance' or 'user_message'")
+        check_sessions(self.sessions)
+        if self.tag is not None and self.on == "connect":
+            raise ValueError("script step: 'tag' is known from Settings, after 'connect'")
         for entry in self.functions or []:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ValueError(f"script step: each of 'functions' needs a 'name': {entry!r}")
@@ -202,6 +303,10 @@ class SessionRecord:
     opened_at: float = field(default_factory=time.monotonic)
     settings_applied_at: float | None = None
     closed_at: float | None = None
+    number: int = 0  # which upgrade request this was, from 1 (see ScriptStep.sessions)
+    audio_in_at: list[tuple[int, float]] = field(default_factory=list)  # (len(audio_in) after a frame, arrival)
+    stopped_reading_at: float | None = None  # a stop_reading step ran
+    dropped_after_bytes: int | None = None  # a drop_mid_reply step dropped the socket after this much audio_out
 
     @property
     def unanswered_functions(self) -> list[FunctionRequest]:
@@ -254,15 +359,18 @@ class _Session:
         self.pending: dict[str, FunctionRequest] = {}  # client-side requests not yet answered, by id
         self.batches: list[_Batch] = []
         self.turn_ended_at = 0.0
+        self.reading = asyncio.Event()  # the receive loop reads only while set (stop_reading)
+        self.reading.set()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(self._guarded(coro))
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(functools.partial(self._done, coro))
         return task
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, coro: Coroutine[Any, Any, None], task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        coro.close()  # a task cancelled before it started (the session ended) never ran it: no warning
         if not task.cancelled() and task.exception() is not None:
             self.log.error("local_agent_task_failed", error=repr(task.exception()))
 
@@ -280,13 +388,28 @@ class _Session:
         await self.send_json({"type": "Error", "description": description, "code": code})
 
     def steps(self, on: str, n: int = 0) -> list[ScriptStep]:
-        per_turn = on in ("utterance", "user_message")
-        return [s for s in self.cfg.script if s.on == on and (not per_turn or s.n == n)]
+        per_turn = on in TURN_EVENTS
+        return [
+            s
+            for s in self.cfg.script
+            if s.on == on
+            and (not per_turn or s.n == n)
+            and in_sessions(s.sessions, self.rec.number)
+            and (s.tag is None or s.tag in self.tags())
+        ]
+
+    def tags(self) -> list[str]:
+        tags = (self.rec.settings or {}).get("tags")
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
 
     async def run(self) -> None:
-        await self.send_json({"type": "Welcome", "request_id": self.rec.request_id})
         try:
+            for step in self.steps("connect"):
+                if not await self.perform(step):
+                    return
+            await self.send_json({"type": "Welcome", "request_id": self.rec.request_id})
             while True:
+                await self.reading.wait()  # closed while a stop_reading step holds the socket
                 try:
                     message = await asyncio.wait_for(self.ws.recv(), self.cfg.idle_timeout)
                 except TimeoutError:
@@ -303,6 +426,7 @@ class _Session:
                         await self.ws.close(1008, "audio before settings")
                         return
                     self.rec.audio_in += message
+                    self.rec.audio_in_at.append((len(self.rec.audio_in), time.monotonic()))
                     await self.on_audio(message)
                 elif not await self.on_text(message):
                     return
@@ -402,6 +526,12 @@ class _Session:
         elif step.do == "close":
             self.ws.transport.abort()
             return False
+        elif step.do == "stall":
+            async for _ in self.ws:  # read and discard until the client goes; answer nothing
+                pass
+            return False
+        elif step.do == "stop_reading":
+            self.stop_reading(step.seconds)
         elif step.do == "delay":
             await asyncio.sleep(step.seconds)
         elif step.do == "unknown":
@@ -409,6 +539,37 @@ class _Session:
         elif step.do == "function_call":
             await self.request_functions(step)
         return True
+
+    def stop_reading(self, seconds: float) -> None:
+        """Stop consuming the socket: the receive loop waits, the transport stops reading, and
+        the kernel buffer is shrunk so the client's side fills within seconds."""
+        transport = self.ws.transport
+        if transport.is_closing():  # the client left first
+            return
+        self.rec.stopped_reading_at = time.monotonic()
+        self.reading.clear()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
+        transport.pause_reading()
+        self.spawn(self.resume_reading(seconds))
+
+    async def resume_reading(self, seconds: float) -> None:
+        """After ``seconds`` (0: never) read again; a client that resets the connection (seen
+        without reading: the socket is polled) ends the session at once."""
+        transport = self.ws.transport
+        sock = transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while seconds <= 0 or loop.time() < until:
+            await asyncio.sleep(PEER_GONE_POLL_S)
+            if sock is None or transport.is_closing() or peer_gone(sock.fileno()):
+                transport.abort()
+                break
+        if not transport.is_closing():
+            transport.resume_reading()
+        self.reading.set()
 
     # --- functions and injected messages -------------------------------------------------
 
@@ -547,28 +708,39 @@ class _Session:
         """The reply to a user turn: scripted steps first; a function request replaces the reply."""
         await asyncio.sleep(self.cfg.reply_delay)
         requested = False
+        drop_after: float | None = None
         for step in self.steps(on, n):
             requested |= step.do == "function_call"
-            if not await self.perform(step):
+            if step.do == "drop_mid_reply":
+                drop_after = step.seconds
+            elif not await self.perform(step):
                 return
         if requested:
             return  # the reply comes once the functions are answered
         think_s = time.monotonic() - self.turn_ended_at
         if pcm is None:
-            await self.say(text, think_s)
+            await self.say(text, think_s, drop_after=drop_after)
         else:
-            await self.say(text, think_s, pcm, self.in_fmt.sample_rate)
+            await self.say(text, think_s, pcm, self.in_fmt.sample_rate, drop_after=drop_after)
 
-    async def say(self, text: str, think_s: float, pcm: bytes | None = None, rate: int = synth.SAMPLE_RATE) -> None:
+    async def say(
+        self,
+        text: str,
+        think_s: float,
+        pcm: bytes | None = None,
+        rate: int = synth.SAMPLE_RATE,
+        drop_after: float | None = None,
+    ) -> None:
         """Speak once nothing else is being said; ``pcm`` (linear16) defaults to ``text`` synthesised."""
         async with self.voice:
             self.voice_owner = asyncio.current_task()
             try:
-                await self.speak(synth.speech_like(text) if pcm is None else pcm, rate, text, think_s)
+                audio = speech_for(text) if pcm is None else pcm
+                await self.speak(audio, rate, text, think_s, drop_after)
             finally:
                 self.voice_owner = None
 
-    async def speak(self, pcm: bytes, rate: int, text: str, think_s: float) -> None:
+    async def speak(self, pcm: bytes, rate: int, text: str, think_s: float, drop_after: float | None = None) -> None:
         audio = synth.encode(pcm, self.out_fmt, rate)
         speech = Speech(text, time.monotonic())
         self.rec.speeches.append(speech)
@@ -583,11 +755,17 @@ class _Session:
         chunk = self.out_fmt.bytes_for(self.cfg.chunk_ms / 1000)
         pace = (self.cfg.chunk_ms / 1000) / self.cfg.speak_rate if self.cfg.speak_rate > 0 else 0.0
         start = time.monotonic()
+        drop_at = None if drop_after is None else max(1, self.out_fmt.bytes_for(drop_after))
         try:
             for i, offset in enumerate(range(0, len(audio), chunk)):
                 piece = audio[offset : offset + chunk]
                 self.rec.audio_out += piece
                 await self.ws.send(piece)
+                if drop_at is not None and offset + len(piece) >= drop_at:
+                    speech.interrupted = True
+                    self.rec.dropped_after_bytes = len(self.rec.audio_out)
+                    self.ws.transport.abort()  # mid-reply, no close frame: the client sees a lost connection
+                    return
                 delay = start + (i + 1) * pace - time.monotonic()
                 await asyncio.sleep(max(0.0, delay))
         except asyncio.CancelledError:
@@ -604,6 +782,9 @@ class LocalAgent:
     def __init__(self, config: LocalAgentConfig | None = None) -> None:
         self.config = config or LocalAgentConfig()
         self.sessions: list[SessionRecord] = []
+        self.refused: list[tuple[int, int]] = []  # (upgrade number, HTTP status) of each refused upgrade
+        self.upgrades = 0  # upgrade requests so far: the number ScriptStep.sessions counts
+        self._numbers: dict[ServerConnection, int] = {}
         self._server: Server | None = None
         self.port = 0
 
@@ -614,13 +795,25 @@ class LocalAgent:
     def _check_request(self, conn: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?")[0] != AGENT_PATH:
             return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        self.upgrades += 1
+        number = self.upgrades
         key = self.config.require_key
-        if key is not None and request.headers.get("Authorization") != f"Token {key}":
-            return Response(401, "Unauthorized", Headers([("Content-Length", "0")]), b"")
+        status = 401 if key is not None and request.headers.get("Authorization") != f"Token {key}" else None
+        for step in self.config.script:
+            if status is None and step.do == "refuse" and in_sessions(step.sessions, number):
+                status = step.status
+        if status is not None:
+            self.refused.append((number, status))
+            try:
+                reason = HTTPStatus(status).phrase
+            except ValueError:
+                reason = "Refused"
+            return Response(status, reason, Headers([("Content-Length", "0")]), b"")
+        self._numbers[conn] = number
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        record = SessionRecord(request_id=str(uuid.uuid4()))
+        record = SessionRecord(request_id=str(uuid.uuid4()), number=self._numbers.pop(ws, 0))
         if ws.request is not None:
             record.headers = {k.lower(): v for k, v in ws.request.headers.raw_items() if k.lower() != "authorization"}
             record.headers["authorization-present"] = str("Authorization" in ws.request.headers)

@@ -8,6 +8,9 @@ keypad keys (``dtmf`` events, as Twilio sends them) and, given a local stand-in 
 API (``app.devtools.twilio_api``), ends the stream when the bridge hangs the call up or
 redirects it (a transfer) through that API, as Twilio does. It records what the caller heard,
 every frame received, and a timeline of who spoke when, keys pressed and REST updates.
+
+It can also misbehave the ways a real Twilio socket (or something posing as one) can, for the
+fault tests (``CallerFault``): close abruptly, stop without closing, stop reading, flood.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import contextlib
 import json
 import math
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -42,6 +46,47 @@ FRAME_S = FRAME_MS / 1000
 SILENCE = b"\xff"  # mu-law zero
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 KEY_GAP_S = 0.15  # between the digits of one burst of key presses
+CALLER_FAULTS = frozenset({"abrupt_close", "stop_without_close", "stop_reading", "flood", "garbage"})
+STOPPED_READING_RCVBUF = 4096  # a caller that stops reading shrinks its socket's receive buffer to this
+GARBAGE_FRAMES: tuple[str | bytes, ...] = (
+    b"\x00\x01binary",  # Twilio never sends binary frames
+    "not json at all",
+    '{"event": "surprise", "streamSid": "MZ0"}',
+    '{"event": "media", "media": {"payload": "!!!not base64!!!"}}',
+    "[1, 2, 3]",
+)
+"""What a ``garbage`` fault sends, in turn: each is something Twilio never sends."""
+
+
+@dataclass(frozen=True)
+class CallerFault:
+    """One misbehaviour of the caller's side, ``at`` seconds after the stream started.
+
+    - abrupt_close: the TCP connection is aborted: no ``stop``, no close frame (a crashed
+      Twilio edge, a cut network). ``CallResult.ended_by`` is "caller_abort".
+    - stop_without_close: ``stop`` is sent, then the socket is held open, neither read nor
+      closed, for ``hold`` seconds; then it is read again to see how the bridge ended it
+      (``CallResult.close_code``). ``ended_by`` is "caller".
+    - stop_reading: the socket is no longer read (its receive buffer shrunk to a few KB), so
+      the bridge's writes back up; the caller goes on sending audio and following the REST API.
+    - flood: ``frames`` media frames of ``frame_bytes`` audio each, sent back to back without
+      pacing (far faster than real time; more than 160 bytes is oversized for Twilio), on top
+      of the real-time audio. They count in ``CallResult.sent``.
+    - garbage: ``frames`` frames Twilio never sends (binary, not JSON, unknown events, bad
+      base64; ``GARBAGE_FRAMES`` in turn), back to back.
+    """
+
+    kind: str
+    at: float = 1.0
+    frames: int = 500
+    frame_bytes: int = TWILIO_FRAME_BYTES
+    hold: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CALLER_FAULTS:
+            raise ValueError(f"caller fault must be one of {sorted(CALLER_FAULTS)}, not {self.kind!r}")
+        if self.at < 0 or self.frames < 1 or self.frame_bytes < 1 or self.hold < 0:
+            raise ValueError("caller fault: at and hold must be >= 0, frames and frame_bytes >= 1")
 
 
 class SimulationError(Exception):
@@ -74,7 +119,8 @@ class CallResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
     close_code: int | None = None
     # "caller" (hung up: sent stop), "bridge" (closed the socket), "twilio_rest" (hung up through
-    # the REST API: Status=completed) or "transfer" (redirected through the REST API)
+    # the REST API: Status=completed), "transfer" (redirected through the REST API) or
+    # "caller_abort" (a CallerFault aborted the connection)
     ended_by: str = ""
     keys_pressed: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the stream, digit)
     rest_updates: list[CallUpdate] = field(default_factory=list)  # updates of this call the API accepted
@@ -83,6 +129,9 @@ class CallResult:
     webhook_s: float = 0.0  # POST to TwiML
     connect_s: float = 0.0  # WebSocket open
     first_media_s: float | None = None  # from `start` to the first agent audio received
+    sent_at: list[tuple[int, float]] = field(default_factory=list)  # (len(sent) after a frame, time.monotonic())
+    received_at: list[tuple[int, float]] = field(default_factory=list)  # (len(received) after a media, time)
+    fault_at: float | None = None  # time.monotonic() when the fault began
 
     def transcript(self) -> str:
         return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
@@ -193,11 +242,13 @@ class SimulatedCaller:
         keys: Sequence[tuple[float, str]] = (),
         key_gap: float = KEY_GAP_S,
         twilio_api: TwilioApiStandIn | None = None,
+        fault: CallerFault | None = None,
     ) -> None:
         """``keys``: (seconds after the stream starts, digits) bursts of key presses, each digit
         ``key_gap`` seconds after the previous one; the caller stays on the line until they are
         pressed. ``twilio_api``: a running REST stand-in where this call is registered (with the
-        stand-in's account SID), so the bridge can hang it up or transfer it through the API."""
+        stand-in's account SID), so the bridge can hang it up or transfer it through the API.
+        ``fault``: a misbehaviour of the caller's side (see ``CallerFault``)."""
         for _, digits in keys:
             check_digits(digits)
         self.base_url = base_url.rstrip("/")
@@ -211,6 +262,7 @@ class SimulatedCaller:
         self.keys = sorted(keys)
         self.key_gap = key_gap
         self.twilio_api = twilio_api
+        self.fault = fault
         self.call_sid = "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = twilio_api.account_sid if twilio_api is not None else "AC" + uuid.uuid4().hex
@@ -309,7 +361,8 @@ class SimulatedCaller:
                 await _Stream(self, ws, result, updates).run(audio, parameters)
             finally:
                 await ws.close()
-                result.close_code = ws.close_code
+                if result.close_code is None:
+                    result.close_code = ws.close_code
         finally:
             if self.twilio_api is not None:
                 self.twilio_api.end_call(self.call_sid)  # over: later updates answer 20404
@@ -335,6 +388,9 @@ class _Stream:
         self.agent_talking_since: float | None = None
         # the local agent's detector, on what the caller sends: "starts speaking" is when it reacts
         self.caller_speech = SpeechDetector()
+        self.reading_paused = False  # a stop_reading or stop_without_close fault holds the socket unread
+        self.aborted = False  # an abrupt_close fault dropped the connection
+        self.frames_sent = 0
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -370,20 +426,34 @@ class _Stream:
         sender = asyncio.create_task(self.send_audio(audio))
         keypad = asyncio.create_task(self.press_keys())
         rest = asyncio.create_task(self.follow_rest())
-        done, _ = await asyncio.wait({receiver, sender, rest}, return_when=asyncio.FIRST_COMPLETED)
+        waited = {receiver, sender, rest}
+        fault = None
+        ends_call = False  # the fault is the end of the call (abrupt close, stop without close)
+        if self.caller.fault is not None:
+            fault = asyncio.create_task(self.misbehave(self.caller.fault))
+            if self.caller.fault.kind in ("abrupt_close", "stop_without_close"):
+                ends_call = True
+                waited = {fault}
+        done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if self.reading_paused and not self.ws.transport.is_closing():
+            self.ws.transport.resume_reading()  # let the closing handshake through
         # the caller hung up only if it got to send `stop`; a send failing means the bridge closed
-        hung_up = sender in done and sender.exception() is None
+        hung_up = (sender in done and sender.exception() is None) or (ends_call and not self.aborted)
         update = rest.result() if rest in done and rest.exception() is None else None
         if update is None and not self.updates.empty():  # accepted by the API as the bridge closed
             update = self.updates.get_nowait()
             self.on_update(update)
-        tasks = (receiver, player, sender, keypad, rest)
+        if update is None and self.result.rest_updates:  # taken, and the bridge closed before our stop went
+            update = self.result.rest_updates[-1]
+        tasks = (receiver, player, sender, keypad, rest) + ((fault,) if fault is not None else ())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await task
-        if update is not None:
+        if self.aborted:
+            self.result.ended_by = "caller_abort"
+        elif update is not None:
             self.result.ended_by = "twilio_rest" if update.kind == "hangup" else "transfer"
         else:
             self.result.ended_by = "caller" if hung_up else "bridge"
@@ -394,6 +464,51 @@ class _Stream:
         if update.kind == "redirect":
             self.result.redirected_to = update.twiml if update.twiml is not None else update.url
         self.note("twilio", describe_update(update))
+
+    # --- faults ------------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop consuming the socket, with a small kernel buffer so the bridge's side fills soon."""
+        transport = self.ws.transport
+        if transport.is_closing():  # the bridge closed it first: nothing left to not read
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STOPPED_READING_RCVBUF)
+        transport.pause_reading()
+        self.reading_paused = True
+
+    async def misbehave(self, fault: CallerFault) -> None:
+        await asyncio.sleep(max(0.0, fault.at - self.now()))
+        self.result.fault_at = time.monotonic()
+        self.note("caller", f"fault: {fault.kind}")
+        if fault.kind == "abrupt_close":
+            self.aborted = self.stopped = True  # nothing more goes out
+            self.ws.transport.abort()
+        elif fault.kind == "stop_without_close":
+            await self.send_stop()
+            self.pause_reading()
+            await asyncio.sleep(fault.hold)
+            if self.reading_paused and not self.ws.transport.is_closing():
+                self.ws.transport.resume_reading()
+            self.reading_paused = False
+            with contextlib.suppress(TimeoutError):  # how did the bridge end it meanwhile?
+                await asyncio.wait_for(self.ws.wait_closed(), 2.0)
+            self.result.close_code = self.ws.close_code
+        elif fault.kind == "stop_reading":
+            self.pause_reading()
+        elif fault.kind == "flood":
+            for _ in range(fault.frames):  # silence: the flood is not a turn the agent answers
+                await self.send_frame(SILENCE * fault.frame_bytes, self.frames_sent)
+        else:
+            for i in range(fault.frames):
+                frame = GARBAGE_FRAMES[i % len(GARBAGE_FRAMES)]
+                async with self.send_lock:
+                    if self.stopped:
+                        return
+                    await self.ws.send(frame)
+        self.note("caller", f"fault: {fault.kind} done")
 
     async def follow_rest(self) -> CallUpdate:
         """Like Twilio when the call is hung up or redirected through the API: the stream stops."""
@@ -449,7 +564,9 @@ class _Stream:
         )
         if self.stopped:
             return
+        self.frames_sent += 1
         self.result.sent += frame
+        self.result.sent_at.append((len(self.result.sent), time.monotonic()))
         self.track_caller(frame)
 
     def track_caller(self, frame: bytes) -> None:
@@ -501,6 +618,7 @@ class _Stream:
                 if self.result.first_media_s is None:
                     self.result.first_media_s = self.now()
                 self.result.received += audio
+                self.result.received_at.append((len(self.result.received), time.monotonic()))
                 self.player.add_media(audio)
             elif event == "mark":
                 self.player.add_mark(msg["mark"]["name"])
