@@ -265,12 +265,6 @@ def test_the_reconnect_budget_running_out_gets_the_fallback(
     assert lost_to_redirect < 4.0 + 1.0 + 2.0  # the budget's window, one ready timeout, a few ticks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect in app/core/call.py Call._enter(LIVE): every SettingsApplied resets the reconnect "
-    "budget (down_since, attempts = None, []), so sessions that come back and drop at once are "
-    "reopened forever (26 sessions in 13 s here) and the caller hears silence, never the fallback",
-)
 def test_a_session_that_flaps_back_and_drops_at_once_still_ends_in_the_fallback(
     start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle], twilio_api: TwilioApiStandIn
 ) -> None:
