@@ -40,6 +40,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app import machine_db, workers
+from app.agent.client import limit_send_buffer
 from app.config import ConfigError, RuntimeConfig, load_settings, resolve
 from app.devtools.local_agent import LocalAgent
 from app.observability import logging as logs
@@ -65,6 +66,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        limit_send_buffer(transport.get_extra_info("socket"))  # a media stream may be on it
         self._arm()
 
     def on_message_begin(self) -> None:

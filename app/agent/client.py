@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -11,6 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from app.agent import messages as agent_msg
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentConnectFailed, AgentEvent
+from app.core.options import SOCKET_SEND_BUFFER
 
 MAX_AGENT_MESSAGE = 1 << 20
 """Largest agent message accepted (websockets' ``max_size``). Agent audio comes in chunks of
@@ -40,7 +43,7 @@ def describe_connect_error(exc: BaseException) -> str:
 async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN_TIMEOUT) -> ClientConnection:
     headers = {"Authorization": f"Token {api_key}"} if api_key else {}
     host = urlsplit(url).hostname or ""
-    return await connect(
+    ws = await connect(
         url,
         additional_headers=headers,
         open_timeout=open_timeout,
@@ -51,6 +54,15 @@ async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN
         proxy=None if host in LOOPBACK_HOSTS else True,
         user_agent_header="callbridge",
     )
+    limit_send_buffer(ws.transport.get_extra_info("socket"))
+    return ws
+
+
+def limit_send_buffer(sock: socket.socket | None) -> None:
+    """``SOCKET_SEND_BUFFER`` on a call's socket, so a peer that stops reading is seen soon."""
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed by the peer: nothing to limit
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
 
 
 async def run_session(

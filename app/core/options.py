@@ -27,6 +27,12 @@ for ``PEER_STUCK_SECONDS`` has its session dropped and reopened (``Overflow.AGEN
 RECONNECT_BACKOFF_SECONDS = (0.0, 0.5, 1.0, 2.0)
 """Wait before reconnect attempt 1, 2, 3, 4... (the last value repeats), from the failure."""
 
+SOCKET_SEND_BUFFER = 64 * 1024
+"""Kernel send buffer of every call socket (Twilio's, the agent's; Linux doubles it). Left to
+itself Linux grows it up to 4 MiB (``tcp_wmem``): minutes of audio a stuck peer would absorb
+before the bridge's own queue, and ``PEER_STUCK_SECONDS``, saw anything. 64 KiB is still
+several seconds of audio either way and, at 100 ms round trip, over 1 MB/s of throughput."""
+
 PEER_STUCK_SECONDS = 10.0
 """A peer (the agent or Twilio) that takes nothing from its send queue for this long while
 items wait is stuck. A stuck agent is a lost session: dropped, then reconnected within the

@@ -206,3 +206,17 @@ def test_audio_a_replaced_agent_queue_still_held_counts_as_dropped() -> None:
 
     session = asyncio.run(run())
     assert session.agent_out.empty() and session.agent_out.dropped_bytes == 160
+
+
+def test_call_sockets_get_a_small_send_buffer_so_a_stuck_peer_shows_in_seconds() -> None:
+    import socket
+
+    from app.agent.client import limit_send_buffer
+    from app.core.options import SOCKET_SEND_BUFFER
+
+    left, right = socket.socketpair()
+    with left, right:
+        limit_send_buffer(left)
+        assert SOCKET_SEND_BUFFER <= left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * SOCKET_SEND_BUFFER
+    limit_send_buffer(left)  # closed by now: nothing to do, no error
+    limit_send_buffer(None)
