@@ -132,6 +132,9 @@ class CallResult:
     sent_at: list[tuple[int, float]] = field(default_factory=list)  # (len(sent) after a frame, time.monotonic())
     received_at: list[tuple[int, float]] = field(default_factory=list)  # (len(received) after a media, time)
     fault_at: float | None = None  # time.monotonic() when the fault began
+    # what Twilio went on to when the bridge closed the stream of a call nobody had hung up or
+    # redirected: the TwiML after </Connect> ("" when there is none, and the call just ends)
+    after_stream: str | None = None
 
     def transcript(self) -> str:
         return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
@@ -187,6 +190,16 @@ def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
         raise SimulationError(f"TwiML has no <Connect><Stream url>: {twiml[:200]}")
     params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
     return stream.get("url", ""), params
+
+
+def after_connect(twiml: str) -> str:
+    """The verbs after ``<Connect>``, which Twilio runs when the stream ends on the server's
+    side without the call having been hung up or given new TwiML ("" when there are none)."""
+    root = ET.fromstring(twiml)
+    verbs = list(root)
+    tags = [verb.tag for verb in verbs]
+    rest = verbs[tags.index("Connect") + 1 :] if "Connect" in tags else []
+    return "".join(ET.tostring(verb, encoding="unicode") for verb in rest)
 
 
 class Player:
@@ -458,6 +471,10 @@ class _Stream:
         else:
             self.result.ended_by = "caller" if hung_up else "bridge"
         self.note("twilio", f"call ended by {self.result.ended_by}")
+        if self.result.ended_by == "bridge":
+            self.result.after_stream = after_connect(self.result.twiml)
+            if self.result.after_stream:
+                self.note("twilio", f"the stream is over: Twilio goes on to {self.result.after_stream}")
 
     def on_update(self, update: CallUpdate) -> None:
         self.result.rest_updates.append(update)

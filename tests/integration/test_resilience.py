@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +20,7 @@ import pytest
 import app
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
+from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.local_agent import LocalAgentConfig
 from app.devtools.simulated_caller import CallResult, SimulatedCaller
 from app.devtools.twilio_api import TwilioApiStandIn
@@ -114,3 +118,46 @@ def test_with_rest_credentials_the_answer_carries_the_fallback_after_the_stream(
     without = start_bridge(agent.url, profile(fallback=FALLBACK))
     status, twiml = SimulatedCaller(without.base_url, TWILIO_TOKEN).post_webhook()
     assert status == 200 and twiml.split("</Connect>", 1)[1] == "</Response>"  # closing the stream hangs up
+
+
+@pytest.mark.timeout(60)
+def test_a_bridge_killed_mid_call_leaves_the_caller_with_the_fallback_not_a_dead_line(
+    start_agent: Callable[..., AgentHandle], twilio_api: TwilioApiStandIn, tmp_path: Path
+) -> None:
+    """A real `callbridge serve` killed with SIGKILL during a call (a crash, an OOM kill, a lost
+    node): Twilio, played by the simulated caller, runs what follows <Connect>."""
+    agent = start_agent()
+    port = free_port()
+    env = {
+        **os.environ,
+        "AGENT_URL": agent.url,
+        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "TWILIO_ACCOUNT_SID": twilio_api.account_sid,
+        "TWILIO_API_BASE": twilio_api.base_url,
+        "STREAM_TOKEN_SECRET": "kill-test-stream-secret-0123",
+        "PORT": str(port),
+        "WORKERS": "1",
+    }
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
+        )
+    try:
+        wait_for_port(port, proc)
+        caller = SimulatedCaller(f"http://127.0.0.1:{port}", TWILIO_TOKEN, tail=0.5, twilio_api=twilio_api)
+        outcome: dict[str, CallResult] = {}
+        audio = synth.encode(synth.silence(8.0), TWILIO_FORMAT)
+        thread = threading.Thread(target=lambda: outcome.update(result=asyncio.run(caller.run(audio))))
+        thread.start()
+        assert wait_until(lambda: b"stream_started" in log_path.read_bytes(), timeout=10)
+        proc.kill()
+        thread.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    result = outcome["result"]
+    assert result.ended_by == "bridge" and result.rest_updates == []  # nobody told Twilio anything
+    assert result.after_stream is not None and result.after_stream.startswith("<Say>Sorry")
+    assert result.after_stream.endswith("<Hangup />")  # the default profile has no person to dial
