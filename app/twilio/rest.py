@@ -232,6 +232,16 @@ def _reachable(url: str) -> tuple[bool, str]:
 CALL_ENDED = 20404  # Twilio's "not found": the call is already over
 
 
+def _request_failed(exc: TwilioException | TwilioUnreachable) -> str:
+    """A live call's REST request that failed, in one line: Twilio's error code and answer,
+    why it could not be sent, or what else the SDK raised."""
+    if isinstance(exc, TwilioRestException):
+        return f"Twilio error {exc.code}: HTTP {exc.status} {str(exc.msg)[:200]}"
+    if isinstance(exc, TwilioUnreachable):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 class CallUpdater:
     """Hang-ups and transfers of live calls, through the SDK in a thread so the event loop
     (every call's audio) never waits on Twilio. Answers are core events; nothing raises."""
@@ -257,23 +267,15 @@ class CallUpdater:
             options["recording_status_callback_event"] = ["in-progress", "completed", "absent"]
         try:
             recording = _call(self._client, lambda: self._client.calls(call_sid).recordings.create(**options))
-        except TwilioRestException as exc:
-            return RecordingFailed(f"Twilio error {exc.code}: HTTP {exc.status} {str(exc.msg)[:200]}")
-        except TwilioUnreachable as exc:
-            return RecordingFailed(str(exc))
-        except TwilioException as exc:
-            return RecordingFailed(f"{type(exc).__name__}: {str(exc)[:200]}")
+        except (TwilioException, TwilioUnreachable) as exc:
+            return RecordingFailed(_request_failed(exc))
         return RecordingStarted(str(recording.sid))
 
     def _update(self, call_sid: str, change: dict[str, str]) -> CallUpdated | CallUpdateFailed:
         try:
             _call(self._client, lambda: self._client.calls(call_sid).update(**change))
-        except TwilioRestException as exc:
-            if exc.code == CALL_ENDED:
+        except (TwilioException, TwilioUnreachable) as exc:
+            if isinstance(exc, TwilioRestException) and exc.code == CALL_ENDED:
                 return CallUpdated(RestResult.ALREADY_ENDED, "the call had already ended")
-            return CallUpdateFailed(f"Twilio error {exc.code}: HTTP {exc.status} {str(exc.msg)[:200]}")
-        except TwilioUnreachable as exc:
-            return CallUpdateFailed(str(exc))
-        except TwilioException as exc:
-            return CallUpdateFailed(f"{type(exc).__name__}: {str(exc)[:200]}")
+            return CallUpdateFailed(_request_failed(exc))
         return CallUpdated(RestResult.OK, "")
