@@ -114,11 +114,8 @@ class HeardAudio:
         still on its way, counts as heard in full)."""
         position = self.position_ms(now)
         cut: list[Utterance] = []
-        waiting = list(self._pending.values())
-        if self._current is not None:
-            waiting.append(self._current)
-        for utterance in waiting:
-            utterance.heard_ms = min(utterance.full_ms, max(0.0, position - utterance.offset_ms))
+        for utterance, heard in self._unsettled(position):
+            utterance.heard_ms = heard
             self._finish(utterance)
             if utterance.interrupted:
                 cut.append(utterance)
@@ -131,15 +128,18 @@ class HeardAudio:
     def records(self, now: float) -> list[HeardRecord]:
         """Every utterance as the call record shows it. One still playing, or whose mark had
         not come back when the call ended, counts what had been played by ``now``."""
-        position = self.position_ms(now)
         out = [u.as_record() for u in self.finished]
+        for u, heard in self._unsettled(self.position_ms(now)):
+            out.append(Utterance(u.offset_ms, u.full_ms, heard).as_record())
+        return out
+
+    def _unsettled(self, position_ms: float) -> list[tuple[Utterance, float]]:
+        """The utterances whose mark has not come back (and the one being sent), oldest first,
+        each with how much of it had been played at ``position_ms``."""
         waiting = list(self._pending.values())
         if self._current is not None:
             waiting.append(self._current)
-        for u in waiting:
-            heard = min(u.full_ms, max(0.0, position - u.offset_ms))
-            out.append(Utterance(u.offset_ms, u.full_ms, heard).as_record())
-        return out
+        return [(u, min(u.full_ms, max(0.0, position_ms - u.offset_ms))) for u in waiting]
 
     def _finish(self, utterance: Utterance) -> None:
         self.finished.append(utterance)
