@@ -12,8 +12,12 @@ import asyncio
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -189,3 +193,38 @@ def twilio_api() -> Iterator[TwilioApiStandIn]:
 def rest_env(api: TwilioApiStandIn) -> dict[str, str]:
     """The settings that point a bridge started by ``start_bridge`` at ``api``."""
     return {"twilio_api_base": api.base_url, "twilio_account_sid": api.account_sid}
+
+
+def get(url: str) -> tuple[int, str]:
+    """GET ``url`` directly (no proxy from the environment): (status, body), errors included."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample of a Prometheus exposition ``text`` (0 when absent)."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def start_serve(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real ``callbridge serve`` (with ``args``) and ``env``, run in ``tmp_path`` (which has
+    no .env), stdout and stderr in ``serve.log``: the process and that log's path."""
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log_path

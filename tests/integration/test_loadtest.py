@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from app.cli import main
 from app.codecs import TWILIO_SAMPLE_RATE
 from app.devtools.endpoints import LOOPBACK, bridge_url, free_port, wait_for_port
 from app.devtools.loadtest import stamp_count
+from tests.conftest import start_serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,11 +33,7 @@ def offline_bridge(tmp_path: Path) -> Iterator[str]:
         "PORT": str(port),
         "LOG_LEVEL": "warning",
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
+    proc, log_path = start_serve(tmp_path, env)
     try:
         try:
             wait_for_port(port, proc, timeout=20)

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -25,34 +23,16 @@ from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.endpoints import free_port
 from app.devtools.simulated_caller import SimulatedCaller
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, get, metric_value, start_serve, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 SIGNING_SECRET = "call-events-signing-secret-0123"
-
-
-def get(url: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
 
 
 def talk(bridge_url: str, fast: bool = True) -> Any:
     pcm = synth.silence(0.2) + synth.speech_like("hello over there") + synth.silence(0.6)
     caller = SimulatedCaller(bridge_url, TWILIO_TOKEN, fast=fast, tail=1.0)
     return asyncio.run(caller.run(synth.encode(pcm, TWILIO_FORMAT)))
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_health_readiness_and_metrics_after_a_call(
@@ -187,11 +167,7 @@ def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., 
         "PORT": str(port),
         "DRAIN_TIMEOUT_SECONDS": "30",
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
+    proc, log_path = start_serve(tmp_path, env)
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _listening(port), timeout=20), log_path.read_text()

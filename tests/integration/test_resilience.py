@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.local_agent import LocalAgentConfig
 from app.devtools.simulated_caller import CallResult, SimulatedCaller
 from app.devtools.twilio_api import TwilioApiStandIn
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, rest_env, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, rest_env, start_serve, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,11 +136,7 @@ def test_a_bridge_killed_mid_call_leaves_the_caller_with_the_fallback_not_a_dead
         "PORT": str(port),
         "WORKERS": "1",
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
+    proc, log_path = start_serve(tmp_path, env)
     try:
         wait_for_port(port, proc)
         caller = SimulatedCaller(f"http://127.0.0.1:{port}", TWILIO_TOKEN, tail=0.5, twilio_api=twilio_api)

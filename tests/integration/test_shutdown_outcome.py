@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.simulated_caller import SimulatedCaller
-from tests.conftest import TWILIO_TOKEN, AgentHandle, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, start_serve, wait_until
 
 
 @pytest.mark.timeout(60)
@@ -38,11 +36,7 @@ def test_calls_cut_by_shutdown_are_recorded_as_bridge_shutdown(
         "PORT": str(port),
         "DRAIN_TIMEOUT_SECONDS": drain,
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
+    proc, log_path = start_serve(tmp_path, env)
     outcome: dict[str, Any] = {}
     try:
         wait_for_port(port, proc)

@@ -7,8 +7,6 @@ import http.client
 import os
 import selectors
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -19,7 +17,7 @@ import pytest
 from app.devtools.endpoints import free_port, wait_for_port
 from app.devtools.simulated_caller import SimulatedCaller
 from app.observability.log_limit import LogLimiter
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, start_serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,11 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_requests_whose_headers_never_finish_are_closed_after_the_header_timeout(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "PORT": str(port), "HTTP_HEADER_TIMEOUT_SECONDS": "1", "LOG_LEVEL": "warning"}
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"], cwd=tmp_path, env=env, stdout=log_file, stderr=log_file
-        )
+    proc, log_path = start_serve(tmp_path, env)
     sockets: list[socket.socket] = []
     try:
         wait_for_port(port, proc)

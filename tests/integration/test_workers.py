@@ -16,8 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,28 +29,10 @@ from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.endpoints import free_port
 from app.devtools.simulated_caller import CallResult, SimulatedCaller, parse_twiml
-from tests.conftest import wait_until
+from tests.conftest import get, metric_value, start_serve, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 OFFLINE_TOKEN = "callbridge-offline-development-token"  # the offline mode's own (no TWILIO_AUTH_TOKEN)
-
-
-def get(url: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 class RecordSink(BaseHTTPRequestHandler):
@@ -111,15 +91,7 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Instan
         "DRAIN_TIMEOUT_SECONDS": "30",
         "CALL_EVENTS_URL": f"http://127.0.0.1:{server.server_address[1]}/events",
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--workers", "2"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc, log_path = start_serve(tmp_path, env, "--workers", "2")
     handle = Instance(proc, f"http://127.0.0.1:{port}", log_path, sink.records)
     try:
         started = lambda: {r.get("worker") for r in handle.events("service_started")} == {1, 2}  # noqa: E731
