@@ -194,10 +194,7 @@ class CallSession:
                 case SendToAgent(data=data):
                     if self.end is None:
                         self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
-                case SendMedia():
-                    if self.end is None:
-                        self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
-                case SendMark():
+                case SendMedia() | SendMark():
                     if self.end is None:
                         self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
                 case ClearTwilio():
