@@ -17,11 +17,10 @@ from datetime import UTC, datetime
 from typing import Any, assert_never
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from app.agent.client import run_session
+from app.agent.client import AgentConnection, run_session
 from app.core.actions import (
     Action,
     BindLogContext,
@@ -82,6 +81,7 @@ from app.observability.metrics import Metrics
 from app.operator_tools import call_tool
 from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
+from app.twilio.media_socket import direct_socket
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
@@ -150,6 +150,7 @@ class CallSession:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ws = ws
+        self.direct = direct_socket(ws.scope)  # None when not served by app.serving (no shortcut)
         self.options = options
         self.deps = deps
         self.metrics = deps.metrics
@@ -161,7 +162,7 @@ class CallSession:
             TWILIO_QUEUE_LIMIT, twilio_audio_bytes, clock, audio_limit=TWILIO_QUEUE_AUDIO_BYTES
         )
         self.agent_out: SendQueue[bytes | str] = agent_queue(options.agent_queue_limit, clock)
-        self.agent_ws: ClientConnection | None = None
+        self.agent_ws: AgentConnection | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.done = asyncio.Event()
         self.end: EndCall | None = None
@@ -193,10 +194,10 @@ class CallSession:
             match action:
                 case SendToAgent(data=data):
                     if self.end is None:
-                        self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
+                        self._send_agent(data)
                 case SendMedia() | SendMark():
                     if self.end is None:
-                        self._put(self.twilio_out, action, Overflow.TWILIO_QUEUE)
+                        self._send_twilio(action)
                 case ClearTwilio():
                     if self.end is None:
                         self._clear(action)
@@ -249,6 +250,21 @@ class CallSession:
             case _:
                 assert_never(level)
 
+    def _send_agent(self, data: bytes | str) -> None:
+        """Written at once when nothing waits before it and the agent socket takes it without
+        waiting (the common case: no task hop); else queued for the writer, in order."""
+        ws = self.agent_ws
+        if ws is None or not self.agent_out.empty() or not ws.try_send(data):
+            self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
+
+    def _send_twilio(self, item: TwilioOut) -> None:
+        """As ``_send_agent``, for the Twilio socket."""
+        direct = self.direct
+        if direct is None or not self.twilio_out.empty() or not direct.try_send(item.text):
+            self._put(self.twilio_out, item, Overflow.TWILIO_QUEUE)
+        elif isinstance(item, ClearTwilio):
+            self._clear_sent()
+
     def _put(self, queue: SendQueue[Any], item: Any, which: Overflow) -> None:
         """Queue ``item``; a full queue drops its oldest audio (logged once per direction).
         Only a queue full of control messages is reported to the core (after the list)."""
@@ -278,8 +294,8 @@ class CallSession:
                     pass  # not sent yet, and the new one does the same
                 case _:
                     assert_never(item)
-        queue.put_nowait(clear)
         self._clear_requested_at = self._event_at
+        self._send_twilio(clear)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -292,7 +308,11 @@ class CallSession:
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
-        self.log.error("call_task_crashed", task=task.get_coro().__qualname__, exc_info=exc)  # type: ignore[union-attr]
+        assert exc is not None
+        self._crashed(task.get_coro().__qualname__, exc)  # type: ignore[union-attr]
+
+    def _crashed(self, where: str, exc: BaseException) -> None:
+        self.log.error("call_task_crashed", task=where, exc_info=exc)
         self.feed(BridgeFailed(f"internal error: {type(exc).__name__}"))
 
     def _stop_twilio_writer(self) -> None:
@@ -396,7 +416,7 @@ class CallSession:
             if session == self._agent_session:
                 self.feed(event)
 
-        def opened(ws: ClientConnection) -> None:
+        def opened(ws: AgentConnection) -> None:
             if session == self._agent_session:
                 self.agent_ws = ws
                 self._agent_writer_task = self._spawn(self._agent_writer(ws))
@@ -411,14 +431,31 @@ class CallSession:
         self.agent_out.dropped_bytes = old.dropped_bytes + old.queued_audio
 
     @staticmethod
-    async def _close_quietly(ws: ClientConnection) -> None:
+    async def _close_quietly(ws: AgentConnection) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), 1.0)
 
     # --- tasks -----------------------------------------------------------------------------
 
+    def _twilio_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            self.feed(twilio_msg.parse(message))
+        else:
+            self.feed(TwilioInvalid(InvalidKind.BINARY_FRAME, f"{len(message)} bytes"))
+
+    def _twilio_message_delivered(self, message: str | bytes) -> None:
+        """``_twilio_message`` in the socket's callback, where a bug must still end the call
+        loudly (as in a task: ``_task_finished``) and not break the connection."""
+        try:
+            self._twilio_message(message)
+        except Exception as exc:
+            self._crashed("twilio_message", exc)
+
     async def _twilio_reader(self) -> None:
-        parse = twilio_msg.parse
+        """With the shortcut, messages arrive in the socket's callback and only the disconnect
+        comes here; without it, everything does."""
+        if self.direct is not None:
+            self.direct.deliver_to(self._twilio_message_delivered)
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
@@ -429,12 +466,10 @@ class CallSession:
                 self.feed(BridgeShuttingDown() if ours else TwilioClosed(code))
                 return
             text = message.get("text")
-            if text is None:
-                self.feed(TwilioInvalid(InvalidKind.BINARY_FRAME, f"{len(message.get('bytes') or b'')} bytes"))
-            else:
-                self.feed(parse(text))
+            self._twilio_message(text if text is not None else message.get("bytes") or b"")
 
     async def _twilio_writer(self) -> None:
+        """Sends what could not be written at once (``_send_twilio``), waiting as needed."""
         queue = self.twilio_out
         try:
             while True:
@@ -442,14 +477,17 @@ class CallSession:
                 await self.ws.send_text(item.text)
                 queue.task_done()
                 if isinstance(item, ClearTwilio):
-                    latency = self.clock() - self._clear_requested_at
-                    self.clear_latencies_ms.append(latency * 1000)
-                    self.metrics.clear_latency.observe(latency)
-                    self.log.info("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))
+                    self._clear_sent()
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.feed(BridgeShuttingDown() if self.deps.shutting_down() else TwilioClosed(None))
 
-    async def _agent_writer(self, ws: ClientConnection) -> None:
+    def _clear_sent(self) -> None:
+        latency = self.clock() - self._clear_requested_at
+        self.clear_latencies_ms.append(latency * 1000)
+        self.metrics.clear_latency.observe(latency)
+        self.log.info("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))
+
+    async def _agent_writer(self, ws: AgentConnection) -> None:
         queue = self.agent_out
         with contextlib.suppress(ConnectionClosed):
             while True:

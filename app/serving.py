@@ -46,6 +46,7 @@ from app.devtools.local_agent import LocalAgent
 from app.observability import logging as logs
 from app.observability.logging import get_logger
 from app.server import AppState, create_app
+from app.twilio.media_socket import MediaSocket
 
 WS_MAX_SIZE = 64 * 1024  # Twilio frames are ~250 bytes; refuse anything absurd at the socket
 EXIT_INTERRUPTED = 130  # the shell's code for "ended by Ctrl-C"
@@ -216,6 +217,7 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=10,
         http=header_timeout_protocol(config.settings.http_header_timeout_seconds, app.state.bridge),
+        ws=MediaSocket,  # uvicorn's websockets-sansio, handing media frames to the call directly
     )
     try:
         # uvicorn re-raises the signal that stopped it once it is done: for SIGINT that is a

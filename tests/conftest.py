@@ -32,6 +32,8 @@ from app.devtools.local_agent import LocalAgent, LocalAgentConfig
 from app.devtools.twilio_api import TwilioApiStandIn
 from app.observability import logging as logs
 from app.server import create_app
+from app.serving import WS_MAX_SIZE
+from app.twilio.media_socket import MediaSocket
 
 TWILIO_TOKEN = "test-twilio-auth-token-0123456789"
 STREAM_SECRET = "test-stream-token-secret-0123456789"
@@ -138,7 +140,11 @@ class BridgeHandle:
 def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(agent_url: str | None, profile: dict[str, Any] | None = None, **env: Any) -> BridgeHandle:
+    def start(
+        agent_url: str | None, profile: dict[str, Any] | None = None, plain_asgi: bool = False, **env: Any
+    ) -> BridgeHandle:
+        """``plain_asgi``: the media stream without ``MediaSocket``'s shortcut, as under a
+        server other than ``callbridge serve``."""
         fields: dict[str, Any] = {
             "agent_url": agent_url,
             "twilio_auth_token": TWILIO_TOKEN,
@@ -161,8 +167,9 @@ def start_bridge(tmp_path: Path) -> Iterator[Callable[..., BridgeHandle]]:
                 host="127.0.0.1",
                 port=port,
                 log_config=None,
-                ws_max_size=64 * 1024,
+                ws_max_size=WS_MAX_SIZE,
                 ws_per_message_deflate=False,
+                ws="websockets-sansio" if plain_asgi else MediaSocket,  # as app.serving.serve
                 lifespan="on",
             )
         )

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
 
 from app.agent import messages as agent_msg
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentConnectFailed, AgentEvent
@@ -30,6 +33,86 @@ CLOSE_TIMEOUT = 1.0
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
+class AgentConnection(ClientConnection):
+    """websockets' client connection, with each message handed to the call in the callback
+    that parsed it (``deliver_to``) and frames written without a task when the socket takes
+    them at once (``try_send``).
+
+    Through ``recv()`` every agent message went through websockets' assembler and woke the
+    call's reader task; through ``send()``, an async context manager per caller frame (50 a
+    second per call). Those hand-offs were most of what a frame cost the bridge. Handshake,
+    close, pings and flow control stay websockets' own: this only replaces where complete data
+    messages go and adds a send that does not wait. A message handled here is handled before
+    the next is parsed, so nothing accumulates on the way in.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._receiver: Callable[[str | bytes], None] | None = None
+        self._early: list[str | bytes] = []  # messages before deliver_to (the Welcome)
+        self._parts: list[bytes] = []  # a fragmented message so far
+        self._text = False
+        self.receiver_failed: Exception | None = None  # a bug in the receiver: re-raised by run_session
+
+    def deliver_to(self, receiver: Callable[[str | bytes], None]) -> None:
+        early, self._early = self._early, []
+        self._receiver = receiver
+        for message in early:
+            self._deliver(message)
+
+    def process_event(self, event: Event) -> None:
+        if not isinstance(event, Frame) or event.opcode not in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            super().process_event(event)  # the handshake response, pings, pongs, close
+            return
+        if event.opcode is not Opcode.CONT:
+            self._text = event.opcode is Opcode.TEXT
+        if not event.fin or self._parts:
+            self._parts.append(bytes(event.data))
+            if not event.fin:
+                return
+            data, self._parts = b"".join(self._parts), []
+        else:
+            data = bytes(event.data)
+        if not self._text:
+            self._deliver(data)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:  # as websockets' own reader does: close 1007
+            self.protocol.fail(1007, "invalid UTF-8")
+            self.send_data()
+            return
+        self._deliver(text)
+
+    def _deliver(self, message: str | bytes) -> None:
+        if self._receiver is None:
+            self._early.append(message)
+            return
+        if self.receiver_failed is not None:
+            return
+        try:
+            self._receiver(message)
+        except Exception as exc:  # in a protocol callback: end the session, report it from its task
+            self.receiver_failed = exc
+            self.transport.abort()
+
+    def try_send(self, message: bytes | str) -> bool:
+        """Write one message now, unless the connection is not open or its write buffer is
+        over the high-water mark (then False: send through the writer, which waits)."""
+        if self.paused or self.protocol.state is not State.OPEN:
+            return False
+        if isinstance(message, bytes):
+            self.protocol.send_binary(message)
+        else:
+            self.protocol.send_text(message.encode())
+        try:
+            self.send_data()
+        except Exception as exc:  # the socket is gone: the session ends as any lost one does
+            self.set_connection_exc(exc)
+            self.transport.abort()
+        return True
+
+
 def describe_connect_error(exc: BaseException) -> str:
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
@@ -40,7 +123,7 @@ def describe_connect_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN_TIMEOUT) -> ClientConnection:
+async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN_TIMEOUT) -> AgentConnection:
     headers = {"Authorization": f"Token {api_key}"} if api_key else {}
     host = urlsplit(url).hostname or ""
     ws = await connect(
@@ -53,7 +136,9 @@ async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN
         compression=None,  # audio does not compress; deflate would only cost CPU
         proxy=None if host in LOOPBACK_HOSTS else True,
         user_agent_header="callbridge",
+        create_connection=AgentConnection,
     )
+    assert isinstance(ws, AgentConnection)
     limit_send_buffer(ws.transport.get_extra_info("socket"))
     return ws
 
@@ -69,26 +154,27 @@ async def run_session(
     url: str,
     api_key: str | None,
     feed: Callable[[AgentEvent], None],
-    on_open: Callable[[ClientConnection], None],
+    on_open: Callable[[AgentConnection], None],
 ) -> None:
-    """Connect, then feed every frame from the agent to ``feed`` until the socket closes."""
+    """Connect, then feed every message from the agent to ``feed`` (in the connection's
+    callback) until the socket closes. A ``feed`` that raised is re-raised here, in the task."""
     try:
         ws = await open_session(url, api_key)
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         feed(AgentConnectFailed(describe_connect_error(exc)))
         return
+    parse = agent_msg.parse
+
+    def received(message: str | bytes) -> None:
+        feed(AgentAudio(message) if isinstance(message, bytes) else parse(message))
+
     try:
         on_open(ws)
         feed(AgentConnected())
-        parse = agent_msg.parse
-        try:
-            async for message in ws:
-                if isinstance(message, bytes):
-                    feed(AgentAudio(message))
-                else:
-                    feed(parse(message))
-        except ConnectionClosed:
-            pass
+        ws.deliver_to(received)
+        await ws.wait_closed()
+        if ws.receiver_failed is not None:
+            raise ws.receiver_failed
         feed(AgentClosed(ws.close_code, ws.close_reason or ""))
     finally:
         await asyncio.shield(ws.close())

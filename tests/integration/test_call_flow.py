@@ -55,7 +55,15 @@ def greeting_audio() -> bytes:
     return synth.encode(synth.speech_like(GREETING), TWILIO_FORMAT)
 
 
-def test_offline_call_relays_audio_byte_exact_both_ways(agent: AgentHandle, bridge: BridgeHandle) -> None:
+# both with MediaSocket's shortcut (as ``callbridge serve`` runs) and through plain ASGI
+BOTH_PATHS = pytest.mark.parametrize("plain_asgi", [False, True], ids=["media_socket", "plain_asgi"])
+
+
+@BOTH_PATHS
+def test_offline_call_relays_audio_byte_exact_both_ways(
+    agent: AgentHandle, start_bridge: Callable[..., BridgeHandle], plain_asgi: bool
+) -> None:
+    bridge = start_bridge(agent.url, plain_asgi=plain_asgi)
     audio = caller_audio(("silence", 3.6), ("speech", "one two three four"), ("silence", 0.6))
     result = place_call(bridge, audio, tail=0.5)
 
@@ -83,7 +91,11 @@ def test_offline_call_relays_audio_byte_exact_both_ways(agent: AgentHandle, brid
     assert ended["caller_bytes_dropped"] == 0 and ended["agent_bytes_dropped"] == 0
 
 
-def test_barge_in_clears_twilio_and_caller_hears_agent_stop(agent: AgentHandle, bridge: BridgeHandle) -> None:
+@BOTH_PATHS
+def test_barge_in_clears_twilio_and_caller_hears_agent_stop(
+    agent: AgentHandle, start_bridge: Callable[..., BridgeHandle], plain_asgi: bool
+) -> None:
+    bridge = start_bridge(agent.url, plain_asgi=plain_asgi)
     # the caller talks over the greeting one second in
     audio = caller_audio(("silence", 1.0), ("speech", "wait wait"), ("silence", 0.6))
     result = place_call(bridge, audio, tail=0.3)

@@ -210,6 +210,8 @@ class Observer:
 class StubTwilioSocket:
     """Only what teardown touches: the state and ``close``; every frame goes through the queue."""
 
+    scope: dict[str, Any] = {}  # no MediaSocket shortcut: every frame goes through the queue
+
     def __init__(self) -> None:
         self.application_state = WebSocketState.CONNECTED
         self.closed_with: int | None = None

@@ -18,10 +18,19 @@ from app.twilio.stream_token import StreamTokens
 SID = "MZ" + "1" * 32
 
 
+class _NoSocket:
+    """A Twilio socket no frame reaches in these tests: no scope, so no shortcut either."""
+
+    scope: dict[str, Any] = {}
+
+
+NO_SOCKET = _NoSocket()
+
+
 def test_clear_drops_queued_media_and_goes_first() -> None:
     async def run() -> list[str]:
         session = CallSession(
-            ws=Any,  # type: ignore[arg-type]  # the queue logic never touches the socket
+            ws=NO_SOCKET,  # type: ignore[arg-type]  # the queue logic never touches the socket
             options=CallOptions(agent="id"),
             deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
         )
@@ -62,7 +71,7 @@ def live_session() -> CallSession:
     from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, StreamTokenAccepted, TwilioStart
 
     session = CallSession(
-        ws=Any,  # type: ignore[arg-type]
+        ws=NO_SOCKET,  # type: ignore[arg-type]
         options=CallOptions(agent="id"),
         deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
     )
@@ -87,7 +96,7 @@ def live_session_with_clock(now: list[float]) -> CallSession:
     from app.core.events import AgentConnected, AgentSettingsApplied, AgentWelcome, StreamTokenAccepted, TwilioStart
 
     session = CallSession(
-        ws=Any,  # type: ignore[arg-type]
+        ws=NO_SOCKET,  # type: ignore[arg-type]
         options=CallOptions(agent="id"),
         deps=CallDeps(tokens=StreamTokens(b"x" * 16), agent_url="ws://127.0.0.1:1/", agent_api_key=None),
         clock=lambda: now[0],
@@ -107,10 +116,14 @@ class _Transport:
 
 
 class _AgentSocket:
-    """What the pump touches of a stuck agent's socket: only its transport, to drop it."""
+    """What the pump touches of a stuck agent's socket: its transport, to drop it, and the
+    shortcut send, which a socket that is not being read declines."""
 
     def __init__(self) -> None:
         self.transport = _Transport()
+
+    def try_send(self, message: bytes | str) -> bool:
+        return False
 
 
 def test_an_agent_that_stops_reading_costs_bounded_memory_then_its_session_is_dropped() -> None:
