@@ -485,7 +485,7 @@ class CallSession:
         latency = self.clock() - self._clear_requested_at
         self.clear_latencies_ms.append(latency * 1000)
         self.metrics.clear_latency.observe(latency)
-        self.log.info("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))
+        self.log.debug("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))  # the core logs barge_in
 
     async def _agent_writer(self, ws: AgentConnection) -> None:
         queue = self.agent_out

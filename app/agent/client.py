@@ -15,6 +15,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from app.agent import messages as agent_msg
+from app.agent.framing import BINARY, TEXT, client_frame
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentConnectFailed, AgentEvent
 from app.core.options import SOCKET_SEND_BUFFER
 
@@ -40,7 +41,9 @@ class AgentConnection(ClientConnection):
 
     Through ``recv()`` every agent message went through websockets' assembler and woke the
     call's reader task; through ``send()``, an async context manager per caller frame (50 a
-    second per call). Those hand-offs were most of what a frame cost the bridge. Handshake,
+    second per call). Those hand-offs were most of what a frame cost the bridge. ``try_send``
+    also frames the message itself (``framing.py``: the masking keys without a system call
+    each). Handshake,
     close, pings and flow control stay websockets' own: this only replaces where complete data
     messages go and adds a send that does not wait. A message handled here is handled before
     the next is parsed, so nothing accumulates on the way in.
@@ -101,12 +104,10 @@ class AgentConnection(ClientConnection):
         over the high-water mark (then False: send through the writer, which waits)."""
         if self.paused or self.protocol.state is not State.OPEN:
             return False
-        if isinstance(message, bytes):
-            self.protocol.send_binary(message)
-        else:
-            self.protocol.send_text(message.encode())
+        payload = message if isinstance(message, bytes) else message.encode()
+        frame = client_frame(BINARY if payload is message else TEXT, payload)
         try:
-            self.send_data()
+            self.transport.write(frame)  # a whole frame: websockets' own writes never interleave
         except Exception as exc:  # the socket is gone: the session ends as any lost one does
             self.set_connection_exc(exc)
             self.transport.abort()

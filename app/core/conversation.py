@@ -48,9 +48,10 @@ class Conversation:
         if event.role in ("user", "assistant") and event.content:
             self.context.append({"type": "History", "role": event.role, "content": event.content})
         fields: dict[str, Any] = {"role": event.role, "chars": len(event.content)}
-        if self._log_text:
+        if self._log_text:  # the operator asked to see the conversation: at INFO, with the words
             fields["content"] = event.content
-        return [Log(LogLevel.INFO, "conversation_text", fields)]
+            return [Log(LogLevel.INFO, "conversation_text", fields)]
+        return [Log(LogLevel.DEBUG, "conversation_text", fields)]  # per turn: DEBUG, as the README says
 
     def history(self, body: dict[str, Any]) -> None:
         """Deepgram's own History message. Its turns are the ConversationText already kept;
@@ -86,7 +87,7 @@ class Conversation:
             stats.agent_latencies.append(event.total_latency)
         actions.append(
             Log(
-                LogLevel.INFO,
+                LogLevel.DEBUG,  # per turn; the latencies are in the metric and the call record
                 "agent_started_speaking",
                 {
                     "turn": stats.turns,

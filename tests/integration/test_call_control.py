@@ -249,13 +249,13 @@ def test_a_five_second_tool_does_not_delay_a_barge_in_clear(
 
     assert wait_until(lambda: len(tools.requests) == 1)
     tool_from = tools.requests[0]["at"]
-    clears = [
+    barge_ins = [
         r
-        for r in bridge.records("barge_in_clear_sent")
+        for r in bridge.records("barge_in")
         if tool_from < datetime.datetime.fromisoformat(r["timestamp"]).timestamp() < tool_from + 5.0
     ]
-    assert clears, "no barge-in while the tool was running"
-    assert max(r["latency_ms"] for r in clears) < 50
+    assert barge_ins, "no barge-in while the tool was running"
+    assert bridge.wait_for("call_ended")["clear_latency_ms_max"] < 50  # every clear of the call
     session = agent.agent.sessions[0]
     assert wait_until(lambda: session.closed)
     assert any(i.kind == "InjectAgentMessage" and "One moment" in i.text for i in session.injections)

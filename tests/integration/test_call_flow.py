@@ -110,9 +110,8 @@ def test_barge_in_clears_twilio_and_caller_hears_agent_stop(
     after = heard[(cut + 3) * 160 : (cut + 15) * 160]
     assert after and set(after) == {SILENCE_BYTE}, "agent audio kept playing after the clear"
     assert greeting_audio() not in heard  # the greeting was cut short
-    barge = bridge.wait_for("barge_in_clear_sent")
-    assert barge["latency_ms"] < 50
     ended = bridge.wait_for("call_ended")
+    assert ended["clear_latency_ms_max"] < 50
     assert ended["barge_ins"] >= 1
     # what the caller heard of the greeting, as the bridge estimates it, against what the
     # simulated caller really played (frames of non-silence from the greeting's start to the clear)
@@ -390,9 +389,7 @@ def test_call_logs_carry_ids_and_never_secrets(
     text = bridge.log_buffer.getvalue()
     for secret in (key, TWILIO_TOKEN, "test-stream-token-secret"):
         assert secret not in text
-    call_lines = [
-        r for r in bridge.log_records() if r.get("event") in ("agent_ready", "conversation_text", "call_ended")
-    ]
+    call_lines = [r for r in bridge.log_records() if r.get("event") in ("agent_ready", "call_ended")]
     assert call_lines
     for record in call_lines:
         assert record["call_sid"] == result.call_sid
