@@ -56,6 +56,7 @@ from app.core.events import (
     TwilioInvalid,
 )
 from app.core.options import (
+    METRICS_FLUSH_SECONDS,
     PEER_STUCK_SECONDS,
     TICK_SECONDS,
     TWILIO_QUEUE_AUDIO_BYTES,
@@ -495,11 +496,15 @@ class CallSession:
                 queue.task_done()
 
     async def _ticker(self) -> None:
+        flush_every = max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS))
+        ticks = 0
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self.feed(Tick())
             self._check_peers_reading()
-            self._flush_metrics()
+            ticks += 1
+            if ticks % flush_every == 0:
+                self._flush_metrics()
 
     def _check_peers_reading(self) -> None:
         """A peer that has taken nothing from its queue for ``PEER_STUCK_SECONDS`` while items

@@ -7,6 +7,8 @@ closes unchanged, and a send that never writes out of order or to a closed socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.agent.client import AgentConnection, open_session, run_session
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentEvent
+from app.serving import WS_MAX_SIZE
 from app.twilio.media_socket import MediaSocket, direct_socket
 
 pytestmark = pytest.mark.timeout(30)
@@ -165,12 +168,15 @@ class Echo:
         self.seen: list[str | bytes] = []
         self.disconnect_code: int | None = None
         self.direct: MediaSocket | None = None
+        self.accept_after = 0.0  # seconds: a slow app, for a client that does not wait for the 101
+        self.queued_first = 2  # messages left in uvicorn's queue before the shortcut is taken
 
     async def __call__(self, ws: WebSocket) -> None:
+        await asyncio.sleep(self.accept_after)
         await ws.accept()
         self.direct = direct = direct_socket(ws.scope)
         assert direct is not None
-        await until(lambda: direct.queue.qsize() >= 2)
+        await until(lambda: direct.queue.qsize() >= self.queued_first)
 
         def received(message: str | bytes) -> None:
             self.seen.append(message)
@@ -191,7 +197,9 @@ def media_server() -> Iterator[tuple[str, Echo]]:
         await echo(ws)
 
     app = Starlette(routes=[WebSocketRoute("/media", endpoint)])
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=MediaSocket, log_config=None, lifespan="off")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, ws=MediaSocket, ws_max_size=WS_MAX_SIZE, log_config=None, lifespan="off"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -248,3 +256,129 @@ def test_media_socket_text_that_is_not_utf8_closes_1007(media_server: tuple[str,
         time.sleep(0.01)
     assert echo.seen == ["one", "two"]
     assert echo.disconnect_code == 1007
+
+
+def raw_frame(first_byte: int, payload: bytes, masked: bool = True) -> bytes:
+    key = b"\x11\x22\x33\x44"
+    size = len(payload)
+    bit = 0x80 if masked else 0
+    if size < 126:
+        length = bytes([bit | size])
+    elif size < 1 << 16:
+        length = bytes([bit | 126]) + size.to_bytes(2)
+    else:
+        length = bytes([bit | 127]) + size.to_bytes(8)
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if masked else payload
+    return bytes([first_byte]) + length + (key if masked else b"") + body
+
+
+def raw_client(url: str, before_answer: bytes = b"") -> socket.socket:
+    """A WebSocket client by hand: the upgrade, then ``before_answer`` sent at once, before
+    the 101 is read (a client that does not wait for the handshake's answer)."""
+    host, port = url.removeprefix("ws://").split("/")[0].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(
+        b"GET /media HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    if before_answer:
+        time.sleep(0.05)  # after the request was read, before the app accepts (it waits for 2 messages)
+        sock.sendall(before_answer)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+def read_frames(sock: socket.socket, seconds: float = 5.0) -> list[tuple[int, bytes]]:
+    """(first byte, payload) of each frame the server sends until it closes the connection."""
+    sock.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    frames = []
+    while len(data) >= 2:
+        size, head = data[1] & 0x7F, 2
+        if size == 126:
+            size, head = int.from_bytes(data[2:4]), 4
+        frames.append((data[0], data[head : head + size]))
+        data = data[head + size :]
+    return frames
+
+
+def test_media_socket_frames_by_hand_split_anyhow_pings_and_closes(media_server: tuple[str, Echo]) -> None:
+    """Frames cut by the socket itself: two in one write, one across three writes; a ping
+    mid-message answered by websockets; the close handshake websockets' own."""
+    url, echo = media_server
+    sock = raw_client(url)
+    sock.sendall(raw_frame(0x81, b"one") + raw_frame(0x81, b"two"))
+    time.sleep(0.2)
+    long = raw_frame(0x81, b"x" * 300)
+    for part in (long[:1], long[1:3], long[3:]):  # the length itself arrives in pieces
+        sock.sendall(part)
+        time.sleep(0.05)
+    sock.sendall(raw_frame(0x01, b"fr") + raw_frame(0x89, b"pi") + raw_frame(0x80, b"ag"))  # ping between fragments
+    sock.sendall(raw_frame(0x82, b"\x00\x01"))
+    time.sleep(0.2)
+    sock.sendall(raw_frame(0x88, (1000).to_bytes(2)))
+    frames = read_frames(sock)
+    sock.close()
+    assert echo.direct is not None and echo.direct._splitting  # the frames were cut by MediaSocket
+    assert echo.seen == ["one", "two", "x" * 300, "frag", b"\x00\x01"]
+    texts = [payload.decode() for first, payload in frames if first == 0x81]
+    assert texts == ["echo one", "echo two", "echo " + "x" * 300, "echo frag"]
+    assert (0x8A, b"pi") in frames  # the pong
+    assert frames[-1][0] == 0x88 and int.from_bytes(frames[-1][1][:2]) == 1000
+    assert wait_for(lambda: echo.disconnect_code == 1000)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (raw_frame(0x81, b"unmasked", masked=False), 1002),  # a client must mask
+        (raw_frame(0xC1, b"rsv1"), 1002),  # a reserved bit, no extension negotiated
+        (raw_frame(0x82, b"\x00" * 70_000), 1009),  # over ws_max_size (64 KiB)
+    ],
+    ids=["unmasked", "reserved_bit", "oversize"],
+)
+def test_media_socket_hands_bad_frames_to_websockets_which_closes(
+    media_server: tuple[str, Echo], frame: bytes, code: int
+) -> None:
+    url, echo = media_server
+    sock = raw_client(url)
+    sock.sendall(raw_frame(0x81, b"one") + raw_frame(0x81, b"two"))
+    time.sleep(0.2)
+    sock.sendall(frame + raw_frame(0x81, b"never"))
+    frames = read_frames(sock)
+    sock.close()
+    assert frames[-1][0] == 0x88 and int.from_bytes(frames[-1][1][:2]) == code
+    assert echo.seen == ["one", "two"]
+    assert wait_for(lambda: echo.disconnect_code == code)
+
+
+def test_media_socket_a_client_that_sends_before_the_answer_keeps_websockets_parser(
+    media_server: tuple[str, Echo],
+) -> None:
+    url, echo = media_server
+    echo.accept_after = 0.3
+    echo.queued_first = 1  # uvicorn stops reading after each queued message: "two" waits for the shortcut
+    sock = raw_client(url, before_answer=raw_frame(0x81, b"one") + raw_frame(0x81, b"two")[:3])
+    sock.sendall(raw_frame(0x81, b"two")[3:] + raw_frame(0x81, b"three"))
+    time.sleep(0.3)
+    sock.sendall(raw_frame(0x88, (1000).to_bytes(2)))
+    read_frames(sock)
+    sock.close()
+    assert wait_for(lambda: echo.disconnect_code == 1000)
+    assert echo.seen == ["one", "two", "three"]
+    assert echo.direct is not None and not echo.direct._splitting
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
