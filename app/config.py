@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_calls: int = Field(default=100, ge=1, le=10000)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    loop_batch_ms: float = Field(default=1.0, ge=0, le=10)
+    """Under load, the event loop's wake-ups are at most this far apart (app.loop_batching); 0: off."""
+    loop_batch_min_calls: int = Field(default=20, ge=1, le=10000)
+    """Calls in one process from which loop batching is on (off again below half of it)."""
     redis_url: str | None = None
     workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""

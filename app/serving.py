@@ -43,6 +43,7 @@ from app import machine_db, workers
 from app.agent.client import limit_send_buffer
 from app.config import ConfigError, RuntimeConfig, load_settings, resolve
 from app.devtools.local_agent import LocalAgent
+from app.loop_batching import LoopBatching
 from app.observability import logging as logs
 from app.observability.logging import get_logger
 from app.server import AppState, create_app
@@ -130,18 +131,30 @@ def again(sig: int) -> str:
 
 class DrainingServer(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, state: AppState, drain_seconds: float, parent_fd: int | None = None
+        self,
+        config: uvicorn.Config,
+        state: AppState,
+        drain_seconds: float,
+        parent_fd: int | None = None,
+        batching: LoopBatching | None = None,
     ) -> None:
         super().__init__(config)
         self.state = state
         self.drain_seconds = drain_seconds
         self.parent_fd = parent_fd  # a worker: readable (end of file) once its supervisor is gone
+        self.batching = batching
         self._drain_task: asyncio.Task[None] | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         if self.parent_fd is not None:
             asyncio.get_running_loop().add_reader(self.parent_fd, self._supervisor_gone)
-        await super().serve(sockets)
+        if self.batching is not None:
+            self.batching.start(asyncio.get_running_loop())
+        try:
+            await super().serve(sockets)
+        finally:
+            if self.batching is not None:
+                self.batching.stop()
 
     def _supervisor_gone(self) -> None:
         """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of living on
@@ -227,6 +240,12 @@ def serve(
             app.state.bridge,
             config.settings.drain_timeout_seconds,
             parent_fd=worker.parent_fd if worker is not None else None,
+            batching=LoopBatching(
+                config.settings.loop_batch_ms / 1000,
+                config.settings.loop_batch_min_calls,
+                lambda: len(app.state.bridge.calls),
+                log,
+            ),
         )
         server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:

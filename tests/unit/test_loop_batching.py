@@ -1,0 +1,88 @@
+"""Loop batching on a real event loop: on from the threshold, off below half of it, and while
+on, each pass of the loop sleeps once, so what arrives meanwhile is read in one poll."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+from app import loop_batching
+from app.loop_batching import LoopBatching
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines.append((event, fields))
+
+
+def test_on_from_the_threshold_off_below_half_with_one_line_each() -> None:
+    calls = [0]
+    log = Log()
+
+    async def main() -> LoopBatching:
+        batching = LoopBatching(0.001, 20, lambda: calls[0], log)
+        batching._loop = asyncio.get_running_loop()
+        for count, on in ((19, False), (20, True), (15, True), (10, True), (9, False), (12, False), (25, True)):
+            calls[0] = count
+            batching.check()
+            assert batching.on is on, count
+            await asyncio.sleep(0.01)
+        batching.stop()
+        return batching
+
+    batching = asyncio.run(main())
+    assert [event for event, _ in log.lines] == ["loop_batching_on", "loop_batching_off", "loop_batching_on"]
+    assert batching.passes > 0
+
+
+def write_for(sockets: list[socket.socket], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for sock in sockets:
+            sock.send(b"x")
+        time.sleep(0.0005)
+
+
+def test_while_on_frames_that_arrive_meanwhile_are_read_in_one_pass(monkeypatch: Any) -> None:
+    """Ten sockets written every 0.5 ms by another thread: unbatched, the loop would run a
+    pass for nearly each write; batched at 5 ms, each pass finds many ready."""
+    monkeypatch.setattr(loop_batching, "CHECK_SECONDS", 0.01)
+
+    def reads_per_pass(batch_s: float) -> float:
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            pairs = [socket.socketpair() for _ in range(10)]
+            reads = [0]
+
+            def readable(sock: socket.socket) -> None:
+                sock.recv(4096)
+                reads[0] += 1
+
+            for ours, _ in pairs:
+                ours.setblocking(False)
+                loop.add_reader(ours, readable, ours)
+            batching = LoopBatching(batch_s, 1, lambda: 1, Log())
+            batching.start(loop)
+            await asyncio.sleep(0.05)  # the first check turns it on
+            passes_before, reads[0] = batching.passes, 0
+            writer = threading.Thread(target=write_for, args=([theirs for _, theirs in pairs], 0.3))
+            writer.start()
+            await asyncio.to_thread(writer.join)
+            passes = batching.passes - passes_before
+            batching.stop()
+            for ours, theirs in pairs:
+                loop.remove_reader(ours)
+                ours.close()
+                theirs.close()
+            return reads[0] / max(passes, 1)
+
+        return asyncio.run(main())
+
+    assert reads_per_pass(0.005) > 5  # each pass reads what ten sockets got in 5 ms
+    assert reads_per_pass(0.00001) < 3  # nearly unbatched: a pass per write or so (the check can fail)
