@@ -7,10 +7,13 @@ SettingsApplied, then forwards every frame as binary; agent audio goes back as T
 ``media`` events, one per agent message as the bridge does, and UserStartedSpeaking becomes a
 ``clear``. The voice webhook answers a fixed ``<Connect><Stream>``, unsigned and unchecked.
 
-It runs on the bridge's stack (uvicorn with the same WebSocket settings, Starlette on the
-Twilio side, the ``websockets`` client to the agent), so the bridge's cost above it is what
-the bridge adds. There is nothing else: no validation, metrics, logging, marks, keepalives,
-reconnects or state machine. It is a yardstick, not a product: it trusts its peers completely.
+It runs on the bridge's libraries, used the plain way their documentation shows (uvicorn
+with the bridge's WebSocket settings and ASGI ``receive``/``send`` through Starlette on the
+Twilio side, the ``websockets`` client's ``send`` and iteration to the agent), so the
+bridge's cost against it is what the bridge adds, less what it saves by going around those
+APIs on the hot path (README, Capacity). There is nothing else: no validation, metrics,
+logging, marks, keepalives, reconnects or state machine. It is a yardstick, not a product:
+it trusts its peers completely.
 """
 
 from __future__ import annotations
