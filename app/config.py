@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     loop_batch_ms: float = Field(default=1.0, ge=0, le=10)
     """Under load, the event loop's wake-ups are at most this far apart (app.loop_batching); 0: off."""
-    loop_batch_min_calls: int = Field(default=20, ge=1, le=10000)
-    """Calls in one process from which loop batching is on (off again below half of it)."""
+    loop_batch_min_calls: int = Field(default=40, ge=1, le=10000)
+    """Calls in one process from which loop batching is on (off again below half of it): from
+    40, two caller frames or more arrive per millisecond, so each wake-up saved serves two."""
     redis_url: str | None = None
     workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""

@@ -23,10 +23,6 @@ MAX_AGENT_MESSAGE = 1 << 20
 """Largest agent message accepted (websockets' ``max_size``). Agent audio comes in chunks of
 tens of ms to a few seconds (48 kHz linear16: 96 KB a second); text messages are small. A
 larger frame closes the session with 1009 and ends the call as ``agent_closed``."""
-AGENT_READ_QUEUE = 64
-"""Frames websockets buffers from the agent before it stops reading the socket (its
-``max_queue``). The core takes each frame synchronously, so this fills only while the event
-loop is busy; worst case 64 x ``MAX_AGENT_MESSAGE`` = 64 MiB, typically 64 x a few KB."""
 OPEN_TIMEOUT = 5.0
 """TCP + TLS + upgrade to the agent. Counts against ``CallOptions.agent_ready_timeout``."""
 CLOSE_TIMEOUT = 1.0
@@ -46,7 +42,10 @@ class AgentConnection(ClientConnection):
     each). Handshake,
     close, pings and flow control stay websockets' own: this only replaces where complete data
     messages go and adds a send that does not wait. A message handled here is handled before
-    the next is parsed, so nothing accumulates on the way in.
+    the next is parsed, so nothing accumulates on the way in (websockets' read queue,
+    ``max_queue``, is not used). Only what arrives with the handshake's answer, before the
+    call asks for messages (``deliver_to``, called with no wait after the connection opens),
+    is kept meanwhile: the Welcome, at most a TCP segment.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -133,7 +132,6 @@ async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN
         open_timeout=open_timeout,
         close_timeout=CLOSE_TIMEOUT,
         max_size=MAX_AGENT_MESSAGE,
-        max_queue=AGENT_READ_QUEUE,
         compression=None,  # audio does not compress; deflate would only cost CPU
         proxy=None if host in LOOPBACK_HOSTS else True,
         user_agent_header="callbridge",
