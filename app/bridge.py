@@ -252,16 +252,17 @@ class CallSession:
                 assert_never(level)
 
     def _send_agent(self, data: bytes | str) -> None:
-        """Written at once when nothing waits before it and the agent socket takes it without
-        waiting (the common case: no task hop); else queued for the writer, in order."""
+        """Written at once when nothing waits before it (queued, or held by the writer until
+        the socket is writable again) and the agent socket takes it without waiting (the common
+        case: no task hop); else queued for the writer, in order."""
         ws = self.agent_ws
-        if ws is None or not self.agent_out.empty() or not ws.try_send(data):
+        if ws is None or not self.agent_out.idle() or not ws.try_send(data):
             self._put(self.agent_out, data, Overflow.AGENT_QUEUE)
 
     def _send_twilio(self, item: TwilioOut) -> None:
         """As ``_send_agent``, for the Twilio socket."""
         direct = self.direct
-        if direct is None or not self.twilio_out.empty() or not direct.try_send(item.text):
+        if direct is None or not self.twilio_out.idle() or not direct.try_send(item.text):
             self._put(self.twilio_out, item, Overflow.TWILIO_QUEUE)
         elif isinstance(item, ClearTwilio):
             self._clear_sent()

@@ -9,10 +9,12 @@ pass of the loop sleeps ``LOOP_BATCH_MS``; the next poll then returns everything
 in the meantime, without blocking. One switch serves several frames.
 
 The price is latency: a frame may wait up to ``LOOP_BATCH_MS`` (on average half) before it is
-read. Callers cannot hear a millisecond (the phone network adds tens), but a lightly loaded
-bridge has no CPU to save, so batching is on only from ``LOOP_BATCH_MIN_CALLS`` calls in this
-process and off again below half that (the gap keeps it from flapping). ``LOOP_BATCH_MS=0``
-turns it off.
+read. (That holds on uvloop, which ``callbridge serve`` runs on; on the plain asyncio loop the
+sleep runs before the I/O callbacks of the same pass, so a frame may wait up to twice that.)
+Callers cannot hear a millisecond (the phone network adds tens), but a lightly loaded bridge
+has no CPU to save, so batching is on only from ``LOOP_BATCH_MIN_CALLS`` calls in this process
+and off again below half that (the gap keeps it from flapping). ``LOOP_BATCH_MS=0`` turns it
+off.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class LoopBatching:
         self.passes = 0  # loop passes paced so far (for tests and curiosity)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._woke = 0.0  # when the last pass's sleep ended
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.interval_s > 0:
@@ -61,9 +64,13 @@ class LoopBatching:
         self._timer = self._loop.call_later(CHECK_SECONDS, self.check)
 
     def _pace(self) -> None:
-        """Runs once per pass of the loop while on: the sleep is the batching."""
+        """Runs once per pass of the loop while on: the sleep is the batching. A pass that
+        already took the interval (a busy process) is not made to wait more."""
         if not self.on or self._loop is None:
             return
         self.passes += 1
-        time.sleep(self.interval_s)
+        rest = self.interval_s - (time.monotonic() - self._woke)
+        if rest > 0:
+            time.sleep(rest)
+        self._woke = time.monotonic()
         self._loop.call_soon(self._pace)

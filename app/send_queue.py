@@ -32,6 +32,7 @@ class SendQueue(asyncio.Queue[T]):
         self.queued_audio = 0
         self.dropped_bytes = 0  # audio dropped to make room: the peer was not reading
         self.waiting_since: float | None = None  # since when items wait with none taken
+        self.unsent = 0  # items put and not yet done: queued, or taken by the writer and not yet sent
 
     def put_nowait(self, item: T) -> None:
         size = self._audio_bytes(item)
@@ -44,12 +45,22 @@ class SendQueue(asyncio.Queue[T]):
             self.waiting_since = self._clock()
         super().put_nowait(item)
         self.queued_audio += size
+        self.unsent += 1
 
     def get_nowait(self) -> T:
         item = super().get_nowait()  # asyncio.Queue.get() ends here too
         self.queued_audio -= self._audio_bytes(item)
         self.waiting_since = self._clock() if not self.empty() else None
         return item
+
+    def task_done(self) -> None:
+        super().task_done()
+        self.unsent -= 1
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing in the writer's hands: a frame written past the queue
+        now cannot overtake one (the writer may hold one while the socket is not writable)."""
+        return self.unsent == 0
 
     def _drop_oldest_audio(self) -> int:
         items: deque[T] = self._queue  # type: ignore[attr-defined]

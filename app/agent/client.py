@@ -23,6 +23,9 @@ MAX_AGENT_MESSAGE = 1 << 20
 """Largest agent message accepted (websockets' ``max_size``). Agent audio comes in chunks of
 tens of ms to a few seconds (48 kHz linear16: 96 KB a second); text messages are small. A
 larger frame closes the session with 1009 and ends the call as ``agent_closed``."""
+MAX_FRAGMENTS = 4096
+"""Frames one agent message may come in (websockets' own reader has the same cap); more
+closes the session with 1009, so a peer sending empty fragments cannot grow memory."""
 OPEN_TIMEOUT = 5.0
 """TCP + TLS + upgrade to the agent. Counts against ``CallOptions.agent_ready_timeout``."""
 CLOSE_TIMEOUT = 1.0
@@ -54,6 +57,7 @@ class AgentConnection(ClientConnection):
         self._early: list[str | bytes] = []  # messages before deliver_to (the Welcome)
         self._parts: list[bytes] = []  # a fragmented message so far
         self._text = False
+        self._failed = False  # closing after a bad message: nothing more is delivered
         self.receiver_failed: Exception | None = None  # a bug in the receiver: re-raised by run_session
 
     def deliver_to(self, receiver: Callable[[str | bytes], None]) -> None:
@@ -68,8 +72,13 @@ class AgentConnection(ClientConnection):
             return
         if event.opcode is not Opcode.CONT:
             self._text = event.opcode is Opcode.TEXT
+        if self._failed:
+            return
         if not event.fin or self._parts:
             self._parts.append(bytes(event.data))
+            if len(self._parts) > MAX_FRAGMENTS:
+                self._fail(1009, "too many fragments")
+                return
             if not event.fin:
                 return
             data, self._parts = b"".join(self._parts), []
@@ -81,10 +90,17 @@ class AgentConnection(ClientConnection):
         try:
             text = data.decode()
         except UnicodeDecodeError:  # as websockets' own reader does: close 1007
-            self.protocol.fail(1007, "invalid UTF-8")
-            self.send_data()
+            self._fail(1007, "invalid UTF-8")
             return
         self._deliver(text)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close with ``code``, deliver nothing more, and drop the socket if the agent does not
+        close within ``CLOSE_TIMEOUT`` (websockets' own reader does the same in its send context)."""
+        self._failed = True
+        self.protocol.fail(code, reason)
+        self.send_data()
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.abort)
 
     def _deliver(self, message: str | bytes) -> None:
         if self._receiver is None:

@@ -94,6 +94,9 @@ class MediaSocket(WebSocketsSansIOProtocol):
                 break
             self._frame(first, second, buffer, at, head, end)
             at = end
+            if not self._splitting:  # websockets failed the connection: the rest is not read
+                at = size
+                break
         del buffer[:at]
 
     def _frame(self, first: int, second: int, buffer: bytearray, at: int, head: int, end: int) -> None:

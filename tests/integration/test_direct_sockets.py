@@ -382,3 +382,25 @@ def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def test_agent_message_in_too_many_fragments_closes_1009() -> None:
+    """websockets' own reader caps a message at 4096 frames; the shortcut keeps that bound, so
+    an agent sending empty fragments cannot grow memory."""
+
+    async def script(ws: ServerConnection, received: list[Any]) -> None:
+        await ws.send([b""] * 5000 + [b"end"])
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        received.append(ws.close_code)
+
+    async def main() -> list[Any]:
+        server, url, received = await agent_peer(script)
+        async with server:
+            events: list[AgentEvent] = []
+            await asyncio.wait_for(run_session(url, None, events.append, lambda ws: None), 5)
+            assert isinstance(events[-1], AgentClosed)
+            assert not any(isinstance(e, AgentAudio) for e in events)
+        return received
+
+    assert asyncio.run(main()) == [1009]

@@ -86,3 +86,23 @@ def test_while_on_frames_that_arrive_meanwhile_are_read_in_one_pass(monkeypatch:
 
     assert reads_per_pass(0.005) > 5  # each pass reads what ten sockets got in 5 ms
     assert reads_per_pass(0.00001) < 3  # nearly unbatched: a pass per write or so (the check can fail)
+
+
+def test_a_pass_that_already_took_the_interval_does_not_sleep(monkeypatch: Any) -> None:
+    """ "At most once per interval": a busy pass is not made to wait more; a quick one waits
+    only the rest of the interval."""
+    slept: list[float] = []
+    monkeypatch.setattr(loop_batching.time, "sleep", slept.append)
+
+    async def main() -> None:
+        batching = LoopBatching(0.002, 1, lambda: 1, Log())
+        batching._loop = asyncio.get_running_loop()
+        batching.on = True
+        batching._woke = time.monotonic() - 0.005  # the pass since the last wake took 5 ms
+        batching._pace()
+        batching._woke = time.monotonic()  # a pass that took no time
+        batching._pace()
+        batching.on = False
+
+    asyncio.run(main())
+    assert len(slept) == 1 and 0.0015 < slept[0] <= 0.002

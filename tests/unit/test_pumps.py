@@ -233,3 +233,42 @@ def test_call_sockets_get_a_small_send_buffer_so_a_stuck_peer_shows_in_seconds()
         assert SOCKET_SEND_BUFFER <= left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * SOCKET_SEND_BUFFER
     limit_send_buffer(left)  # closed by now: nothing to do, no error
     limit_send_buffer(None)
+
+
+class _DirectSocket:
+    """The Twilio socket's shortcut: what it wrote, in order."""
+
+    scope: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def try_send(self, text: str) -> bool:
+        self.written.append(text)
+        return True
+
+
+def test_nothing_is_written_past_the_queue_while_the_writer_holds_a_frame() -> None:
+    """The writer has taken a frame and waits for the socket to be writable again (its send is
+    suspended, the queue is empty): a frame written directly now would overtake it. Media and
+    then the barge-in's clear must queue behind it, in order."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        direct = _DirectSocket()
+        session = live_session()
+        session.direct = direct  # type: ignore[assignment]
+        held = SendMedia(tm.media(SID, b"held"), 4)
+        session.twilio_out.put_nowait(held)
+        assert session.twilio_out.get_nowait() is held  # in the writer's hands, not yet sent
+        session.perform([SendMedia(tm.media(SID, b"later"), 5)])
+        session._clear(ClearTwilio(tm.clear(SID)))
+        queued = [session.twilio_out.get_nowait().text for _ in range(session.twilio_out.qsize())]
+        for _ in range(1 + len(queued)):  # the writer sends the held frame at last, then the clear
+            session.twilio_out.task_done()
+        assert session.twilio_out.idle()
+        session.perform([SendMedia(tm.media(SID, b"now"), 3)])  # nothing before it: straight out
+        return direct.written, queued
+
+    written, queued = asyncio.run(run())
+    assert queued == [tm.clear(SID)]  # "later" was dropped by the clear, which waits for "held"
+    assert written == [tm.media(SID, b"now")]
