@@ -119,13 +119,10 @@ class MediaSocket(WebSocketsSansIOProtocol):
         self.send_receive_event_to_app()
 
     def _to_websockets(self, frame: bytes) -> None:
-        """As uvicorn's ``data_received``, for whole frames only."""
-        self.conn.receive_data(frame)
-        if self.conn.parser_exc is not None:
-            self.handle_parser_exception()
-            self._splitting = False  # closed: anything more goes to the discarding parser
-            return
-        self.handle_events()
+        """uvicorn's own ``data_received`` (websockets' parser and its replies), whole frames only."""
+        super().data_received(frame)
+        if self.conn.parser_exc is not None:  # closed: anything more goes to the discarding parser
+            self._splitting = False
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
