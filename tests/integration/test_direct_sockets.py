@@ -27,6 +27,7 @@ from app.agent.client import AgentConnection, open_session, run_session
 from app.core.events import AgentAudio, AgentClosed, AgentConnected, AgentEvent
 from app.serving import WS_MAX_SIZE
 from app.twilio.media_socket import MediaSocket, direct_socket
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -228,9 +229,7 @@ def test_media_socket_queued_then_direct_in_order_and_echoed(media_server: tuple
 
     echoes = asyncio.run(main())
     assert echoes == ["echo one", "echo two", "echo three"]
-    deadline = time.monotonic() + 5
-    while echo.disconnect_code is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: echo.disconnect_code is not None, 5.0)
     assert echo.seen == ["one", "two", b"\x01\x02", "three"]
     assert echo.disconnect_code == 1000  # the close still arrives through ASGI
     assert echo.direct is not None and not echo.direct.try_send("after close")
@@ -251,9 +250,7 @@ def test_media_socket_text_that_is_not_utf8_closes_1007(media_server: tuple[str,
             return ws.close_code
 
     assert asyncio.run(main()) == 1007
-    deadline = time.monotonic() + 5
-    while echo.disconnect_code is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: echo.disconnect_code is not None, 5.0)
     assert echo.seen == ["one", "two"]
     assert echo.disconnect_code == 1007
 
@@ -331,7 +328,7 @@ def test_media_socket_frames_by_hand_split_anyhow_pings_and_closes(media_server:
     assert texts == ["echo one", "echo two", "echo " + "x" * 300, "echo frag"]
     assert (0x8A, b"pi") in frames  # the pong
     assert frames[-1][0] == 0x88 and int.from_bytes(frames[-1][1][:2]) == 1000
-    assert wait_for(lambda: echo.disconnect_code == 1000)
+    assert wait_until(lambda: echo.disconnect_code == 1000, 5.0)
 
 
 @pytest.mark.parametrize(
@@ -355,7 +352,7 @@ def test_media_socket_hands_bad_frames_to_websockets_which_closes(
     sock.close()
     assert frames[-1][0] == 0x88 and int.from_bytes(frames[-1][1][:2]) == code
     assert echo.seen == ["one", "two"]
-    assert wait_for(lambda: echo.disconnect_code == code)
+    assert wait_until(lambda: echo.disconnect_code == code, 5.0)
 
 
 def test_media_socket_a_client_that_sends_before_the_answer_keeps_websockets_parser(
@@ -370,18 +367,9 @@ def test_media_socket_a_client_that_sends_before_the_answer_keeps_websockets_par
     sock.sendall(raw_frame(0x88, (1000).to_bytes(2)))
     read_frames(sock)
     sock.close()
-    assert wait_for(lambda: echo.disconnect_code == 1000)
+    assert wait_until(lambda: echo.disconnect_code == 1000, 5.0)
     assert echo.seen == ["one", "two", "three"]
     assert echo.direct is not None and not echo.direct._splitting
-
-
-def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_agent_message_in_too_many_fragments_closes_1009() -> None:
