@@ -292,17 +292,31 @@ def spoken_twice(first: str, second: str) -> bytes:
     return audio(("silence", 0.6), ("speech", first), ("silence", 2.5), ("speech", second), ("silence", 1.5))
 
 
-def test_an_error_mid_call_reconnects_and_the_call_heals(
-    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
-) -> None:
-    script = [ScriptStep(on="utterance", n=1, do="error", code="INTERNAL_SERVER_ERROR", sessions="1")]
-    agent = start_agent(LocalAgentConfig(script=script))
+def call_across_a_fault(
+    start_agent: Callable[..., AgentHandle],
+    start_bridge: Callable[..., BridgeHandle],
+    fault: ScriptStep,
+    first_turn: str,
+    second_turn: str,
+) -> tuple[BridgeHandle, CallResult, SessionRecord, SessionRecord]:
+    """A two-turn call whose first agent session has ``fault`` in its first reply: the caller
+    hung up (nobody else ended it) and the agent saw exactly two sessions, both over."""
+    agent = start_agent(LocalAgentConfig(script=[fault]))
     bridge = start_bridge(agent.url, profile())
-    result = place(bridge, spoken_twice("first turn", "second turn after the error"), tail=1.0)
-
+    result = place(bridge, spoken_twice(first_turn, second_turn), tail=1.0)
     assert result.ended_by == "caller"
     assert wait_until(lambda: len(agent.agent.sessions) == 2 and agent.agent.sessions[1].closed)
     first, second = agent.agent.sessions
+    return bridge, result, first, second
+
+
+def test_an_error_mid_call_reconnects_and_the_call_heals(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    fault = ScriptStep(on="utterance", n=1, do="error", code="INTERNAL_SERVER_ERROR", sessions="1")
+    bridge, result, first, second = call_across_a_fault(
+        start_agent, start_bridge, fault, "first turn", "second turn after the error"
+    )
     assert first.errors_sent == ["INTERNAL_SERVER_ERROR"]
     assert second.utterances == 1 and len(second.audio_out) > 0  # the second turn was answered ...
     assert bytes(result.received).endswith(bytes(second.audio_out))  # ... and the caller heard it
@@ -313,14 +327,10 @@ def test_an_error_mid_call_reconnects_and_the_call_heals(
 def test_a_drop_mid_reply_reconnects_and_the_cut_off_audio_is_not_replayed(
     start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
 ) -> None:
-    script = [ScriptStep(on="utterance", n=1, do="drop_mid_reply", seconds=0.4, sessions="1")]
-    agent = start_agent(LocalAgentConfig(script=script))
-    bridge = start_bridge(agent.url, profile())
-    result = place(bridge, spoken_twice("a rather long first turn to echo", "second turn"), tail=1.0)
-
-    assert result.ended_by == "caller"
-    assert wait_until(lambda: len(agent.agent.sessions) == 2 and agent.agent.sessions[1].closed)
-    first, second = agent.agent.sessions
+    fault = ScriptStep(on="utterance", n=1, do="drop_mid_reply", seconds=0.4, sessions="1")
+    bridge, result, first, second = call_across_a_fault(
+        start_agent, start_bridge, fault, "a rather long first turn to echo", "second turn"
+    )
     assert first.dropped_after_bytes is not None and first.speeches[-1].interrupted
     # the caller got what the first session sent before it dropped, once, then the new session:
     # nothing of the cut-off reply is sent again
