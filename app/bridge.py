@@ -82,7 +82,7 @@ from app.observability.metrics import Metrics
 from app.operator_tools import call_tool
 from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
-from app.twilio.media_socket import direct_socket
+from app.twilio.media_socket import direct_socket, received_data
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
@@ -467,8 +467,7 @@ class CallSession:
                 ours = code == SERVICE_RESTART and self.deps.shutting_down()  # uvicorn closing at exit
                 self.feed(BridgeShuttingDown() if ours else TwilioClosed(code))
                 return
-            text = message.get("text")
-            self._twilio_message(text if text is not None else message.get("bytes") or b"")
+            self._twilio_message(received_data(message))
 
     async def _twilio_writer(self) -> None:
         """Sends what could not be written at once (``_send_twilio``), waiting as needed."""

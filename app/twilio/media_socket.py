@@ -24,7 +24,7 @@ websockets' parser for everything (its state then cannot be known).
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -136,8 +136,7 @@ class MediaSocket(WebSocketsSansIOProtocol):
         while not self.queue.empty():
             message = self.queue.get_nowait()
             if message["type"] == "websocket.receive":
-                text = message.get("text")
-                receiver(text if text is not None else message.get("bytes") or b"")
+                receiver(received_data(message))
             else:
                 kept.append(message)
         for message in kept:
@@ -179,6 +178,12 @@ class MediaSocket(WebSocketsSansIOProtocol):
             return False
         self.transport.write(b"".join(self.conn.data_to_send()))
         return True
+
+
+def received_data(message: Mapping[str, Any]) -> str | bytes:
+    """The text or the bytes of an ASGI ``websocket.receive`` message."""
+    text = message.get("text")
+    return text if text is not None else message.get("bytes") or b""
 
 
 def direct_socket(scope: MutableMapping[str, Any]) -> MediaSocket | None:
