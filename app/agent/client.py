@@ -42,11 +42,10 @@ class AgentConnection(ClientConnection):
     call's reader task; through ``send()``, an async context manager per caller frame (50 a
     second per call). Those hand-offs were most of what a frame cost the bridge. ``try_send``
     also frames the message itself (``framing.py``: the masking keys without a system call
-    each). Handshake,
-    close, pings and flow control stay websockets' own: this only replaces where complete data
-    messages go and adds a send that does not wait. A message handled here is handled before
-    the next is parsed, so nothing accumulates on the way in (websockets' read queue,
-    ``max_queue``, is not used). Only what arrives with the handshake's answer, before the
+    each). Handshake, close, pings and flow control stay websockets' own: this only replaces
+    where complete data messages go and adds a send that does not wait. A message handled here
+    is handled before the next is parsed, so nothing accumulates on the way in (websockets'
+    read queue, ``max_queue``, is not used). Only what arrives with the handshake's answer, before the
     call asks for messages (``deliver_to``, called with no wait after the connection opens),
     is kept meanwhile: the Welcome, at most a TCP segment.
     """
