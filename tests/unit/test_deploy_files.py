@@ -26,8 +26,9 @@ def test_every_variable_set_by_deploy_files_is_read_by_the_service() -> None:
         if "=" in line and key.isupper() and " " not in key:  # settings, and commented-out ones
             names.add(key)
     names -= {"COMPOSE_PROFILES"}
-    kustomize = yaml.safe_load((ROOT / "deploy/k8s/base/kustomization.yaml").read_text())
-    names |= {lit.split("=", 1)[0] for gen in kustomize["configMapGenerator"] for lit in gen["literals"]}
+    for kustomization in ("deploy/k8s/base/kustomization.yaml", "deploy/k8s/overlays/production/kustomization.yaml"):
+        kustomize = yaml.safe_load((ROOT / kustomization).read_text())
+        names |= {lit.split("=", 1)[0] for gen in kustomize["configMapGenerator"] for lit in gen["literals"]}
     names |= set(load_all(ROOT / "deploy/k8s/secret.example.yaml")[0]["stringData"])
     deployment = load_all(ROOT / "deploy/k8s/base/deployment.yaml")[0]
     names |= {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
