@@ -43,16 +43,20 @@ from app.core.call import Call
 from app.core.events import (
     BridgeFailed,
     BridgeShuttingDown,
+    CallGone,
     CallUpdated,
     CallUpdateFailed,
     Event,
     FunctionDone,
     OutboxFull,
     RecordingFailed,
+    StreamEvicted,
+    StreamOverCapacity,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
     TwilioClosed,
+    TwilioFrameTooLarge,
     TwilioInvalid,
 )
 from app.core.options import (
@@ -106,6 +110,11 @@ this long; then the agent socket is closed (within a second in all: the teardown
 SERVICE_RESTART = 1012  # the close code uvicorn gives every WebSocket when it shuts down
 MESSAGE_TOO_BIG = 1009  # uvicorn's close for a frame over its ws_max_size
 
+REST_IN_FLIGHT: set[asyncio.Future[Any]] = set()
+"""Hang-ups and transfers sent to Twilio and not answered yet, whichever call they were for:
+held here so that none is dropped by the garbage collector once its call has ended (each is
+bounded by the SDK's own timeout)."""
+
 
 def twilio_audio_bytes(item: TwilioOut) -> int:
     return item.audio_bytes if isinstance(item, SendMedia) else 0
@@ -134,8 +143,9 @@ class CallDeps:
     """The options of the profile a stream token names ("" is the default profile)."""
     call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
     tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
-    stream_started: Callable[[str], None] = lambda call_sid: None
-    """Tells admission control that the stream of an admitted call has started."""
+    claim_place: Callable[[str], bool] = lambda call_sid: True
+    """The stream redeemed the token of this CallSid: take its place under MAX_CALLS (the one
+    its webhook admission held, or a free one). False: none left, the stream is refused."""
     refusals: LogLimiter = field(default_factory=LogLimiter)  # shared by the process's calls
     shutting_down: Callable[[], bool] = lambda: False
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
@@ -164,12 +174,12 @@ class CallSession:
         )
         self.agent_out: SendQueue[bytes | str] = agent_queue(options.agent_queue_limit, clock)
         self.agent_ws: AgentConnection | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()  # running ones only: a long call spawns many
         self.done = asyncio.Event()
         self.end: EndCall | None = None
         self._event_at = 0.0
         self._clear_requested_at = 0.0
-        self.clear_latencies_ms: list[float] = []
+        self.clear_latency_max_ms: float | None = None  # the slowest clear of the call (the metric has them all)
         self.twilio_dropped_on_clear = 0
         self.twilio_bytes_dropped_on_clear = 0
         self._flushed = CallStats()  # what the metrics have been given so far
@@ -211,15 +221,14 @@ class CallSession:
                 case RunFunction():
                     self._spawn(self._run_function(action))
                 case HangUpCall(call_sid=call_sid):
-                    self._spawn(self._update_call(call_sid, None))
+                    self._update_call(call_sid, None)
                 case RedirectCall(call_sid=call_sid, twiml=twiml):
-                    self._spawn(self._update_call(call_sid, twiml))
+                    self._update_call(call_sid, twiml)
                 case StartRecording():
                     self._spawn(self._start_recording(action))
                 case RedeemStreamToken(token=token, call_sid=call_sid, profile=profile):
-                    self.deps.stream_started(call_sid)  # no longer only admitted
                     if self.deps.token_store is None:
-                        self._token_checked(profile, self.deps.tokens.redeem(token, call_sid, profile))
+                        self._token_checked(call_sid, profile, self.deps.tokens.redeem(token, call_sid, profile))
                     else:
                         self._spawn(self._redeem_shared(action, self.deps.token_store))
                 case Measure(metric=metric, value=value, label=label):
@@ -302,11 +311,12 @@ class CallSession:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         task.add_done_callback(self._task_finished)
-        self.tasks.append(task)
+        self.tasks.add(task)
         return task
 
     def _task_finished(self, task: asyncio.Task[Any]) -> None:
         """A pump that dies of a bug must end the call loudly, never leave it hanging."""
+        self.tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
@@ -322,9 +332,17 @@ class CallSession:
         if self._twilio_writer_task is not None:
             self._twilio_writer_task.cancel()
 
-    def _token_checked(self, profile: str, problem: str | None) -> None:
+    def evict(self) -> None:
+        """The pool of token-less sockets is full and this one is its oldest: refused."""
+        if self.end is None:
+            self.feed(StreamEvicted())
+
+    def _token_checked(self, call_sid: str, profile: str, problem: str | None) -> None:
         if problem is not None:
             self.feed(StreamTokenRefused(problem))
+            return
+        if not self.deps.claim_place(call_sid):
+            self.feed(StreamOverCapacity())
             return
         options = self.deps.options_for(profile)
         if options is not None:  # nothing was sent to the agent yet: size its queue anew
@@ -337,7 +355,7 @@ class CallSession:
         tokens = self.deps.tokens
         verified = tokens.verify(redeem.token, redeem.call_sid, redeem.profile)
         if isinstance(verified, str):
-            self._token_checked(redeem.profile, verified)
+            self._token_checked(redeem.call_sid, redeem.profile, verified)
             return
         try:
             first = await store.use_once(verified.nonce, verified.expires)
@@ -347,7 +365,7 @@ class CallSession:
             where = "on this machine" if tokens.machine is not None else "in this process"
             self.log.error("token_store_unavailable", detail=str(exc), fallback=f"single use checked {where}")
             problem = tokens.use_locally(verified)
-        self._token_checked(redeem.profile, problem)
+        self._token_checked(redeem.call_sid, redeem.profile, problem)
 
     async def _run_function(self, run: RunFunction) -> None:
         """An operator tool, in its own task: the audio and barge-in never wait for it. The
@@ -363,25 +381,40 @@ class CallSession:
             content, failed = f"{run.name} failed: internal error.", True
         self.feed(FunctionDone(run.id, run.name, content, failed))
 
-    async def _update_call(self, call_sid: str, twiml: str | None) -> None:
-        """Hang up (``twiml`` None) or transfer through Twilio's REST API, in its own task."""
+    def _update_call(self, call_sid: str, twiml: str | None) -> None:
+        """Hang up (``twiml`` None) or transfer through Twilio's REST API. The request starts
+        now and is not one of the call's tasks: a call that ends at once (a dead stream) still
+        has Twilio complete it, and Twilio's ``stop``, which usually ends the call before the
+        answer arrives, does not cancel it. Its answer is counted and fed to the core (which
+        ignores it once the call has ended)."""
         updater = self.deps.call_updater
         if updater is None:
             # a hang-up still happens (closing the stream ends the call); new TwiML cannot
-            result: CallUpdated | CallUpdateFailed = (
+            result: CallUpdated | CallGone | CallUpdateFailed = (
                 CallUpdated(RestResult.NO_CREDENTIALS, "no Twilio REST credentials: the stream is closed")
                 if twiml is None
                 else CallUpdateFailed("no Twilio REST credentials (TWILIO_ACCOUNT_SID) to change the call")
             )
             self._count_update(result)
-        else:
-            request = asyncio.ensure_future(
-                updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml)
-            )
-            # Twilio's stop usually ends the call (and cancels this task) before its answer to
-            # us arrives: the request finishes and is counted all the same
-            request.add_done_callback(self._count_finished_update)
-            result = await asyncio.shield(request)
+            asyncio.get_running_loop().call_soon(self.feed, result)  # not inside the action list
+            return
+        request = asyncio.ensure_future(
+            updater.hang_up(call_sid) if twiml is None else updater.transfer(call_sid, twiml)
+        )
+        REST_IN_FLIGHT.add(request)
+        request.add_done_callback(REST_IN_FLIGHT.discard)
+        request.add_done_callback(self._update_answered)
+
+    def _update_answered(self, request: asyncio.Future[CallUpdated | CallGone | CallUpdateFailed]) -> None:
+        if request.cancelled():  # the process is stopping
+            return
+        exc = request.exception()
+        if exc is not None:  # CallUpdater answers every failure as an event: this is a bug
+            self.log.error("call_update_crashed", exc_info=exc)
+            self.feed(CallUpdateFailed(f"internal error: {type(exc).__name__}"))
+            return
+        result = request.result()
+        self._count_update(result)
         self.feed(result)
 
     async def _start_recording(self, start: StartRecording) -> None:
@@ -391,12 +424,16 @@ class CallSession:
             return
         self.feed(await updater.start_recording(start.call_sid, start.status_callback_url))
 
-    def _count_finished_update(self, request: asyncio.Future[CallUpdated | CallUpdateFailed]) -> None:
-        if not request.cancelled() and request.exception() is None:
-            self._count_update(request.result())
-
-    def _count_update(self, result: CallUpdated | CallUpdateFailed) -> None:
-        label = result.result if isinstance(result, CallUpdated) else RestResult.FAILED
+    def _count_update(self, result: CallUpdated | CallGone | CallUpdateFailed) -> None:
+        match result:
+            case CallUpdated(result=label):
+                pass
+            case CallGone():
+                label = RestResult.ALREADY_ENDED
+            case CallUpdateFailed():
+                label = RestResult.FAILED
+            case _:
+                assert_never(result)
         self.metrics.record(MetricName.CALL_UPDATES, 1, label.value)
 
     def _connect_agent(self) -> None:
@@ -463,7 +500,8 @@ class CallSession:
             if message["type"] == "websocket.disconnect":
                 code = message.get("code")
                 if code == MESSAGE_TOO_BIG:  # the server refused a frame over serving.WS_MAX_SIZE
-                    self.feed(TwilioInvalid(InvalidKind.OVERSIZE, "frame over the WebSocket size limit"))
+                    self.feed(TwilioFrameTooLarge())
+                    return
                 ours = code == SERVICE_RESTART and self.deps.shutting_down()  # uvicorn closing at exit
                 self.feed(BridgeShuttingDown() if ours else TwilioClosed(code))
                 return
@@ -484,7 +522,7 @@ class CallSession:
 
     def _clear_sent(self) -> None:
         latency = self.clock() - self._clear_requested_at
-        self.clear_latencies_ms.append(latency * 1000)
+        self.clear_latency_max_ms = max(latency * 1000, self.clear_latency_max_ms or 0.0)
         self.metrics.clear_latency.observe(latency)
         self.log.debug("barge_in_clear_sent", latency_ms=round(latency * 1000, 3))  # the core logs barge_in
 
@@ -587,9 +625,10 @@ class CallSession:
                     await asyncio.wait_for(self.agent_out.join(), AGENT_DRAIN_SECONDS)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.agent_ws.close(), 1.0 - AGENT_DRAIN_SECONDS)
-        for task in self.tasks:
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         end = self.end
         if end is None:  # only if the core itself failed: still close, count and record
             self.log.error("call_not_ended_by_core", state=self.call.state.value)
@@ -606,8 +645,8 @@ class CallSession:
             case _:
                 assert_never(end.outcome)
         summary = self.call.summary(self.clock())
-        if self.clear_latencies_ms:
-            summary["clear_latency_ms_max"] = round(max(self.clear_latencies_ms), 3)
+        if self.clear_latency_max_ms is not None:
+            summary["clear_latency_ms_max"] = round(self.clear_latency_max_ms, 3)
         # agent audio is dropped only here, from the Twilio queue, on barge-in
         summary["agent_bytes_dropped"] = summary["agent_bytes_dropped_on_clear"] = self.twilio_bytes_dropped_on_clear
         self.log.info("call_ended", **summary)
@@ -629,10 +668,9 @@ class CallSession:
         }
         record["utterances"] = call.playback.heard.records(self.clock())  # lengths only: no PII
         if self.deps.record_transcript:
-            turns: list[dict[str, Any]] = [{"t": t, "role": role, "content": text} for t, role, text in call.transcript]
-            for index, utterance in call.conversation.cut_short.items():  # an assistant turn talked over
-                turns[index].update(utterance.as_record())
-            record["transcript"] = turns
+            record["transcript"] = call.conversation.record()
+            if call.conversation.turns_dropped:
+                record["transcript_turns_dropped"] = call.conversation.turns_dropped
         return record
 
     async def _close_twilio(self, code: int) -> None:

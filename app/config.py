@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     webhook_signing_secret: SecretStr | None = None
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_calls: int = Field(default=100, ge=1, le=10000)
+    """Calls at once: admitted by the webhook, or streaming with a redeemed stream token."""
+    max_tokenless_streams: int = Field(default=128, ge=1, le=10000)
+    """Media sockets waiting for their ``start`` (no stream token yet), per process; when full,
+    the oldest is closed to make room (app.stream_admission). They never count in MAX_CALLS."""
+    stream_start_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    """A media socket must redeem its stream token within this: Twilio sends ``start``
+    milliseconds after the upgrade, so this only bounds how long a socket that is not Twilio
+    (or a badly stalled path) waits in the token-less pool."""
     http_header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     loop_batch_ms: float = Field(default=1.0, ge=0, le=10)
     """Under load, the event loop's wake-ups are at most this far apart (app.loop_batching); 0: off."""
@@ -231,6 +239,8 @@ class TelephonyModel(BaseModel):
     dtmf: bool = True
     silence_check_in_seconds: float = Field(default=15.0, ge=0, le=3600)
     max_call_seconds: float = Field(default=3600.0, gt=0, le=7200)  # Deepgram's session limit is 2 hours
+    media_timeout_seconds: float = Field(default=10.0, ge=0, le=3600)
+    """No Twilio media this long in a call: the stream is dead and the call completed (0: off)."""
     check_in_message: str | None = Field(default=None, min_length=1, max_length=500)
     silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
     time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)
@@ -457,6 +467,7 @@ PROFILE_EXAMPLES = {
     "bridge.telephony.dtmf": "true",
     "bridge.telephony.silence_check_in_seconds": "15 (0 turns the check-in off)",
     "bridge.telephony.max_call_seconds": "3600",
+    "bridge.telephony.media_timeout_seconds": "10 (0 turns the dead-stream watchdog off)",
     "bridge.fallback": '{"say": "Sorry, our assistant is unavailable right now.", "dial": "+15551230002"}',
     "bridge.fallback.dial": '"+15551230002" or "sip:desk@pbx.example.com"',
     "bridge.reconnect": '{"attempts": 3, "within_seconds": 10}',
@@ -590,6 +601,7 @@ class RuntimeConfig:
             agent_ready_timeout=bridge.agent_ready_timeout_seconds,
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
+            start_timeout=self.settings.stream_start_timeout_seconds,
             telephony=self.telephony(profile),
             fallback_twiml=self.fallback_twiml(profile_name),
             reconnect_attempts=bridge.reconnect.attempts,
@@ -649,6 +661,7 @@ class RuntimeConfig:
             dtmf=telephony.dtmf,
             silence_check_in=telephony.silence_check_in_seconds,
             max_call=telephony.max_call_seconds,
+            media_timeout=telephony.media_timeout_seconds,
             tools=tuple(ToolSpec(name, tool.url, tool.timeout_seconds) for name, tool in tools.items()),
             rest_available=self.rest_available,
             **messages,

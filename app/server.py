@@ -17,7 +17,7 @@ from twilio.request_validator import RequestValidator
 from app import machine_db
 from app.bridge import CallDeps, CallSession
 from app.config import RuntimeConfig
-from app.core.endings import POLICY_VIOLATION, close_code
+from app.core.endings import POLICY_VIOLATION
 from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
@@ -25,6 +25,7 @@ from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import CONTENT_TYPE, Metrics
+from app.stream_admission import ADMISSION_HOLD_SECONDS, Admission
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
 from app.twilio.rest import CallUpdater
@@ -36,9 +37,6 @@ log = get_logger(component="server")
 
 
 AGENT_CHECK_TTL = 30.0
-ADMISSION_HOLD_SECONDS = 10.0
-"""How long a call admitted by the webhook holds its place while Twilio opens its stream
-(normally well under a second)."""
 
 
 @dataclass
@@ -48,19 +46,25 @@ class AppState:
     validator: RequestValidator | None
     metrics: Metrics
     records: CallRecordSender
+    admission: Admission[CallSession]
     agent_url: str = ""
     local_agent: LocalAgent | None = None
-    calls: set[asyncio.Task[None]] = field(default_factory=set)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress
-    draining: bool = False
+    sockets: set[asyncio.Task[None]] = field(default_factory=set)  # every media socket's task, token or not
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress here
     stopping: bool = False  # set when the server starts closing sockets (see serving.py)
-    admissions: dict[str, float] = field(default_factory=dict)  # CallSid -> admitted at, stream not started
     token_store: RedisTokenStore | None = None  # REDIS_URL: stream tokens single-use across replicas
     refusals: LogLimiter = field(default_factory=LogLimiter)  # bounded log lines for what we refuse
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
     worker: WorkerContext | None = None  # serve --workers N: this worker's place
-    load: InstanceLoad | None = None  # with workers: every worker's calls, for MAX_CALLS per instance
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
 
     async def agent_problem(self) -> str | None:
         """Can this pod reach the agent host? A TCP connect, cached: no session is opened."""
@@ -79,72 +83,26 @@ class AppState:
         self.agent_check = (time.monotonic(), problem)
         return problem
 
-    def admission_problem(self, max_calls: int) -> str | None:
-        """Why a new call cannot be taken here ("draining", "over_capacity"), or None. Calls
-        admitted whose stream has not started yet count, so a burst cannot overshoot."""
-        if self.draining:
-            return "draining"
-        now = time.monotonic()
-        for call_sid, at in list(self.admissions.items()):
-            if now - at > ADMISSION_HOLD_SECONDS:  # Twilio never opened that stream
-                del self.admissions[call_sid]
-        if len(self.calls) + len(self.admissions) >= max_calls:
-            return "over_capacity"
-        return None
-
-    def admit(self, call_sid: str) -> None:
-        self.admissions[call_sid] = time.monotonic()
-
-    def try_admit(self, call_sid: str, max_calls: int) -> str | None:
-        """Admit a call, or say why not (as ``admission_problem``). With workers, MAX_CALLS
-        holds for the instance: the check and the admission are one step in the machine's
-        file. Should that file fail, this worker's own calls are checked (and it is logged)."""
-        if self.draining:
-            return "draining"
-        if self.load is not None:
-            try:
-                return None if self.load.admit(call_sid, max_calls) else "over_capacity"
-            except sqlite3.Error as exc:
-                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc), fallback="this worker's calls")
-        problem = self.admission_problem(max_calls)
-        if problem is None:
-            self.admit(call_sid)
-        return problem
-
-    def stream_started(self, call_sid: str) -> None:
-        self.admissions.pop(call_sid, None)
-        if self.load is not None:
-            try:
-                self.load.stream_started(call_sid)
-            except sqlite3.Error as exc:
-                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
-
     def active_calls(self) -> int:
-        """Calls in progress on this instance: every worker's, when there are several."""
-        if self.load is not None:
-            try:
-                return self.load.active()
-            except sqlite3.Error as exc:
-                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
-        return len(self.calls)
+        """Calls in progress on this instance (token redeemed): every worker's, when there are several."""
+        return self.admission.active()
 
-    def call_started(self, task: asyncio.Task[None]) -> None:
-        self.calls.add(task)
-        self.idle.clear()
-        self.publish_load()
+    @property
+    def calls(self) -> set[CallSession]:
+        """This process's calls in progress (token redeemed): what a drain waits for."""
+        return self.admission.calls
 
-    def call_ended(self, task: asyncio.Task[None]) -> None:
-        self.calls.discard(task)
-        if not self.calls:
+    def claim_place(self, session: CallSession, call_sid: str) -> bool:
+        taken = self.admission.claim(session, call_sid)
+        if taken:
+            self.idle.clear()
+        return taken
+
+    def socket_closed(self, task: asyncio.Task[None], session: CallSession) -> None:
+        self.sockets.discard(task)
+        self.admission.socket_closed(session)
+        if not self.admission.calls:
             self.idle.set()
-        self.publish_load()
-
-    def publish_load(self) -> None:
-        if self.load is not None:
-            try:
-                self.load.set_active(len(self.calls))
-            except sqlite3.Error as exc:
-                self.refusals.warn(log, "instance_load_unavailable", detail=str(exc))
 
     async def drain(self, limit_s: float) -> None:
         """Stop being ready, then wait (bounded) for the calls in progress to end."""
@@ -161,6 +119,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
     settings = config.settings
     metrics = Metrics()
     shared_file = machine_db.path_in(worker.multiproc_dir) if worker is not None else None  # see app.machine_db
+    refusals = LogLimiter()
     state = AppState(
         config=config,
         tokens=StreamTokens(
@@ -179,9 +138,15 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         agent_url=config.agent_url or "",
         token_store=RedisTokenStore(settings.redis_url) if settings.redis_url else None,
         worker=worker,
-        load=InstanceLoad(shared_file, worker.worker_id, ADMISSION_HOLD_SECONDS)
-        if worker is not None and shared_file is not None
-        else None,
+        refusals=refusals,
+        admission=Admission(
+            settings.max_calls,
+            settings.max_tokenless_streams,
+            InstanceLoad(shared_file, worker.worker_id, ADMISSION_HOLD_SECONDS)
+            if worker is not None and shared_file is not None
+            else None,
+            refusals,
+        ),
     )
 
     @contextlib.asynccontextmanager
@@ -190,7 +155,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         state.idle.set()
         for warning in config.warnings:
             log.warning("config_warning", detail=warning)
-        state.publish_load()
+        state.admission.publish()
         if config.use_local_agent and worker is not None and worker.local_agent_url:
             state.agent_url = worker.local_agent_url  # the supervisor's, one for all workers
         elif config.use_local_agent:
@@ -208,18 +173,19 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             yield
         finally:
             state.stopping = True
-            for task in list(state.calls):
+            for task in list(state.sockets):
                 task.cancel()
-            await asyncio.gather(*state.calls, return_exceptions=True)
+            await asyncio.gather(*state.sockets, return_exceptions=True)
             await state.records.close()
             if state.token_store is not None:
                 await state.token_store.close()
             if state.local_agent is not None:
                 await state.local_agent.stop()
-            if state.load is not None:
+            load = state.admission.load
+            if load is not None:
                 with contextlib.suppress(sqlite3.Error):
-                    state.load.set_active(0)
-                state.load.close()
+                    load.set_active(0)
+                load.close()
             if state.tokens.machine is not None:
                 state.tokens.machine.close()
             log.info("service_stopped")
@@ -333,7 +299,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
         profile = config.profile_for_number(params.get("To", ""))
-        refusal = state.try_admit(call_sid, settings.max_calls)
+        refusal = state.admission.try_admit(call_sid)
         if refusal is not None:  # the caller hears the fallback, never a failed call
             state.refusals.warn(
                 log, "call_not_admitted", call_sid=call_sid, reason=refusal, max_calls=settings.max_calls
@@ -356,12 +322,9 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
 
     @app.websocket(webhook.MEDIA_PATH)
     async def twilio_media(ws: WebSocket) -> None:
-        active = state.active_calls()
-        if active >= settings.max_calls:  # more streams than calls admitted on this instance
-            state.refusals.warn(log, "media_stream_over_capacity", active_calls=active, max_calls=settings.max_calls)
-            metrics.streams_rejected.labels(RejectReason.OVER_CAPACITY.value).inc()
-            await ws.close(close_code(RejectReason.OVER_CAPACITY))
-            return
+        """Every socket is accepted (a signature, when present, must be good) and waits for its
+        ``start`` in the token-less pool (``app.stream_admission``); MAX_CALLS is checked when
+        its stream token is redeemed, not before: a socket with no token holds no call's place."""
         signature = ws.headers.get("x-twilio-signature")
         if signature is not None and state.validator is not None and settings.twilio_validate_signature:
             url = webhook.stream_url(webhook.public_base_url(ws, settings.public_url))
@@ -371,6 +334,11 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
                 await ws.close(POLICY_VIOLATION)
                 return
         await ws.accept()
+        session: CallSession
+
+        def claim_place(call_sid: str) -> bool:
+            return state.claim_place(session, call_sid)
+
         deps = CallDeps(
             tokens=state.tokens,
             agent_url=state.agent_url,
@@ -383,16 +351,19 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             tools_secret=config.webhook_signing_secret,
             refusals=state.refusals,
             token_store=state.token_store,
-            stream_started=state.stream_started,
+            claim_place=claim_place,
             shutting_down=lambda: state.stopping,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
         assert task is not None
-        state.call_started(task)
+        state.sockets.add(task)
+        evicted = state.admission.socket_opened(session)
+        if evicted is not None:  # the oldest token-less socket makes room for this one
+            evicted.evict()
         try:
             await session.run()
         finally:
-            state.call_ended(task)
+            state.socket_closed(task, session)
 
     return app

@@ -141,9 +141,26 @@ class InstanceLoad:
             db.execute("INSERT OR REPLACE INTO admissions (call_sid, at) VALUES (?, ?)", (call_sid, now))
         return True
 
-    def stream_started(self, call_sid: str) -> None:
-        """The call is counted by the worker that carries it from now on."""
-        self._db.execute("DELETE FROM admissions WHERE call_sid = ?", (call_sid,))
+    def claim(self, call_sid: str, max_calls: int, active_after: int, now: float | None = None) -> bool:
+        """A stream redeemed its token: it becomes one of this worker's calls (``active_after``
+        of them once it is counted). A call the webhook admitted (on any worker) has its place
+        already; one that was not (its webhook went to another replica, or its admission
+        expired) needs a free place under MAX_CALLS. One transaction, as ``admit``."""
+        now = time.time() if now is None else now
+        with machine_db.transaction(self._db) as db:
+            db.execute("DELETE FROM admissions WHERE at < ?", (now - self.hold_seconds,))
+            admitted = db.execute("DELETE FROM admissions WHERE call_sid = ?", (call_sid,)).rowcount > 0
+            if not admitted:
+                (others,) = db.execute(
+                    "SELECT COALESCE(SUM(active), 0) FROM worker_calls WHERE worker != ?", (self.worker_id,)
+                ).fetchone()
+                (waiting,) = db.execute("SELECT COUNT(*) FROM admissions").fetchone()
+                if others + (active_after - 1) + waiting >= max_calls:
+                    return False
+            db.execute(
+                "INSERT OR REPLACE INTO worker_calls (worker, active) VALUES (?, ?)", (self.worker_id, active_after)
+            )
+        return True
 
     def set_active(self, calls: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO worker_calls (worker, active) VALUES (?, ?)", (self.worker_id, calls))

@@ -14,6 +14,7 @@ Where things are:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, assert_never
 
@@ -56,6 +57,7 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
     CallUpdateFailed,
@@ -63,10 +65,13 @@ from app.core.events import (
     FunctionDone,
     HangUpDue,
     KeepAliveDue,
+    MediaDeadlinePassed,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
     StartDeadlinePassed,
+    StreamEvicted,
+    StreamOverCapacity,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
@@ -75,6 +80,7 @@ from app.core.events import (
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
+    TwilioFrameTooLarge,
     TwilioInvalid,
     TwilioMark,
     TwilioMedia,
@@ -84,6 +90,7 @@ from app.core.events import (
 from app.core.options import (
     CALL_UPDATE_TIMEOUT_SECONDS,
     MAX_LOGGED_UNKNOWN_AGENT_TYPES,
+    MAX_RECONNECT_WAITS_RECORDED,
     RECONNECT_BACKOFF_SECONDS,
     CallOptions,
 )
@@ -112,6 +119,9 @@ _RECONNECTING = frozenset(
 _CONTROLLED = frozenset(
     {CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE, CallState.HANGING_UP, CallState.TRANSFERRING}
 )  # where functions may be running, so call control keeps their deadlines
+
+_WATCHES_MEDIA = frozenset(state for state, row in TRANSITIONS.items() if MediaDeadlinePassed in row)
+"""States of a call whose stream must keep sending media (the dead-stream watchdog)."""
 
 _CARRIES_STREAM_SID: frozenset[type[Event]] = frozenset({TwilioMedia, TwilioMark, TwilioDtmf, TwilioStop})
 
@@ -144,8 +154,10 @@ class Call:
         self.failed_at = 0.0  # the latest failure, which the backoff counts from
         self.attempts: list[float] = []  # when each reconnect attempt was made (the budget's window)
         self.gap_attempts = 0  # attempts since this loss (the backoff's step)
-        self.reconnects: list[float] = []  # seconds the caller waited, per restored session
+        self.reconnects = 0  # sessions restored after a loss
+        self.reconnect_waits: deque[float] = deque(maxlen=MAX_RECONNECT_WAITS_RECORDED)  # seconds the caller waited
         self.held = False  # the "one moment" was played for this loss
+        self.last_media_at = now  # the latest Twilio media frame (the dead-stream watchdog)
         self._out_of_order_logged: set[tuple[CallState, type[Event]]] = set()
         self._unknown_types: set[str] = set()
 
@@ -198,7 +210,7 @@ class Call:
 
     @property
     def transcript(self) -> list[tuple[float, str, str]]:
-        return self.conversation.transcript
+        return list(self.conversation.transcript)
 
     # --- transitions -----------------------------------------------------------------------
 
@@ -212,7 +224,8 @@ class Call:
                 actions = [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
                 if self.down_since is not None:  # back after a loss: how long the caller waited
                     waited = round(now - self.down_since, 3)
-                    self.reconnects.append(waited)
+                    self.reconnects += 1
+                    self.reconnect_waits.append(waited)
                     # the attempts stay: a session that comes back and drops again at once
                     # spends the same budget, so a flapping agent still ends in the fallback
                     self.down_since, self.gap_attempts, self.held = None, 0, False
@@ -226,7 +239,7 @@ class Call:
                 if self.down_since is None:
                     self.down_since = now
                 return [Log(LogLevel.WARNING, "agent_lost", {"was_live": self.was_live, "attempts": self.gap_attempts})]
-            case CallState.HANGING_UP | CallState.TRANSFERRING:
+            case CallState.HANGING_UP | CallState.TRANSFERRING | CallState.ENDING_DEAD_STREAM:
                 self.handoff_started_at = now  # the REST request went with the handler's actions
                 return []
             case CallState.FALLING_BACK:
@@ -281,6 +294,19 @@ class Call:
 
     def _handoff_end_reason(self, event: Event) -> str:
         """How a hang-up, transfer or fallback the bridge asked for ended, in words ("" otherwise)."""
+        if self.state is CallState.ENDING_DEAD_STREAM:
+            match event:
+                case CallUpdated():
+                    answer = "done"
+                case CallGone(detail=detail):
+                    answer = f"it was already over ({detail})"
+                case CallUpdateFailed(detail=detail):
+                    answer = f"Twilio refused: {detail}"
+                case CallUpdateDeadlinePassed():
+                    answer = "Twilio did not answer in time"
+                case _:
+                    answer = f"meanwhile {end_reason(event)}"
+            return f"{end_reason(MediaDeadlinePassed())}; completed through the REST API: {answer}"
         if self.state not in (CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK):
             return ""
         match event:
@@ -288,8 +314,13 @@ class Call:
                 problem = f"; Twilio refused: {detail}"
             case CallUpdateDeadlinePassed():
                 problem = "; Twilio did not answer in time"
-            case CallUpdated() | TwilioStop() | TwilioClosed():
+            case CallUpdated() | TwilioStop() | TwilioClosed() | TwilioFrameTooLarge():
                 problem = ""
+            case CallGone(detail=detail) if self.state is CallState.HANGING_UP:
+                problem = f"; the call was already over ({detail})"
+            case CallGone(detail=detail):
+                what = "transfer" if self.state is CallState.TRANSFERRING else "fallback"
+                return f"the caller hung up before the {what} ({detail})"
             case _:
                 return ""
         if self.state is CallState.HANGING_UP:
@@ -322,6 +353,7 @@ class Call:
     # --- Twilio events -------------------------------------------------------------------
 
     def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
+        self.last_media_at = now
         if self.state is CallState.LIVE:
             self.agent.last_sent = now
             return self.caller.push(event.payload, relay=True)
@@ -369,6 +401,23 @@ class Call:
     def _on_recording_failed(self, event: RecordingFailed, now: float) -> list[Action]:
         return self.recording.failed(event.detail)
 
+    def _on_frame_too_large(self, event: TwilioFrameTooLarge, now: float) -> list[Action]:
+        return self._on_twilio_invalid(TwilioInvalid(InvalidKind.OVERSIZE, "frame over the WebSocket size limit"), now)
+
+    def _on_media_deadline(self, event: MediaDeadlinePassed, now: float) -> list[Action]:
+        """A dead stream: Twilio is asked to complete the call (it would otherwise bill until
+        ``max_call_seconds``); its answer ends the call (``ENDING_DEAD_STREAM``). Without REST
+        credentials closing the stream is all the bridge can do: the call ends here."""
+        timeout = self.options.telephony.media_timeout
+        fields = {"silent_s": round(now - self.last_media_at, 3), "media_timeout_s": timeout}
+        lost = Log(LogLevel.WARNING, "twilio_stream_lost", fields)
+        if self.options.telephony.rest_available and self.call_sid:
+            return [lost, HangUpCall(self.call_sid)]
+        return [lost, *self._end(Outcome.STREAM_LOST, end_reason(event))]
+
+    def _on_call_gone(self, event: CallGone, now: float) -> list[Action]:
+        return [Log(LogLevel.INFO, "call_already_over", {"detail": event.detail, "state": self.state.value})]
+
     def _on_twilio_invalid(self, event: TwilioInvalid, now: float) -> list[Action]:
         if self.stats.count_invalid(event.kind):
             return [Log(LogLevel.WARNING, "twilio_frame_rejected", {"kind": event.kind.value, "detail": event.detail})]
@@ -384,6 +433,7 @@ class Call:
             self.control = CallControl(options, self.stats, now)
             self.recording = Recording(options.recording)
         self.recording.bind(self.call_sid)
+        self.last_media_at = now  # the watchdog counts from the start of the call
         return [Measure(MetricName.ACTIVE_CALLS, 1)]
 
     def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
@@ -400,7 +450,7 @@ class Call:
     def _on_welcome(self, event: AgentWelcome, now: float) -> list[Action]:
         """The one Settings of this session; after a loss mid-call it carries the conversation
         so far, and no greeting (the caller has been greeted)."""
-        history = self.conversation.context if self.was_live else None
+        history = list(self.conversation.context) if self.was_live else None
         return self.agent.send_settings(event.request_id, now, history)
 
     def _on_agent_retry_due(self, event: AgentRetryDue, now: float) -> list[Action]:
@@ -559,6 +609,9 @@ class Call:
         """Turn the deadline this state watches (``DEADLINES``) into its event when passed, and
         let call control act on time (functions' deadlines, keypad, check-in, goodbye played)."""
         state = self.state
+        timeout = self.options.telephony.media_timeout
+        if timeout and state in _WATCHES_MEDIA and now - self.last_media_at >= timeout:
+            return self.handle(MediaDeadlinePassed(), now)
         actions: list[Action] = []
         if state in _CONTROLLED:
             live = state is CallState.LIVE
@@ -621,7 +674,7 @@ class Call:
             "marks_played": s.marks_played,
             "marks_cleared": s.marks_cleared,
             "agent_latency_avg_s": (
-                round(sum(s.agent_latencies) / len(s.agent_latencies), 3) if s.agent_latencies else None
+                round(s.agent_latency_sum / s.agent_latency_count, 3) if s.agent_latency_count else None
             ),
             "invalid_inputs": {kind.value: n for kind, n in s.invalid.items()},
             "overflows": {kind.value: n for kind, n in s.overflows.items()},
@@ -638,8 +691,8 @@ class Call:
         if recording is not None:
             record["recording"] = recording
         if self.reconnects:
-            record["reconnects"] = len(self.reconnects)
-            record["reconnect_waits_s"] = self.reconnects
+            record["reconnects"] = self.reconnects
+            record["reconnect_waits_s"] = list(self.reconnect_waits)  # the latest ones
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
@@ -667,6 +720,11 @@ _HANDLERS: dict[type[Event], _Handler] = {
     TwilioDtmf: Call._on_dtmf,
     TwilioStop: Call._nothing,
     TwilioClosed: Call._nothing,
+    TwilioFrameTooLarge: Call._on_frame_too_large,
+    StreamOverCapacity: Call._nothing,
+    StreamEvicted: Call._nothing,
+    CallGone: Call._on_call_gone,
+    MediaDeadlinePassed: Call._on_media_deadline,
     FunctionDone: Call._on_function_done,
     CallUpdated: Call._on_call_updated,
     CallUpdateFailed: Call._on_call_update_failed,

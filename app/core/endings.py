@@ -13,12 +13,17 @@ from app.core.events import (
     AgentReadyDeadlinePassed,
     BridgeFailed,
     BridgeShuttingDown,
+    CallGone,
     Event,
+    MediaDeadlinePassed,
     OutboxFull,
     StartDeadlinePassed,
+    StreamEvicted,
+    StreamOverCapacity,
     StreamTokenRefused,
     TwilioBadStart,
     TwilioClosed,
+    TwilioFrameTooLarge,
     TwilioStop,
 )
 from app.core.vocabulary import FallbackReason, HangupReason, Outcome, RejectReason
@@ -26,6 +31,7 @@ from app.core.vocabulary import FallbackReason, HangupReason, Outcome, RejectRea
 NORMAL_CLOSURE = 1000
 GOING_AWAY = 1001  # this process is stopping
 POLICY_VIOLATION = 1008  # a stream refused for what the peer sent
+MESSAGE_TOO_BIG = 1009  # the server refused a frame over its size limit (and closed with this)
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 
@@ -33,15 +39,24 @@ TRY_AGAIN_LATER = 1013
 def close_code(end: Outcome | RejectReason) -> int:
     """The WebSocket close code Twilio's socket gets for each way a call or stream ends."""
     match end:
-        case Outcome.CALLER_HANGUP | Outcome.AGENT_ERROR | Outcome.COMPLETED | Outcome.TRANSFERRED | Outcome.FALLBACK:
-            return NORMAL_CLOSURE
+        case (
+            Outcome.CALLER_HANGUP
+            | Outcome.AGENT_ERROR
+            | Outcome.COMPLETED
+            | Outcome.TRANSFERRED
+            | Outcome.FALLBACK
+            | Outcome.STREAM_LOST
+        ):
+            return NORMAL_CLOSURE  # a dead stream: the close is a courtesy to whatever is left
+        case Outcome.OVERSIZE_FRAME:
+            return MESSAGE_TOO_BIG
         case Outcome.BRIDGE_ERROR | RejectReason.INTERNAL_ERROR:
             return INTERNAL_ERROR
         case Outcome.BRIDGE_SHUTDOWN | RejectReason.SHUTTING_DOWN:
             return GOING_AWAY
         case RejectReason.NO_START | RejectReason.BAD_START | RejectReason.BAD_TOKEN | RejectReason.BAD_SIGNATURE:
             return POLICY_VIOLATION
-        case RejectReason.OVER_CAPACITY:
+        case RejectReason.OVER_CAPACITY | RejectReason.EVICTED:
             return TRY_AGAIN_LATER
         case _:
             assert_never(end)
@@ -58,6 +73,8 @@ def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
             return "agent"
         case Outcome.BRIDGE_ERROR | Outcome.BRIDGE_SHUTDOWN:
             return "bridge"
+        case Outcome.STREAM_LOST | Outcome.OVERSIZE_FRAME:
+            return "twilio"  # the stream died or broke the protocol: neither party chose to end
         case _:
             assert_never(outcome)
 
@@ -97,6 +114,16 @@ def end_reason(event: Event) -> str:
             return "caller hung up (stop)"
         case TwilioClosed(code=code):
             return f"twilio socket closed (code {code})"
+        case TwilioFrameTooLarge():
+            return "twilio sent a frame over the size limit: socket closed (1009)"
+        case MediaDeadlinePassed():
+            return "no media from twilio in time: the stream is dead"
+        case CallGone(detail=detail):
+            return f"the call was already over ({detail})"
+        case StreamOverCapacity():
+            return "not admitted here and the instance is at MAX_CALLS"
+        case StreamEvicted():
+            return "no stream token yet, and newer sockets needed the place"
         case TwilioBadStart(detail=detail):
             return f"unusable start message: {detail}"
         case StreamTokenRefused(reason=reason):

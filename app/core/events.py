@@ -59,6 +59,12 @@ class TwilioClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class TwilioFrameTooLarge:
+    """The server closed Twilio's socket (1009) for a frame over its size limit
+    (``serving.WS_MAX_SIZE``): not the caller hanging up, and not something to wait out."""
+
+
+@dataclass(frozen=True, slots=True)
 class TwilioBadStart:
     """A ``start`` message that cannot begin a call (malformed ids, unsupported format)."""
 
@@ -86,6 +92,19 @@ class StreamTokenRefused:
     """The stream token of ``start`` was missing, forged, expired, reused or for another call."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOverCapacity:
+    """The token is good, but the call was not admitted by this instance's webhook and the
+    instance is at ``MAX_CALLS``: the stream is refused (Twilio then runs what follows
+    ``<Connect>``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvicted:
+    """The socket had not redeemed a stream token and the pool of such sockets was full: the
+    oldest makes room for a newer one (``app/stream_admission.py``)."""
 
 
 # --- Agent side --------------------------------------------------------------------------
@@ -222,9 +241,9 @@ class FunctionDone:
 
 @dataclass(frozen=True, slots=True)
 class CallUpdated:
-    """Twilio did what ``HangUpCall`` / ``RedirectCall`` asked (``OK``), the call was already
-    over (``ALREADY_ENDED``), or there are no REST credentials and closing the stream ends the
-    call (``NO_CREDENTIALS``)."""
+    """Twilio did what ``HangUpCall`` / ``RedirectCall`` asked (``OK``), or there are no REST
+    credentials and closing the stream ends the call (``NO_CREDENTIALS``). A call already over
+    is ``CallGone``."""
 
     result: RestResult
     detail: str = ""
@@ -242,6 +261,14 @@ class RecordingFailed:
     """Twilio would not (or could not be asked to) record the call."""
 
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallGone:
+    """Twilio answered a hang-up or redirect with "the call is over" (20404 not found, 21220
+    not in progress): the caller hung up before the update."""
+
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +302,13 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class StartDeadlinePassed:
     """No usable ``start`` from Twilio within ``CallOptions.start_timeout`` of the socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediaDeadlinePassed:
+    """No ``media`` from Twilio for ``Telephony.media_timeout`` in a call: Twilio sends a frame
+    every 20 ms for the whole call, silence included, so the stream is dead (a half-open path,
+    a stuck proxy) even though its socket has not closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +362,7 @@ TwilioEvent = (
     | TwilioDtmf
     | TwilioStop
     | TwilioClosed
+    | TwilioFrameTooLarge
     | TwilioInvalid
 )
 AgentEvent = (
@@ -353,8 +388,11 @@ AgentEvent = (
 BridgeEvent = (
     StreamTokenAccepted
     | StreamTokenRefused
+    | StreamOverCapacity
+    | StreamEvicted
     | FunctionDone
     | CallUpdated
+    | CallGone
     | CallUpdateFailed
     | RecordingStarted
     | RecordingFailed
@@ -365,6 +403,7 @@ BridgeEvent = (
 TimerEvent = (
     Tick
     | StartDeadlinePassed
+    | MediaDeadlinePassed
     | AgentReadyDeadlinePassed
     | KeepAliveDue
     | AgentRetryDue

@@ -71,6 +71,11 @@ MAX_UTTERANCES_RECORDED = 500
 go first. At the maximum call duration's pace of speech this is far more than a call has;
 about 100 bytes each."""
 
+MAX_RECONNECT_WAITS_RECORDED = 50
+"""How long the caller waited for each restored agent session: the latest this many are in the
+call record (all are counted, in ``reconnects``). The reconnect budget bounds the attempts
+per loss, not the losses of a long call."""
+
 MAX_LOGGED_UNKNOWN_AGENT_TYPES = 32
 """Distinct unknown agent message types logged per call (each once); the rest are ignored
 silently so a peer inventing types cannot flood the log."""
@@ -123,6 +128,9 @@ class Telephony:
     dtmf: bool = True
     silence_check_in: float = 15.0  # 0: off
     max_call: float = 3600.0
+    media_timeout: float = 10.0
+    """No Twilio media for this long in a call: the stream is dead (Twilio sends a frame every
+    20 ms, silence included), and the call is completed through the REST API. 0: off."""
     tools: tuple[ToolSpec, ...] = ()
     rest_available: bool = False  # Twilio REST credentials: needed to transfer
     check_in_message: str = "Are you still there?"
@@ -164,9 +172,10 @@ class CallOptions:
     agent_input: AudioFormat = TWILIO_FORMAT
     agent_output: AudioFormat = TWILIO_FORMAT
     tags: tuple[str, ...] = ()
-    start_timeout: float = 10.0
-    """Socket accepted to a usable ``start``. Twilio sends ``connected`` and ``start`` at once;
-    a socket that stays silent this long is not Twilio, and costs no agent session."""
+    start_timeout: float = 5.0
+    """Socket accepted to its stream token redeemed (``STREAM_START_TIMEOUT_SECONDS``). Twilio
+    sends ``connected`` and ``start`` at once; a socket that stays silent this long is not
+    Twilio, and costs no agent session (it waits in the token-less pool meanwhile)."""
     keepalive_after: float = 5.0
     """Quiet time before a KeepAlive: the agent closes after 10 s without a message
     (CLIENT_MESSAGE_TIMEOUT), and ticks come every ``TICK_SECONDS``."""

@@ -47,6 +47,7 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
     CallUpdateFailed,
@@ -54,10 +55,13 @@ from app.core.events import (
     FunctionDone,
     HangUpDue,
     KeepAliveDue,
+    MediaDeadlinePassed,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
     StartDeadlinePassed,
+    StreamEvicted,
+    StreamOverCapacity,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
@@ -66,6 +70,7 @@ from app.core.events import (
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
+    TwilioFrameTooLarge,
     TwilioInvalid,
     TwilioMark,
     TwilioMedia,
@@ -88,6 +93,7 @@ class CallState(Enum):
     HANGING_UP = "hanging_up"  # goodbye played; Twilio asked to end the call (REST)
     TRANSFERRING = "transferring"  # announcement played; Twilio asked to dial the destination
     FALLING_BACK = "falling_back"  # the agent could not be reached: Twilio asked to play the fallback
+    ENDING_DEAD_STREAM = "ending_dead_stream"  # no media for media_timeout: Twilio asked to complete the call
     ENDED = "ended"  # EndCall given; every later event is ignored
 
 
@@ -101,7 +107,10 @@ _BEFORE_CALL: Row = {
     # a stream that ends before its token is redeemed was never a call: it is refused
     TwilioStop: RejectReason.NO_START,
     TwilioClosed: RejectReason.NO_START,
+    TwilioFrameTooLarge: RejectReason.NO_START,
     StartDeadlinePassed: RejectReason.NO_START,
+    # the pool of token-less sockets was full: the oldest goes (app/stream_admission.py)
+    StreamEvicted: RejectReason.EVICTED,
     BridgeFailed: RejectReason.INTERNAL_ERROR,
     OutboxFull: RejectReason.INTERNAL_ERROR,
     BridgeShuttingDown: RejectReason.SHUTTING_DOWN,
@@ -109,6 +118,11 @@ _BEFORE_CALL: Row = {
 _IN_CALL: Row = {
     TwilioStop: Outcome.CALLER_HANGUP,
     TwilioClosed: Outcome.CALLER_HANGUP,
+    TwilioFrameTooLarge: Outcome.OVERSIZE_FRAME,
+    # no media for media_timeout: the stream is dead though its socket is open; the call is
+    # completed through the REST API (so Twilio stops billing), then both sockets are closed
+    # (without REST credentials the handler ends it at once: closing is all there is)
+    MediaDeadlinePassed: CallState.ENDING_DEAD_STREAM,
     BridgeFailed: Outcome.BRIDGE_ERROR,
     # Twilio's socket stopped reading (the agent's is handled by the pump as a lost session):
     # what is sent on it is never heard, so the caller gets the fallback through the REST API
@@ -183,6 +197,7 @@ _CONNECTING, _AWAITING_WELCOME = CallState.CONNECTING_AGENT, CallState.AWAITING_
 _AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
 _HANGING_UP, _TRANSFERRING = CallState.HANGING_UP, CallState.TRANSFERRING
 _FALLING_BACK, _AGENT_DOWN = CallState.FALLING_BACK, CallState.AGENT_DOWN
+_ENDING_DEAD_STREAM = CallState.ENDING_DEAD_STREAM
 
 TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     {
@@ -193,7 +208,11 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
         ),
         _CHECKING_TOKEN: _row(
             _stay(_CHECKING_TOKEN, TwilioConnected, TwilioMedia, TwilioInvalid, Tick),
-            {StreamTokenAccepted: _CONNECTING, StreamTokenRefused: RejectReason.BAD_TOKEN},
+            {
+                StreamTokenAccepted: _CONNECTING,
+                StreamTokenRefused: RejectReason.BAD_TOKEN,
+                StreamOverCapacity: RejectReason.OVER_CAPACITY,
+            },
             _BEFORE_CALL,
         ),
         _CONNECTING: _row(
@@ -233,8 +252,10 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 CallUpdated: Outcome.COMPLETED,
                 CallUpdateFailed: Outcome.COMPLETED,  # closing the stream ends the call all the same
                 CallUpdateDeadlinePassed: Outcome.COMPLETED,
+                CallGone: Outcome.COMPLETED,  # over already, which is what a hang-up wants
                 TwilioStop: Outcome.COMPLETED,
                 TwilioClosed: Outcome.COMPLETED,
+                TwilioFrameTooLarge: Outcome.COMPLETED,
             },
             _handing_off(_HANGING_UP),
         ),
@@ -244,8 +265,10 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 CallUpdated: Outcome.TRANSFERRED,
                 CallUpdateFailed: Outcome.BRIDGE_ERROR,  # not dialled: the line closes, logged with Twilio's code
                 CallUpdateDeadlinePassed: Outcome.BRIDGE_ERROR,
+                CallGone: Outcome.CALLER_HANGUP,  # the caller left before the transfer took
                 TwilioStop: Outcome.TRANSFERRED,  # Twilio leaves the stream for the new TwiML
                 TwilioClosed: Outcome.TRANSFERRED,
+                TwilioFrameTooLarge: Outcome.TRANSFERRED,
             },
             _handing_off(_TRANSFERRING),
         ),
@@ -256,10 +279,28 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 CallUpdated: Outcome.FALLBACK,
                 CallUpdateFailed: Outcome.AGENT_ERROR,  # no fallback possible: the line closes
                 CallUpdateDeadlinePassed: Outcome.AGENT_ERROR,
+                CallGone: Outcome.CALLER_HANGUP,  # the caller left before the fallback took
                 TwilioStop: Outcome.FALLBACK,  # Twilio leaves the stream for the fallback TwiML
                 TwilioClosed: Outcome.FALLBACK,
+                TwilioFrameTooLarge: Outcome.FALLBACK,
             },
             _handing_off(_FALLING_BACK),
+        ),
+        _ENDING_DEAD_STREAM: _row(
+            # whatever still arrives changes nothing: the call ends with Twilio's answer (or
+            # its deadline), and the stream is closed only then, so Twilio never falls through
+            # to the TwiML after <Connect> on a call it is completing
+            _stay(_ENDING_DEAD_STREAM, *_TWILIO_AND_CLOCK, *_AGENT_CHATTER, AgentError, AgentClosed),
+            {
+                CallUpdated: Outcome.STREAM_LOST,
+                CallGone: Outcome.STREAM_LOST,
+                CallUpdateFailed: Outcome.STREAM_LOST,  # logged with Twilio's code; the close is all that is left
+                CallUpdateDeadlinePassed: Outcome.STREAM_LOST,
+                TwilioStop: Outcome.STREAM_LOST,
+                TwilioClosed: Outcome.STREAM_LOST,
+                TwilioFrameTooLarge: Outcome.STREAM_LOST,
+            },
+            _handing_off(_ENDING_DEAD_STREAM),
         ),
         CallState.ENDED: _row(),
     }
@@ -278,12 +319,25 @@ DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
         _HANGING_UP: CallUpdateDeadlinePassed,
         _TRANSFERRING: CallUpdateDeadlinePassed,
         _FALLING_BACK: CallUpdateDeadlinePassed,
+        _ENDING_DEAD_STREAM: CallUpdateDeadlinePassed,
     }
 )
-"""The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken)."""
+"""The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken).
+Besides it, every state with ``MediaDeadlinePassed`` in its row (the call before any hand-off)
+watches the stream: no media for ``Telephony.media_timeout`` seconds (0: never)."""
 
 ACCEPTED_STATES = frozenset(
-    {_CONNECTING, _AWAITING_WELCOME, _AWAITING_SETTINGS, _LIVE, _AGENT_DOWN, _HANGING_UP, _TRANSFERRING, _FALLING_BACK}
+    {
+        _CONNECTING,
+        _AWAITING_WELCOME,
+        _AWAITING_SETTINGS,
+        _LIVE,
+        _AGENT_DOWN,
+        _HANGING_UP,
+        _TRANSFERRING,
+        _FALLING_BACK,
+        _ENDING_DEAD_STREAM,
+    }
 )
 """States of a call whose stream token was redeemed: it counts as active and gets a record."""
 

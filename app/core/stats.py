@@ -25,7 +25,8 @@ class CallStats:
     functions_called: int = 0
     invalid: dict[InvalidKind, int] = field(default_factory=dict)
     overflows: dict[Overflow, int] = field(default_factory=dict)
-    agent_latencies: list[float] = field(default_factory=list)
+    agent_latency_sum: float = 0.0  # the agent's own total latency, summed over its turns (for the average)
+    agent_latency_count: int = 0
 
     def count_invalid(self, kind: InvalidKind) -> bool:
         """Count a bad input; True the first time this kind is seen (log once, not per frame)."""

@@ -20,6 +20,8 @@ class Outcome(StrEnum):
     COMPLETED = "completed"  # the bridge hung up after a goodbye (HangupReason says why)
     TRANSFERRED = "transferred"  # the caller was handed to a listed destination (transfer_call)
     FALLBACK = "fallback"  # the agent could not be reached: the caller got the fallback TwiML
+    STREAM_LOST = "stream_lost"  # no media from Twilio for media_timeout_seconds: a dead stream, completed by REST
+    OVERSIZE_FRAME = "oversize_frame"  # Twilio's socket closed (1009) for a frame over the size limit
 
 
 class FallbackReason(StrEnum):
@@ -56,7 +58,7 @@ class RestResult(StrEnum):
     """How a Twilio REST call update went (label of callbridge_call_updates_total)."""
 
     OK = "ok"
-    ALREADY_ENDED = "already_ended"  # Twilio error 20404: the call is over, which is what we wanted
+    ALREADY_ENDED = "already_ended"  # Twilio error 20404 or 21220: the call is over already
     FAILED = "failed"
     NO_CREDENTIALS = "no_credentials"  # offline: the stream is closed instead, ending the call
 
@@ -93,7 +95,8 @@ class RejectReason(StrEnum):
     BAD_TOKEN = "bad_token"  # stream token missing, forged, for another call, expired or reused
     BAD_SIGNATURE = "bad_signature"  # decided at the upgrade by the server, before any Call exists
     SHUTTING_DOWN = "shutting_down"  # the process stopped before the stream started
-    OVER_CAPACITY = "over_capacity"  # decided at the upgrade: this instance is at MAX_CALLS
+    OVER_CAPACITY = "over_capacity"  # token good, but not admitted here and this instance is at MAX_CALLS
+    EVICTED = "evicted"  # no token yet, and the pool of such sockets was full: the oldest made room
     INTERNAL_ERROR = "internal_error"  # a bug before the stream started
 
 

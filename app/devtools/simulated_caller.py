@@ -46,7 +46,7 @@ FRAME_S = FRAME_MS / 1000
 SILENCE = b"\xff"  # mu-law zero
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 KEY_GAP_S = 0.15  # between the digits of one burst of key presses
-CALLER_FAULTS = frozenset({"abrupt_close", "stop_without_close", "stop_reading", "flood", "garbage"})
+CALLER_FAULTS = frozenset({"abrupt_close", "stop_without_close", "stop_reading", "flood", "garbage", "stall"})
 STOPPED_READING_RCVBUF = 4096  # a caller that stops reading shrinks its socket's receive buffer to this
 GARBAGE_FRAMES: tuple[str | bytes, ...] = (
     b"\x00\x01binary",  # Twilio never sends binary frames
@@ -74,6 +74,9 @@ class CallerFault:
       of the real-time audio. They count in ``CallResult.sent``.
     - garbage: ``frames`` frames Twilio never sends (binary, not JSON, unknown events, bad
       base64; ``GARBAGE_FRAMES`` in turn), back to back.
+    - stall: nothing more reaches the bridge (no media, marks, keys nor ``stop``) while the
+      socket stays open and is still read: a half-open path or a stuck proxy. The call goes on
+      at Twilio's end until the bridge ends it (closing the stream, or through the REST API).
     """
 
     kind: str
@@ -403,6 +406,7 @@ class _Stream:
         self.caller_speech = SpeechDetector()
         self.reading_paused = False  # a stop_reading or stop_without_close fault holds the socket unread
         self.aborted = False  # an abrupt_close fault dropped the connection
+        self.stalled = False  # a stall fault: nothing more goes out, though the socket is open
         self.frames_sent = 0
 
     def now(self) -> float:
@@ -417,7 +421,7 @@ class _Stream:
     async def send_event(self, event: str, body: dict[str, Any]) -> None:
         """One numbered event, as Twilio numbers them; nothing after `stop`."""
         async with self.send_lock:
-            if self.stopped:
+            if self.stopped or self.stalled:
                 return
             self.seq += 1
             self.stopped = event == "stop"
@@ -515,6 +519,8 @@ class _Stream:
             self.result.close_code = self.ws.close_code
         elif fault.kind == "stop_reading":
             self.pause_reading()
+        elif fault.kind == "stall":
+            self.stalled = True
         elif fault.kind == "flood":
             for _ in range(fault.frames):  # silence: the flood is not a turn the agent answers
                 await self.send_frame(SILENCE * fault.frame_bytes, self.frames_sent)
@@ -579,7 +585,7 @@ class _Stream:
                 },
             },
         )
-        if self.stopped:
+        if self.stopped or self.stalled:
             return
         self.frames_sent += 1
         self.result.sent += frame

@@ -23,7 +23,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from app.core.events import CallUpdated, CallUpdateFailed, RecordingFailed, RecordingStarted
+from app.core.events import CallGone, CallUpdated, CallUpdateFailed, RecordingFailed, RecordingStarted
 from app.core.vocabulary import RestResult
 from app.twilio.webhook import STATUS_PATH, VOICE_PATH
 
@@ -229,7 +229,11 @@ def _reachable(url: str) -> tuple[bool, str]:
         return False, f"GET {url} failed: {exc}"
 
 
-CALL_ENDED = 20404  # Twilio's "not found": the call is already over
+CALL_GONE_CODES = {
+    20404: "Twilio 20404: not found",  # the call ended and is no longer a live resource
+    21220: "Twilio 21220: call not in progress",  # it exists but has ended: cannot be changed
+}
+"""Twilio's answers to an update of a call that is over: either means the caller is gone."""
 
 
 def _request_failed(exc: TwilioException | TwilioUnreachable) -> str:
@@ -249,10 +253,10 @@ class CallUpdater:
     def __init__(self, account_sid: str, auth_token: str, api_base: str | None = None) -> None:
         self._client = make_client(account_sid, auth_token, api_base)
 
-    async def hang_up(self, call_sid: str) -> CallUpdated | CallUpdateFailed:
+    async def hang_up(self, call_sid: str) -> CallUpdated | CallGone | CallUpdateFailed:
         return await asyncio.to_thread(self._update, call_sid, {"status": "completed"})
 
-    async def transfer(self, call_sid: str, twiml: str) -> CallUpdated | CallUpdateFailed:
+    async def transfer(self, call_sid: str, twiml: str) -> CallUpdated | CallGone | CallUpdateFailed:
         return await asyncio.to_thread(self._update, call_sid, {"twiml": twiml})
 
     async def start_recording(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
@@ -271,11 +275,11 @@ class CallUpdater:
             return RecordingFailed(_request_failed(exc))
         return RecordingStarted(str(recording.sid))
 
-    def _update(self, call_sid: str, change: dict[str, str]) -> CallUpdated | CallUpdateFailed:
+    def _update(self, call_sid: str, change: dict[str, str]) -> CallUpdated | CallGone | CallUpdateFailed:
         try:
             _call(self._client, lambda: self._client.calls(call_sid).update(**change))
         except (TwilioException, TwilioUnreachable) as exc:
-            if isinstance(exc, TwilioRestException) and exc.code == CALL_ENDED:
-                return CallUpdated(RestResult.ALREADY_ENDED, "the call had already ended")
+            if isinstance(exc, TwilioRestException) and exc.code in CALL_GONE_CODES:
+                return CallGone(CALL_GONE_CODES[exc.code])
             return CallUpdateFailed(_request_failed(exc))
         return CallUpdated(RestResult.OK, "")

@@ -443,4 +443,4 @@ def test_oversize_twilio_frame_closes_the_stream_and_the_agent_session(
     assert asyncio.run(run()) == 1009  # message too big
     session = agent.agent.sessions[0]
     assert wait_until(lambda: session.closed)
-    assert bridge.wait_for("call_ended")["outcome"] == "caller_hangup"
+    assert bridge.wait_for("call_ended")["outcome"] == "oversize_frame"  # not the caller hanging up

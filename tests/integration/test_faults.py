@@ -590,7 +590,7 @@ def test_a_frame_over_the_size_limit_closes_the_stream_and_the_agent_session(
     session = agent.agent.sessions[0]
     assert wait_until(lambda: session.closed)
     (record,) = ended(bridge)
-    assert record["outcome"] == "caller_hangup" and record["invalid_inputs"] == {"oversize": 1}
+    assert record["outcome"] == "oversize_frame" and record["invalid_inputs"] == {"oversize": 1}
     settled(bridge, baseline)
 
 

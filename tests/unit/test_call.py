@@ -73,7 +73,13 @@ CALL = "CA" + "b" * 32
 RESERVED_LOG_KEYS = {"event", "level", "timestamp", "logger"}
 
 
+SILENT_STREAM = Telephony(media_timeout=0)
+"""These calls pass simulated seconds without a media frame, which the dead-stream watchdog
+would end; its own tests (test_stream_watchdog.py) turn it on."""
+
+
 def make_call(**options: Any) -> Call:
+    options.setdefault("telephony", SILENT_STREAM)
     return Call(CallOptions(agent=AGENT, **options), now=0.0)
 
 

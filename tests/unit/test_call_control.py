@@ -4,6 +4,7 @@ goodbye, the keypad, the silence check-in and the time limit. Simulated time, no
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -55,7 +56,9 @@ PHONE = Telephony(
 
 
 def live_call(telephony: Telephony = PHONE, now: float = 0.0) -> Call:
-    call = Call(CallOptions(agent=AGENT, telephony=telephony), now=now)
+    """A live call whose simulated seconds pass without media frames: the dead-stream watchdog
+    is off here (its own tests are in test_stream_watchdog.py)."""
+    call = Call(CallOptions(agent=AGENT, telephony=replace(telephony, media_timeout=0)), now=now)
     start = TwilioStart(SID, CALL, custom_parameters={"from": "+15550001111", "to": "+15550002222"})
     for event in (start, StreamTokenAccepted(), AgentConnected(), AgentWelcome("r"), AgentSettingsApplied()):
         call.handle(event, now)

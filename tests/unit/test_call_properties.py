@@ -138,8 +138,9 @@ class ObservedSession(CallSession):
         super()._clear(clear)
 
 
-READY_TIMEOUT = START_TIMEOUT = 10.0  # CallOptions' defaults, used by run()
+READY_TIMEOUT, START_TIMEOUT, MEDIA_TIMEOUT = 10.0, 5.0, 10.0  # CallOptions' defaults, used by run()
 WAITING_FOR_AGENT = ("connecting", "awaiting_welcome", "awaiting_settings")
+WATCHED = (*WAITING_FOR_AGENT, "live", "agent_down")  # the dead-stream watchdog's phases
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Model:
     stream_sid: str = ""
     accepted_at: float = 0.0
     fallback_at: float = 0.0
+    last_media: float = 0.0
 
     def foreign(self, event: Event) -> bool:
         with_sid = isinstance(event, TwilioMedia | TwilioMark | TwilioDtmf | TwilioStop)
@@ -166,10 +168,13 @@ class Model:
         phase = self.phase
         if phase == "ended" or self.foreign(event):
             return
+        if isinstance(event, TwilioMedia):
+            self.last_media = now
         match event:
             case TwilioStart() if phase == "awaiting_start":
                 self.stream_sid = event.stream_sid
                 self.phase, self.accepted_at = ("connecting", now) if token_ok else ("ended", now)
+                self.last_media = now  # the dead-stream watchdog counts from the start of the call
             case TwilioBadStart() if phase == "awaiting_start":
                 self.phase = "ended"
             case TwilioStop() | TwilioClosed() | BridgeShuttingDown() | BridgeFailed():
@@ -184,6 +189,10 @@ class Model:
                 self.phase = "live"
             case AgentError() | AgentClosed() if phase in (*WAITING_FOR_AGENT, "live"):
                 self.phase = "agent_down"
+            case Tick() if (
+                phase in (*WAITING_FOR_AGENT, "live", "agent_down") and now - self.last_media >= MEDIA_TIMEOUT
+            ):
+                self.phase = "ended"  # no media for media_timeout: the stream is dead
             case Tick() if phase == "agent_down":  # no reconnect budget here: the fallback
                 self.phase, self.fallback_at = "falling_back", now
             case Tick() if phase == "awaiting_start" and now >= START_TIMEOUT:

@@ -45,6 +45,7 @@ from app.core.events import (
     AgentWelcome,
     BridgeFailed,
     BridgeShuttingDown,
+    CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
     CallUpdateFailed,
@@ -53,10 +54,13 @@ from app.core.events import (
     FunctionDone,
     HangUpDue,
     KeepAliveDue,
+    MediaDeadlinePassed,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
     StartDeadlinePassed,
+    StreamEvicted,
+    StreamOverCapacity,
     StreamTokenAccepted,
     StreamTokenRefused,
     Tick,
@@ -65,13 +69,14 @@ from app.core.events import (
     TwilioClosed,
     TwilioConnected,
     TwilioDtmf,
+    TwilioFrameTooLarge,
     TwilioInvalid,
     TwilioMark,
     TwilioMedia,
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND, CallOptions
+from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND, CallOptions, Telephony
 from app.core.states import (
     ACCEPTED_STATES,
     DEADLINES,
@@ -134,9 +139,17 @@ SAMPLES: dict[type[Any], Event] = {
     AgentInjectionRefused: AgentInjectionRefused("someone is speaking"),
     AgentRetryDue: AgentRetryDue(),
     AgentUnavailable: AgentUnavailable(),
+    TwilioFrameTooLarge: TwilioFrameTooLarge(),
+    StreamOverCapacity: StreamOverCapacity(),
+    StreamEvicted: StreamEvicted(),
+    CallGone: CallGone("Twilio 21220: call not in progress"),
+    MediaDeadlinePassed: MediaDeadlinePassed(),
 }
 
 ALL_EVENT_TYPES = set(typing.get_args(Event))
+
+HANDED_OFF = {CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK, CallState.ENDING_DEAD_STREAM}
+"""States after a REST update was sent: Twilio's answer (or its deadline) ends them."""
 
 LIVE_PATH: list[Event] = [
     TwilioStart(SID, CALL),
@@ -168,11 +181,13 @@ PATH: dict[CallState, list[Event]] = {
     CallState.TRANSFERRING: [*LIVE_PATH, TransferDue("sales", "<Response/>")],
     CallState.AGENT_DOWN: [*LIVE_PATH, AgentClosed(1011, "lost")],
     CallState.FALLING_BACK: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnectFailed("HTTP 401"), Tick()],
+    CallState.ENDING_DEAD_STREAM: [*LIVE_PATH, MediaDeadlinePassed()],  # with REST credentials (call_in)
     CallState.ENDED: [TwilioStop()],
 }
 
 
 def call_in(state: CallState, **options: Any) -> Call:
+    options.setdefault("telephony", Telephony(rest_available=True))
     call = Call(CallOptions(agent="id", **options), now=0.0)
     for event in PATH[state]:
         call.handle(event, 0.0)
@@ -205,6 +220,8 @@ def test_close_codes_tell_twilio_why() -> None:
     assert close_code(Outcome.BRIDGE_SHUTDOWN) == close_code(RejectReason.SHUTTING_DOWN) == 1001
     assert close_code(RejectReason.BAD_TOKEN) == close_code(RejectReason.NO_START) == 1008
     assert close_code(Outcome.BRIDGE_ERROR) == close_code(RejectReason.INTERNAL_ERROR) == 1011
+    assert close_code(RejectReason.OVER_CAPACITY) == close_code(RejectReason.EVICTED) == 1013
+    assert close_code(Outcome.OVERSIZE_FRAME) == 1009 and close_code(Outcome.STREAM_LOST) == 1000
 
 
 def test_the_table_cannot_be_changed_at_run_time_nor_list_an_event_twice() -> None:
@@ -227,7 +244,7 @@ def test_every_live_state_can_end_and_watches_a_deadline() -> None:
         stuck = row[OutboxFull]
         if state in (CallState.AWAITING_START, CallState.CHECKING_TOKEN):
             assert stuck is RejectReason.INTERNAL_ERROR
-        elif state in (CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK):
+        elif state in HANDED_OFF:
             assert stuck is state and DEADLINES[state] is CallUpdateDeadlinePassed
         else:
             assert stuck is CallState.FALLING_BACK, state
@@ -266,6 +283,8 @@ def test_every_state_event_pair_has_its_defined_outcome(state: CallState, event_
         assert call.end_reason and call.end_reason != event_type.__name__  # said in words
         sends = (SendMedia, SendMark, ClearTwilio, SendToAgent, ConnectAgent, RedeemStreamToken)
         assert not [a for a in actions if isinstance(a, sends)]  # an ending sends nothing
+    elif event_type is Tick and MediaDeadlinePassed in TRANSITIONS[state]:  # no media since: a dead stream
+        assert call.state is CallState.ENDING_DEAD_STREAM
     elif event_type is Tick and state is CallState.AGENT_DOWN:  # long after the loss: budget spent
         assert call.state is CallState.FALLING_BACK
     elif event_type is Tick:  # a Tick late enough fires the state's own deadline
@@ -348,3 +367,24 @@ def test_agent_ready_after_40_seconds_delivers_all_buffered_audio_within_the_que
     assert not call.ended and call.state is CallState.LIVE
     assert b"".join(flushed) == b"".join(sent) and call.stats.caller_bytes_dropped == 0  # nothing lost
     assert len(flushed) <= options.agent_queue_limit
+
+
+def test_the_watchdog_watches_the_call_until_it_is_handed_off_and_only_then() -> None:
+    watched = {state for state, row in TRANSITIONS.items() if MediaDeadlinePassed in row}
+    assert watched == ACCEPTED_STATES - HANDED_OFF
+    for state in watched:
+        assert TRANSITIONS[state][MediaDeadlinePassed] is CallState.ENDING_DEAD_STREAM
+    ending = TRANSITIONS[CallState.ENDING_DEAD_STREAM]
+    assert {target for target in ending.values() if not isinstance(target, CallState)} == {
+        Outcome.STREAM_LOST,
+        Outcome.BRIDGE_ERROR,
+        Outcome.BRIDGE_SHUTDOWN,
+    }
+    for state in watched:
+        assert TRANSITIONS[state][TwilioFrameTooLarge] is Outcome.OVERSIZE_FRAME
+
+
+def test_a_call_twilio_says_is_over_ends_as_the_caller_hanging_up_unless_we_were_hanging_up() -> None:
+    assert TRANSITIONS[CallState.HANGING_UP][CallGone] is Outcome.COMPLETED
+    assert TRANSITIONS[CallState.TRANSFERRING][CallGone] is Outcome.CALLER_HANGUP
+    assert TRANSITIONS[CallState.FALLING_BACK][CallGone] is Outcome.CALLER_HANGUP

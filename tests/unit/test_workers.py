@@ -70,8 +70,7 @@ def test_max_calls_holds_for_the_instance(tmp_path: Path) -> None:
         one.set_active(2)
         assert two.admit("CA-a", max_calls=3, now=100)
         assert not one.admit("CA-b", max_calls=3, now=100)  # 2 calls + 1 admitted on the other worker
-        two.stream_started("CA-a")  # its stream lands on worker 2: counted there from now on
-        two.set_active(1)
+        assert two.claim("CA-a", max_calls=3, active_after=1, now=100)  # its stream lands on worker 2
         assert one.active() == 3
         assert not one.admit("CA-b", max_calls=3, now=100)
         one.set_active(1)  # a call on worker 1 ended
@@ -80,6 +79,28 @@ def test_max_calls_holds_for_the_instance(tmp_path: Path) -> None:
         assert two.admit("CA-c", max_calls=3, now=112)  # CA-b's stream never came: its hold lapsed
         forget_worker(path, 1)  # worker 1 died with its calls
         assert two.active() == 1
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_stream_takes_a_place_only_when_its_call_was_admitted_or_one_is_free(tmp_path: Path) -> None:
+    path = machine_db.create(tmp_path)
+    one, two = InstanceLoad(path, 1, hold_seconds=10), InstanceLoad(path, 2, hold_seconds=10)
+    try:
+        one.set_active(1)
+        assert two.admit("CA-a", max_calls=2, now=100)  # the last place, held for CA-a
+        assert not two.claim("CA-x", max_calls=2, active_after=1, now=100)  # not admitted, no place left
+        assert two.active() == 1  # a refused claim counts nothing
+        assert one.claim("CA-a", max_calls=2, active_after=2, now=100)  # admitted on worker 2, streams on 1
+        assert one.active() == 2
+        assert not two.admit("CA-b", max_calls=2, now=100)
+        one.set_active(1)
+        assert two.claim("CA-y", max_calls=2, active_after=1, now=100)  # a free place: a stream from elsewhere
+        assert not one.claim("CA-z", max_calls=2, active_after=2, now=100)
+        assert two.admit("CA-c", max_calls=3, now=100)
+        assert not one.claim("CA-z", max_calls=3, active_after=2, now=105)  # CA-c holds the last place
+        assert one.claim("CA-z", max_calls=3, active_after=2, now=111)  # CA-c's hold lapsed
     finally:
         one.close()
         two.close()
