@@ -25,6 +25,7 @@ from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import CONTENT_TYPE, Metrics
+from app.operator_tools import aclose_clients
 from app.stream_admission import ADMISSION_HOLD_SECONDS, Admission
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
@@ -176,6 +177,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             for task in list(state.sockets):
                 task.cancel()
             await asyncio.gather(*state.sockets, return_exceptions=True)
+            await aclose_clients()  # this worker's pooled operator-tool connections
             await state.records.close()
             if state.token_store is not None:
                 await state.token_store.close()
