@@ -143,6 +143,9 @@ class CallDeps:
     """The options of the profile a stream token names ("" is the default profile)."""
     call_updater: CallUpdater | None = None  # Twilio REST; None without credentials
     tools_secret: bytes | None = None  # WEBHOOK_SIGNING_SECRET, signs operator tool requests
+    token_verified: Callable[[], None] = lambda: None
+    """The stream's token carries our signature for its CallSid (single use still to be checked
+    in a shared store): it leaves the token-less pool."""
     claim_place: Callable[[str], bool] = lambda call_sid: True
     """The stream redeemed the token of this CallSid: take its place under MAX_CALLS (the one
     its webhook admission held, or a free one). False: none left, the stream is refused."""
@@ -333,11 +336,17 @@ class CallSession:
             self._twilio_writer_task.cancel()
 
     def evict(self) -> None:
-        """The pool of token-less sockets is full and this one is its oldest: refused."""
+        """The pool of token-less sockets is full and this one is its oldest: refused. Called
+        from the newcomer's handler: a bug here ends this call, not the newcomer's."""
         if self.end is None:
-            self.feed(StreamEvicted())
+            try:
+                self.feed(StreamEvicted())
+            except Exception as exc:
+                self._crashed("evict", exc)
 
     def _token_checked(self, call_sid: str, profile: str, problem: str | None) -> None:
+        if self.end is not None:  # evicted, closed or timed out while a shared store answered
+            return
         if problem is not None:
             self.feed(StreamTokenRefused(problem))
             return
@@ -357,6 +366,9 @@ class CallSession:
         if isinstance(verified, str):
             self._token_checked(redeem.call_sid, redeem.profile, verified)
             return
+        # signed by us for this CallSid: no longer anyone's socket, so it leaves the token-less
+        # pool now, not after the store's answer (a flood could push it out meanwhile)
+        self.deps.token_verified()
         try:
             first = await store.use_once(verified.nonce, verified.expires)
             problem = None if first else "already used"
@@ -406,16 +418,20 @@ class CallSession:
         request.add_done_callback(self._update_answered)
 
     def _update_answered(self, request: asyncio.Future[CallUpdated | CallGone | CallUpdateFailed]) -> None:
+        """Twilio's answer, in a done-callback: a bug here must still end the call loudly."""
         if request.cancelled():  # the process is stopping
             return
-        exc = request.exception()
-        if exc is not None:  # CallUpdater answers every failure as an event: this is a bug
-            self.log.error("call_update_crashed", exc_info=exc)
-            self.feed(CallUpdateFailed(f"internal error: {type(exc).__name__}"))
-            return
-        result = request.result()
-        self._count_update(result)
-        self.feed(result)
+        try:
+            exc = request.exception()
+            if exc is not None:  # CallUpdater answers every failure as an event: this is a bug
+                self.log.error("call_update_crashed", exc_info=exc)
+                self.feed(CallUpdateFailed(f"internal error: {type(exc).__name__}"))
+                return
+            result = request.result()
+            self._count_update(result)
+            self.feed(result)
+        except Exception as exc:
+            self._crashed("call_update_answered", exc)
 
     async def _start_recording(self, start: StartRecording) -> None:
         updater = self.deps.call_updater

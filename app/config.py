@@ -82,9 +82,10 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_calls: int = Field(default=100, ge=1, le=10000)
     """Calls at once: admitted by the webhook, or streaming with a redeemed stream token."""
-    max_tokenless_streams: int = Field(default=128, ge=1, le=10000)
+    max_tokenless_streams: int = Field(default=512, ge=1, le=100000)
     """Media sockets waiting for their ``start`` (no stream token yet), per process; when full,
-    the oldest is closed to make room (app.stream_admission). They never count in MAX_CALLS."""
+    the oldest is closed to make room (app.stream_admission). They never count in MAX_CALLS.
+    About 54 KiB each (27 MiB for a full pool at the default)."""
     stream_start_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     """A media socket must redeem its stream token within this: Twilio sends ``start``
     milliseconds after the upgrade, so this only bounds how long a socket that is not Twilio
@@ -241,6 +242,13 @@ class TelephonyModel(BaseModel):
     max_call_seconds: float = Field(default=3600.0, gt=0, le=7200)  # Deepgram's session limit is 2 hours
     media_timeout_seconds: float = Field(default=10.0, ge=0, le=3600)
     """No Twilio media this long in a call: the stream is dead and the call completed (0: off)."""
+
+    @field_validator("media_timeout_seconds")
+    @classmethod
+    def _media_timeout(cls, value: float) -> float:
+        if 0 < value < 1:  # ticks come every 0.5 s, and a network hiccup is not a dead stream
+            raise ValueError("must be 0 (off) or at least 1 second")
+        return value
     check_in_message: str | None = Field(default=None, min_length=1, max_length=500)
     silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
     time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)

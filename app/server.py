@@ -106,11 +106,19 @@ class AppState:
             self.idle.set()
 
     async def drain(self, limit_s: float) -> None:
-        """Stop being ready, then wait (bounded) for the calls in progress to end."""
+        """Stop being ready, then wait (bounded) for the calls in progress to end, and for the
+        streams of calls the webhook admitted just before to start (and end) too."""
         self.draining = True
         log.info("drain_started", active_calls=len(self.calls), timeout_s=limit_s)
+        deadline = time.monotonic() + limit_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.idle.wait(), limit_s)
+            while True:
+                await asyncio.wait_for(self.idle.wait(), max(0.0, deadline - time.monotonic()))
+                if not self.admission.waiting():
+                    break
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    break
         log.info("drain_finished", calls_left=len(self.calls))
 
 
@@ -178,6 +186,8 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
                 task.cancel()
             await asyncio.gather(*state.sockets, return_exceptions=True)
             await aclose_clients()  # this worker's pooled operator-tool connections
+            if call_updater is not None:
+                call_updater.close()
             await state.records.close()
             if state.token_store is not None:
                 await state.token_store.close()
@@ -341,6 +351,9 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         def claim_place(call_sid: str) -> bool:
             return state.claim_place(session, call_sid)
 
+        def token_verified() -> None:
+            state.admission.tokenless.discard(session)
+
         deps = CallDeps(
             tokens=state.tokens,
             agent_url=state.agent_url,
@@ -353,17 +366,18 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             tools_secret=config.webhook_signing_secret,
             refusals=state.refusals,
             token_store=state.token_store,
+            token_verified=token_verified,
             claim_place=claim_place,
             shutting_down=lambda: state.stopping,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
         assert task is not None
-        state.sockets.add(task)
-        evicted = state.admission.socket_opened(session)
-        if evicted is not None:  # the oldest token-less socket makes room for this one
-            evicted.evict()
         try:
+            state.sockets.add(task)
+            evicted = state.admission.socket_opened(session)
+            if evicted is not None:  # the oldest token-less socket makes room for this one
+                evicted.evict()
             await session.run()
         finally:
             state.socket_closed(task, session)

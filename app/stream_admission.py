@@ -5,11 +5,13 @@ while Twilio opens its stream) and by a media stream whose one-time token was re
 WebSocket that has not presented a token is nobody yet: anyone on the internet can open one,
 so it never counts towards MAX_CALLS. Such sockets wait in a pool of their own
 (``MAX_TOKENLESS_STREAMS``) for at most ``STREAM_START_TIMEOUT_SECONDS``; when the pool is full
-the oldest is evicted to make room. Twilio sends ``connected`` and ``start`` within
-milliseconds of the upgrade, so a real stream leaves the pool almost as soon as it enters:
-to push it out, a flood would have to complete a whole pool of upgrades in those few
-milliseconds, which this process cannot even accept at that rate. Held or churned, token-less
-sockets only ever push out each other.
+the oldest is evicted to make room. A real stream is in the pool only from its upgrade until
+its ``start`` arrives with a token signed for its CallSid: one network round trip to Twilio
+(then, with a shared token store, it leaves before the store answers). So token-less sockets,
+held or churned, push out only each other unless a flood completes a whole pool of upgrades
+within that round trip: the pool must exceed the attack's upgrades per second times the
+round trip (512 against 100 ms is 5,120 upgrades a second, several times what one process
+accepts; measured here: about 1,000 a second from one client on loopback).
 
 With ``serve --workers N`` the count of calls is the instance's (``InstanceLoad``, in the
 machine's shared file); the pool is each worker's own (it guards the worker's own memory).
@@ -112,7 +114,7 @@ class Admission(Generic[S]):
         self.tokenless.discard(socket)
         if self.load is not None:
             try:
-                taken = self.load.claim(call_sid, self.max_calls, len(self.calls) + 1)
+                taken = self.load.claim(call_sid, self.max_calls, len(self.calls) + 1, refuse_new=self.draining)
             except sqlite3.Error as exc:
                 self._shared_file_failed(exc)
             else:
@@ -125,6 +127,16 @@ class Admission(Generic[S]):
             return False
         self.calls.add(socket)
         return True
+
+    def waiting(self) -> int:
+        """Calls the webhook admitted whose stream has not started yet (their holds not lapsed)."""
+        if self.load is not None:
+            try:
+                return self.load.waiting()
+            except sqlite3.Error as exc:
+                self._shared_file_failed(exc)
+        self._expire()
+        return len(self.admissions)
 
     def socket_closed(self, socket: S) -> None:
         self.tokenless.discard(socket)

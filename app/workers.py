@@ -141,15 +141,20 @@ class InstanceLoad:
             db.execute("INSERT OR REPLACE INTO admissions (call_sid, at) VALUES (?, ?)", (call_sid, now))
         return True
 
-    def claim(self, call_sid: str, max_calls: int, active_after: int, now: float | None = None) -> bool:
+    def claim(
+        self, call_sid: str, max_calls: int, active_after: int, now: float | None = None, *, refuse_new: bool = False
+    ) -> bool:
         """A stream redeemed its token: it becomes one of this worker's calls (``active_after``
         of them once it is counted). A call the webhook admitted (on any worker) has its place
         already; one that was not (its webhook went to another replica, or its admission
-        expired) needs a free place under MAX_CALLS. One transaction, as ``admit``."""
+        expired) needs a free place under MAX_CALLS, and none is given while draining
+        (``refuse_new``). One transaction, as ``admit``."""
         now = time.time() if now is None else now
         with machine_db.transaction(self._db) as db:
             db.execute("DELETE FROM admissions WHERE at < ?", (now - self.hold_seconds,))
             admitted = db.execute("DELETE FROM admissions WHERE call_sid = ?", (call_sid,)).rowcount > 0
+            if not admitted and refuse_new:
+                return False
             if not admitted:
                 (others,) = db.execute(
                     "SELECT COALESCE(SUM(active), 0) FROM worker_calls WHERE worker != ?", (self.worker_id,)
@@ -161,6 +166,14 @@ class InstanceLoad:
                 "INSERT OR REPLACE INTO worker_calls (worker, active) VALUES (?, ?)", (self.worker_id, active_after)
             )
         return True
+
+    def waiting(self, now: float | None = None) -> int:
+        """Calls admitted (by any worker) whose stream has not started, their holds not lapsed."""
+        now = time.time() if now is None else now
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM admissions WHERE at >= ?", (now - self.hold_seconds,)
+        ).fetchone()
+        return int(count)
 
     def set_active(self, calls: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO worker_calls (worker, active) VALUES (?, ?)", (self.worker_id, calls))

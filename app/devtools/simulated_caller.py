@@ -259,12 +259,15 @@ class SimulatedCaller:
         key_gap: float = KEY_GAP_S,
         twilio_api: TwilioApiStandIn | None = None,
         fault: CallerFault | None = None,
+        start_delay: float = 0.0,
     ) -> None:
         """``keys``: (seconds after the stream starts, digits) bursts of key presses, each digit
         ``key_gap`` seconds after the previous one; the caller stays on the line until they are
         pressed. ``twilio_api``: a running REST stand-in where this call is registered (with the
         stand-in's account SID), so the bridge can hang it up or transfer it through the API.
-        ``fault``: a misbehaviour of the caller's side (see ``CallerFault``)."""
+        ``fault``: a misbehaviour of the caller's side (see ``CallerFault``). ``start_delay``:
+        seconds between the upgrade and ``connected``/``start``, as a network round trip puts
+        between the bridge's 101 and Twilio's first message."""
         for _, digits in keys:
             check_digits(digits)
         self.base_url = base_url.rstrip("/")
@@ -279,6 +282,7 @@ class SimulatedCaller:
         self.key_gap = key_gap
         self.twilio_api = twilio_api
         self.fault = fault
+        self.start_delay = start_delay
         self.call_sid = "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
         self.account_sid = twilio_api.account_sid if twilio_api is not None else "AC" + uuid.uuid4().hex
@@ -434,6 +438,8 @@ class _Stream:
         )
 
     async def run(self, audio: bytes, parameters: dict[str, str]) -> None:
+        if self.caller.start_delay:
+            await asyncio.sleep(self.caller.start_delay)
         await self.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         await self.ws.send(self.caller.start_message(parameters))
         self.t0 = time.monotonic()

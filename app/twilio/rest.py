@@ -13,6 +13,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -246,21 +247,36 @@ def _request_failed(exc: TwilioException | TwilioUnreachable) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
+REST_THREADS = 8
+"""Threads for Twilio REST requests of live calls, per process, apart from the event loop's
+default executor (which also resolves the agent's host name for every new call): a burst of
+hang-ups (a proxy that killed many streams at once) waits here, each bounded by the SDK's
+15 s timeout, and never delays the next call's agent connection."""
+
+
 class CallUpdater:
-    """Hang-ups and transfers of live calls, through the SDK in a thread so the event loop
-    (every call's audio) never waits on Twilio. Answers are core events; nothing raises."""
+    """Hang-ups and transfers of live calls, through the SDK in threads of its own so the event
+    loop (every call's audio) never waits on Twilio. Answers are core events; nothing raises."""
 
     def __init__(self, account_sid: str, auth_token: str, api_base: str | None = None) -> None:
         self._client = make_client(account_sid, auth_token, api_base)
+        self._threads = ThreadPoolExecutor(REST_THREADS, thread_name_prefix="twilio-rest")
 
     async def hang_up(self, call_sid: str) -> CallUpdated | CallGone | CallUpdateFailed:
-        return await asyncio.to_thread(self._update, call_sid, {"status": "completed"})
+        return await self._in_thread(self._update, call_sid, {"status": "completed"})
 
     async def transfer(self, call_sid: str, twiml: str) -> CallUpdated | CallGone | CallUpdateFailed:
-        return await asyncio.to_thread(self._update, call_sid, {"twiml": twiml})
+        return await self._in_thread(self._update, call_sid, {"twiml": twiml})
 
     async def start_recording(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
-        return await asyncio.to_thread(self._record, call_sid, status_callback_url)
+        return await self._in_thread(self._record, call_sid, status_callback_url)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def close(self) -> None:
+        """Let requests in flight finish (each bounded by the SDK's timeout) without waiting."""
+        self._threads.shutdown(wait=False)
 
     def _record(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
         """Both channels (caller and agent apart), as Twilio keeps them with the account's

@@ -203,3 +203,5 @@ def test_the_profile_sets_the_watchdog(tmp_path: Path) -> None:
     assert options({"media_timeout_seconds": 2.5}).telephony.media_timeout == 2.5
     with pytest.raises(ConfigError, match="media_timeout_seconds"):
         load_profile(write({"media_timeout_seconds": -1}))
+    with pytest.raises(ConfigError, match="media_timeout_seconds"):
+        load_profile(write({"media_timeout_seconds": 0.2}))  # shorter than a tick: every call would end
