@@ -287,3 +287,40 @@ def test_a_fallback_for_a_call_that_is_over_ends_as_the_caller_hanging_up(
     ended = bridge.wait_for("call_ended", timeout=10)
     assert ended["outcome"] == "caller_hangup" and ended["fallback_reason"] == "agent_unreachable", ended
     assert "before the fallback" in ended["end_reason"]
+
+
+class SlowTokenStore:
+    """A shared token store answering in 300 ms (within the Redis client's 1 s timeout): the
+    window in which a real stream's token is being checked."""
+
+    async def use_once(self, nonce: str, expires: float) -> bool:
+        await asyncio.sleep(0.3)
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_stream_whose_token_is_being_checked_in_a_shared_store_is_not_evicted(
+    start_agent: Callable[..., AgentHandle], start_bridge: Callable[..., BridgeHandle]
+) -> None:
+    agent = start_agent()
+    bridge = start_bridge(agent.url, max_calls=4, max_tokenless_streams=4)
+    bridge.server.config.app.state.bridge.token_store = SlowTokenStore()  # read by each new stream
+    url = bridge.base_url.replace("http://", "ws://") + "/twilio/media"
+    audio = caller_audio(("silence", 0.3), ("speech", "hello"), ("silence", 0.5))
+
+    async def scenario() -> CallResult:
+        run = asyncio.create_task(SimulatedCaller(bridge.base_url, TWILIO_TOKEN, tail=1.0).run(audio))
+        await asyncio.sleep(0.15)  # the real stream's token is in the store's hands now
+        idle = [await connect(url, compression=None) for _ in range(4)]  # a full pool's worth of newcomers
+        try:
+            return await run
+        finally:
+            for ws in idle:
+                ws.transport.abort()
+
+    result = asyncio.run(scenario())
+    assert result.ended_by == "caller" and result.violations == []
+    assert len(agent.agent.sessions) == 1
+    assert bridge.wait_for("call_ended")["outcome"] == "caller_hangup"
