@@ -193,6 +193,9 @@ class CallSession:
         self._agent_session = 0  # which agent session is current (reconnects start new ones)
         self._agent_stuck_session: int | None = None  # the session last dropped for not reading (once each)
         self._twilio_stuck_reported = False
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._ticks = 0
+        self._agent_writer_for: AgentConnection | None = None
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -288,8 +291,18 @@ class CallSession:
         except asyncio.QueueFull:
             self._overflowed = self._overflowed or which
             return
+        self._start_writer(which)
         if queue.dropped_bytes and not dropped_before:
             self.log.warning("audio_dropped_peer_not_reading", queue=which.value, peer_stuck_after_s=PEER_STUCK_SECONDS)
+
+    def _start_writer(self, which: Overflow) -> None:
+        """A writer task only once something had to be queued: sends are written at once
+        while the socket takes them, so most calls never need one (a task is ~1.5 KiB)."""
+        if which is Overflow.TWILIO_QUEUE:
+            if self._twilio_writer_task is None and self.end is None:
+                self._twilio_writer_task = self._spawn(self._twilio_writer())
+        elif self._agent_writer_task is None and self._agent_writer_for is not None:
+            self._agent_writer_task = self._spawn(self._agent_writer(self._agent_writer_for))
 
     def _clear(self, clear: ClearTwilio) -> None:
         """Barge-in, the pump's half (the core's is ``Playback.barge_in``): drop the media and
@@ -462,6 +475,7 @@ class CallSession:
         if self.agent_ws is not None:
             old, self.agent_ws = self.agent_ws, None
             self._spawn(self._close_quietly(old))
+        self._agent_writer_for = None
         if self._agent_writer_task is not None:
             self._agent_writer_task.cancel()
             self._agent_writer_task = None
@@ -474,7 +488,9 @@ class CallSession:
         def opened(ws: AgentConnection) -> None:
             if session == self._agent_session:
                 self.agent_ws = ws
-                self._agent_writer_task = self._spawn(self._agent_writer(ws))
+                self._agent_writer_for = ws
+                if not self.agent_out.empty():
+                    self._start_writer(Overflow.AGENT_QUEUE)
 
         self._spawn(run_session(self.deps.agent_url, self.deps.agent_api_key, feed_current, opened))
 
@@ -549,16 +565,21 @@ class CallSession:
                 await ws.send(await queue.get())
                 queue.task_done()
 
-    async def _ticker(self) -> None:
-        flush_every = max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS))
-        ticks = 0
-        while True:
-            await asyncio.sleep(TICK_SECONDS)
+    def _tick(self) -> None:
+        """The call's clock: a timer callback every ``TICK_SECONDS`` rather than a task
+        sleeping in a loop (less memory per call, one wake-up either way). A bug ends the call."""
+        self._tick_handle = None
+        try:
             self.feed(Tick())
             self._check_peers_reading()
-            ticks += 1
-            if ticks % flush_every == 0:
+            self._ticks += 1
+            if self._ticks % max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS)) == 0:
                 self._flush_metrics()
+        except Exception as exc:
+            self._crashed("ticker", exc)
+            return
+        if not self.done.is_set():
+            self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def _check_peers_reading(self) -> None:
         """A peer that has taken nothing from its queue for ``PEER_STUCK_SECONDS`` while items
@@ -621,12 +642,13 @@ class CallSession:
 
     async def run(self) -> None:
         """Pump until the core ends the call (or the task is cancelled), then tear down."""
-        self._twilio_writer_task = self._spawn(self._twilio_writer())
         self._spawn(self._twilio_reader())
-        self._spawn(self._ticker())
+        self._tick_handle = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
         try:
             await self.done.wait()
         finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
             await self._teardown()
 
     async def _teardown(self) -> None:

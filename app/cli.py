@@ -294,6 +294,38 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 1 if report.failures or any(r.violations for r in report.results) else 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from app.devtools import memory_profile
+
+    if args.calls < 1 or args.seconds <= 0 or args.frames < 1:
+        print("callbridge: --calls and --frames must be at least 1, --seconds above 0", file=sys.stderr)
+        return 2
+    try:
+        print(memory_profile.run(args.calls, args.seconds, args.ramp, args.frames, args.top, args.floor))
+    except RuntimeError as exc:  # the bridge or the agent did not start, or the probe did not answer
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_soak_call(args: argparse.Namespace) -> int:
+    from app.devtools import soak_call
+
+    if args.minutes <= 0 or args.barge_in_every <= 1 or args.sample_every <= 0 or args.frames < 0:
+        print(
+            "callbridge: --minutes and --sample-every must be above 0, --barge-in-every above 1, --frames at least 0",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        soak = soak_call.measure(args.minutes, args.barge_in_every, args.sample_every, args.frames)
+    except RuntimeError as exc:  # the bridge or the agent did not start, or the probe did not answer
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
+    print(soak_call.render(soak, args.settle_minutes))
+    return 0 if soak_call.ok(soak) else 1
+
+
 def cmd_bench_audio(args: argparse.Namespace) -> int:
     from app.devtools import bench_audio
 
@@ -463,6 +495,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the bridge (and the floor) with --workers N (default: the option is not passed)",
     )
     load.set_defaults(func=cmd_loadtest)
+
+    memory = sub.add_parser(
+        "memory",
+        help="benchmark: what each concurrent call's memory is spent on (tracemalloc in the bridge)",
+        formatter_class=DefaultsHelp,
+    )
+    memory.add_argument("--calls", type=int, default=50, help="concurrent calls")
+    memory.add_argument("--seconds", type=float, default=20.0, help="caller audio per call")
+    memory.add_argument("--ramp", type=float, default=2.0, help="seconds over which calls start")
+    memory.add_argument(
+        "--frames", type=int, default=8, help="stack frames tracemalloc keeps per allocation (more: slower)"
+    )
+    memory.add_argument("--top", type=int, default=20, help="rows in each table")
+    memory.add_argument(
+        "--floor",
+        action="store_true",
+        help="first measure the floor (app.devtools.minimal_relay) the same way and print the bridge against it",
+    )
+    memory.set_defaults(func=cmd_memory)
+
+    soak = sub.add_parser(
+        "soak-call",
+        help="benchmark: one long call with frequent barge-ins; the bridge's memory sampled all along",
+        formatter_class=DefaultsHelp,
+    )
+    soak.add_argument("--minutes", type=float, default=10.0, help="length of the call")
+    soak.add_argument("--barge-in-every", type=float, default=3.0, help="seconds between the caller's barge-ins")
+    soak.add_argument("--sample-every", type=float, default=15.0, help="seconds between samples of the bridge")
+    soak.add_argument(
+        "--settle-minutes", type=float, default=2.0, help="the slopes are fitted from this far into the call"
+    )
+    soak.add_argument(
+        "--frames", type=int, default=1, help="stack frames tracemalloc keeps per allocation (0: no tracemalloc)"
+    )
+    soak.set_defaults(func=cmd_soak_call)
 
     bench = sub.add_parser(
         "bench-audio",

@@ -249,6 +249,7 @@ class TelephonyModel(BaseModel):
         if 0 < value < 1:  # ticks come every 0.5 s, and a network hiccup is not a dead stream
             raise ValueError("must be 0 (off) or at least 1 second")
         return value
+
     check_in_message: str | None = Field(default=None, min_length=1, max_length=500)
     silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
     time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)
@@ -610,6 +611,9 @@ class RuntimeConfig:
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
             start_timeout=self.settings.stream_start_timeout_seconds,
+            # what the posted call record carries is all that is kept for it
+            record_utterances=self.settings.call_events_url is not None,
+            record_transcript=self.settings.call_events_url is not None and self.settings.call_events_transcript,
             telephony=self.telephony(profile),
             fallback_twiml=self.fallback_twiml(profile_name),
             reconnect_attempts=bridge.reconnect.attempts,

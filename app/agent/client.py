@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
@@ -154,6 +155,10 @@ async def open_session(url: str, api_key: str | None, open_timeout: float = OPEN
     )
     assert isinstance(ws, AgentConnection)
     limit_send_buffer(ws.transport.get_extra_info("socket"))
+    # the handshake's headers are done with (~2 KiB a call); the request and response stay, as
+    # websockets tells a finished handshake by them
+    assert ws.request is not None and ws.response is not None
+    ws.request.headers = ws.response.headers = Headers()
     return ws
 
 

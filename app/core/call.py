@@ -141,7 +141,7 @@ class Call:
         self.caller = CallerInput(options, stats)
         self.playback = Playback(options, stats)
         self.agent = AgentLink(options, stats, now)
-        self.conversation = Conversation(options.log_transcripts, stats, now)
+        self.conversation = Conversation(options.log_transcripts, stats, now, keep=options.record_transcript)
         self.control = CallControl(options, stats, now)
         self.recording = Recording(options.recording)
         self.handoff_started_at = 0.0
@@ -429,6 +429,7 @@ class Call:
             options = self.options = event.options
             self.caller.configure(options)
             self.playback.configure(options)
+            self.conversation.keep = options.record_transcript
             self.agent.configure(options)
             self.control = CallControl(options, self.stats, now)
             self.recording = Recording(options.recording)
@@ -696,14 +697,9 @@ class Call:
         agent = self.agent
         if agent.ready_at is not None:
             record["agent_ready_s"] = round(agent.ready_at - agent.connect_started, 3)
-        utterances = self.playback.heard.records(now)
-        if utterances:
-            record["agent_audio"] = {
-                "utterances": len(utterances),
-                "interrupted": sum(1 for u in utterances if u["interrupted"]),
-                "heard_ms": sum(u["heard_ms"] for u in utterances),
-                "full_ms": sum(u["full_ms"] for u in utterances),
-            }
+        heard = self.playback.heard.summary(now)
+        if heard["utterances"]:
+            record["agent_audio"] = heard
         first = self.playback.first_audio_at
         if first is not None:
             record["first_agent_audio_s"] = round(first - self.playback.stream_started_at, 3)

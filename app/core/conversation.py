@@ -36,9 +36,10 @@ with) every word of it."""
 
 
 class Conversation:
-    __slots__ = ("_log_text", "_started_at", "_stats", "context", "cut_short", "transcript", "turns_dropped")
+    __slots__ = ("_log_text", "_started_at", "_stats", "context", "cut_short", "keep", "transcript", "turns_dropped")
 
-    def __init__(self, log_transcripts: bool, stats: CallStats, started_at: float) -> None:
+    def __init__(self, log_transcripts: bool, stats: CallStats, started_at: float, keep: bool = True) -> None:
+        self.keep = keep  # the transcript is kept for the posted call record (CALL_EVENTS_TRANSCRIPT)
         self._log_text = log_transcripts
         self._stats = stats
         self._started_at = started_at
@@ -71,10 +72,11 @@ class Conversation:
         return turns
 
     def text(self, event: AgentConversationText, now: float) -> list[Action]:
-        if len(self.transcript) == MAX_TRANSCRIPT_TURNS:  # the oldest turn goes, and what was heard of it
-            self.cut_short.pop(self.turns_dropped, None)
-            self.turns_dropped += 1
-        self.transcript.append((round(now - self._started_at, 3), event.role, event.content))
+        if self.keep:
+            if len(self.transcript) == MAX_TRANSCRIPT_TURNS:  # the oldest turn goes, and what was heard of it
+                self.cut_short.pop(self.turns_dropped, None)
+                self.turns_dropped += 1
+            self.transcript.append((round(now - self._started_at, 3), event.role, event.content))
         if event.role in ("user", "assistant") and event.content:
             self.context.append({"type": "History", "role": event.role, "content": event.content})
         fields: dict[str, Any] = {"role": event.role, "chars": len(event.content)}

@@ -29,6 +29,13 @@ class HeardRecord(TypedDict):
     interrupted: bool
 
 
+class HeardTotals(TypedDict):
+    utterances: int
+    interrupted: int
+    heard_ms: int
+    full_ms: int
+
+
 @dataclass(slots=True)
 class Utterance:
     """One agent utterance as the caller got it: ``heard_ms`` of ``full_ms``."""
@@ -51,9 +58,12 @@ class Utterance:
 class HeardAudio:
     """The play-out position of one call's Twilio stream, and each utterance's share of it."""
 
-    __slots__ = ("_current", "_pending", "_play_end", "_sent_ms", "finished", "first")
+    __slots__ = ("_current", "_pending", "_play_end", "_sent_ms", "finished", "first", "keep", "totals")
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep  # each finished utterance kept for the posted call record (CALL_EVENTS_URL)
+        # utterances finished, interrupted, heard_ms, full_ms: whole-call figures, however long
+        self.totals = [0, 0, 0, 0]
         self._sent_ms = 0.0  # everything sent (and not cleared), in ms of audio
         self._play_end = 0.0  # when Twilio will have played all of it (clock seconds)
         self._current: Utterance | None = None  # being sent now (no AgentAudioDone yet)
@@ -141,7 +151,23 @@ class HeardAudio:
             waiting.append(self._current)
         return [(u, min(u.full_ms, max(0.0, position_ms - u.offset_ms))) for u in waiting]
 
+    def summary(self, now: float) -> HeardTotals:
+        """The whole call's figures (the finished utterances' totals, and those still playing)."""
+        count, interrupted, heard, full = self.totals
+        for utterance, heard_ms in self._unsettled(self.position_ms(now)):
+            record = Utterance(utterance.offset_ms, utterance.full_ms, heard_ms).as_record()
+            count, interrupted = count + 1, interrupted + record["interrupted"]
+            heard, full = heard + record["heard_ms"], full + record["full_ms"]
+        return {"utterances": count, "interrupted": interrupted, "heard_ms": heard, "full_ms": full}
+
     def _finish(self, utterance: Utterance) -> None:
+        record, totals = utterance.as_record(), self.totals
+        totals[0] += 1
+        totals[1] += record["interrupted"]
+        totals[2] += record["heard_ms"]
+        totals[3] += record["full_ms"]
+        if not self.keep:
+            return
         self.finished.append(utterance)
         if len(self.finished) > MAX_UTTERANCES_RECORDED:
             del self.finished[0]

@@ -201,6 +201,12 @@ class CallOptions:
     ``hold_after`` seconds: by default a short "One moment, please." (``config.py``); empty:
     silence. Played once per loss, on the stream that is still open."""
     hold_after: float = 2.0
+    record_utterances: bool = True
+    """Keep each utterance's heard/full length for the posted call record (``CALL_EVENTS_URL``);
+    off, only the whole call's totals are kept (the ``call_ended`` line has those either way)."""
+    record_transcript: bool = True
+    """Keep the transcript for the posted call record (``CALL_EVENTS_URL`` with
+    ``CALL_EVENTS_TRANSCRIPT``); off, a long call's words take no memory."""
 
     @property
     def prebuffer_bytes(self) -> int:

@@ -33,6 +33,7 @@ class Playback:
 
     def __init__(self, options: CallOptions, stats: CallStats) -> None:
         self._stats = stats
+        self.heard = HeardAudio()  # how much of each utterance the caller got to hear
         self.configure(options)
         self.stream_sid = ""
         self.stream_started_at = 0.0
@@ -42,10 +43,11 @@ class Playback:
         # insertion-ordered, so the oldest is forgotten first when a bound is reached
         self._outstanding_marks: dict[str, float] = {}
         self._cleared_marks: dict[str, None] = {}
-        self.heard = HeardAudio()  # how much of each utterance the caller got to hear
 
     def configure(self, options: CallOptions) -> None:
-        """The call's profile is known (before any agent audio): its output format."""
+        """The call's profile is known (before any agent audio): its output format, and
+        whether each utterance is kept for a posted call record."""
+        self.heard.keep = options.record_utterances
         self._to_twilio = (
             None if options.agent_output == TWILIO_FORMAT else Transcoder(options.agent_output, TWILIO_FORMAT)
         )

@@ -38,6 +38,9 @@ try:
 except ImportError:  # pragma: no cover - websockets without its C extension
     from websockets.utils import apply_mask
 
+from websockets.datastructures import Headers
+
+_NO_HEADERS = Headers()
 EXTENSION = "callbridge.media_socket"
 """The ASGI scope extension under which a socket offers the shortcut."""
 
@@ -65,6 +68,10 @@ class MediaSocket(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.handshake_complete and self._data_calls == 1:
             self._buffer = bytearray()
             self._splitting = True
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # the upgrade's request and response are done with (the ASGI scope keeps its own
+            # copy of the headers): ~3 KiB a call for the whole call otherwise
+            self.request.headers = self.response.headers = _NO_HEADERS
 
     def _split(self, data: bytes) -> None:
         """Cut ``data`` (after what was left over) into frames: whole data frames go to the

@@ -121,11 +121,15 @@ class Driver:
         assert self.call.state is CallState.LIVE
 
 
-def long_call() -> Driver:
+def long_call(record: bool = True) -> Driver:
+    """``record``: the call record is posted with its transcript (the most the call keeps)."""
     telephony = Telephony(
         max_call=5 * HOUR, tools=(ToolSpec("lookup_order", "https://ops.example.com/lookup"),), rest_available=True
     )
-    call = Call(CallOptions(agent=AGENT, telephony=telephony, reconnect_attempts=3), now=0.0)
+    options = CallOptions(
+        agent=AGENT, telephony=telephony, reconnect_attempts=3, record_utterances=record, record_transcript=record
+    )
+    call = Call(options, now=0.0)
     driver = Driver(call)
     for event in (TwilioStart(SID, CALL_SID), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r")):
         driver.feed(event)
@@ -201,3 +205,15 @@ def test_a_reconnect_after_hours_carries_only_the_latest_context() -> None:
     text = str(settings[0].data)  # type: ignore[attr-defined]
     assert f"answer number {driver.turn}:" in text  # the latest turn is there
     assert "question number 1 about" not in text  # the first hour's start is not
+
+
+def test_without_a_posted_record_a_long_call_keeps_no_words_and_counts_the_whole_call() -> None:
+    driver = long_call(record=False)
+    for _ in run_until(driver, 1 * HOUR):
+        pass
+    call = driver.call
+    assert len(call.conversation.transcript) == 0 and call.playback.heard.finished == []
+    assert len(call.conversation.context) == MAX_CONTEXT_MESSAGES  # a reconnect still needs it
+    heard = call.summary(driver.now)["agent_audio"]
+    assert heard["utterances"] == driver.turn > MAX_UTTERANCES_RECORDED  # the whole call, not the last 500
+    assert heard["interrupted"] == driver.turn // 3

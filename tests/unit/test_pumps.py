@@ -19,9 +19,13 @@ SID = "MZ" + "1" * 32
 
 
 class _NoSocket:
-    """A Twilio socket no frame reaches in these tests: no scope, so no shortcut either."""
+    """A Twilio socket no frame reaches in these tests: no scope, so no shortcut either, and a
+    send that never completes (a peer that does not read), should a writer task get to it."""
 
     scope: dict[str, Any] = {}
+
+    async def send_text(self, text: str) -> None:
+        await asyncio.Event().wait()
 
 
 NO_SOCKET = _NoSocket()
@@ -191,7 +195,8 @@ def test_a_twilio_that_stops_reading_is_bounded_by_audio_bytes_not_only_by_items
 
     session = asyncio.run(run())
     assert session.twilio_out.queued_audio <= TWILIO_QUEUE_AUDIO_BYTES
-    assert session.twilio_out.dropped_bytes == 50 * 64_000 - session.twilio_out.queued_audio
+    unaccounted = 50 * 64_000 - session.twilio_out.queued_audio - session.twilio_out.dropped_bytes
+    assert unaccounted in (0, 64_000)  # every chunk queued or dropped, but one the writer may hold
     assert session.end is None  # dropping is not ending: only a peer stuck for long ends the call
 
 
