@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.protocol import State
 
+from app.bridge import REST_IN_FLIGHT
 from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.local_agent import LocalAgentConfig, ScriptStep
@@ -240,6 +241,7 @@ def test_a_stream_that_goes_quiet_without_closing_is_completed_through_rest(
     assert wait_until(lambda: session.closed)  # both sockets closed
     assert result.ended_by in ("bridge", "twilio_rest")
     assert bridge.wait_for("twilio_stream_lost")["media_timeout_s"] == 2
+    assert wait_until(lambda: not REST_IN_FLIGHT)  # the hang-up outlived its call, not the answer
 
 
 GONE = {
