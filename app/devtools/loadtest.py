@@ -953,36 +953,64 @@ def server_command(side: Side, port: int, agent_port: int, workers: int | None) 
     return [*command, "--workers", str(workers or 1)]
 
 
-def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
-    """Start the local agent and the server (bridge or floor), run the calls, stop both."""
-    token = secrets.token_urlsafe(24)
-    agent_port, port = free_port(), free_port()
-    records = Path(tempfile.mkdtemp(prefix=f"{report.side.value}-", dir=tmp)) / "agent.jsonl"
-    log_path = records.with_name("server.log")
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "app.devtools.loadtest", "agent", "--port", str(agent_port), "--record", str(records)],
-        env=base_env,
-    )
-    env = {
+def peer_env() -> dict[str, str]:
+    """This environment without what would point a benchmark's processes at the real services."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
+
+
+def server_env(base_env: dict[str, str], agent_port: int, port: int, token: str, log_level: str) -> dict[str, str]:
+    """A benchmark server's environment: the local agent on ``agent_port``, the webhook signed
+    with ``token``, listening on loopback ``port``."""
+    return {
         **base_env,
         "AGENT_URL": agent_url(agent_port),
         "TWILIO_AUTH_TOKEN": token,
         "STREAM_TOKEN_SECRET": secrets.token_urlsafe(32),
         "PORT": str(port),
         "HOST": LOOPBACK,
-        "LOG_LEVEL": "info",
+        "LOG_LEVEL": log_level,
     }
+
+
+def wait_started(what: str, port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait for ``proc`` to listen on ``port``; if it does not, say so with its log's last lines."""
+    try:
+        wait_for_port(port, proc)
+    except RuntimeError as exc:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+        raise RuntimeError(f"the {what} did not start: {exc}\n{tail}") from exc
+
+
+def stop_all(*procs: subprocess.Popen[bytes]) -> None:
+    """Terminate them all at once, then wait for each (killed after 10 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
+    """Start the local agent and the server (bridge or floor), run the calls, stop both."""
+    token = secrets.token_urlsafe(24)
+    agent_port, port = free_port(), free_port()
+    records = Path(tempfile.mkdtemp(prefix=f"{report.side.value}-", dir=tmp)) / "agent.jsonl"
+    log_path = records.with_name("server.log")
+    base_env = peer_env()
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "app.devtools.loadtest", "agent", "--port", str(agent_port), "--record", str(records)],
+        env=base_env,
+    )
+    env = server_env(base_env, agent_port, port, token, "info")
     command = server_command(report.side, port, agent_port, report.workers)
     with log_path.open("wb") as log_file:  # kept only to explain a server that fails to start
         server = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file)
     try:
         wait_for_port(agent_port, agent)
-        try:
-            wait_for_port(port, server)
-        except RuntimeError as exc:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
-            raise RuntimeError(f"the {report.side.value} did not start: {exc}\n{tail}") from exc
+        wait_started(report.side.value, port, server, log_path)
         time.sleep(0.3 + (WORKERS_START_S if report.workers and report.workers > 1 else 0.0))
         pids = process_tree(server.pid)
         idle = tree_rss_mib(pids)
@@ -991,14 +1019,7 @@ def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
         sessions = read_agent_records(records, len(probes))
         report.paths = join_paths(probes, sessions, stamp_count(len(caller_script(report.seconds))))
     finally:
-        for proc in (server, agent):
-            proc.terminate()
-        for proc in (server, agent):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(server, agent)
     return report
 
 

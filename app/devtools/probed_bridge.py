@@ -9,7 +9,6 @@ the callers' and the agent's memory is not counted in it.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import subprocess
 import sys
@@ -18,8 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.devtools.endpoints import LOOPBACK, agent_url, bridge_url, free_port, wait_for_port
+from app.devtools.endpoints import agent_url, bridge_url, free_port, wait_for_port
 from app.devtools.heap_probe import ProbeClient
+from app.devtools.loadtest import peer_env, server_env, stop_all, wait_started
 
 SETTLE_S = 0.5  # after the port opens: the bridge's first log lines and lazy imports
 
@@ -33,15 +33,6 @@ class ProbedBridge:
     log_path: Path
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
 def probed_bridge(workdir: Path, frames: int, log_level: str = "info", floor: bool = False) -> Iterator[ProbedBridge]:
     """Start the agent and the probed bridge (``frames`` kept per traced allocation, 0: no
@@ -49,7 +40,7 @@ def probed_bridge(workdir: Path, frames: int, log_level: str = "info", floor: bo
     ``workdir``; stop both on the way out."""
     token = secrets.token_urlsafe(24)
     agent_port, port = free_port(), free_port()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPGRAM_", "TWILIO_", "AGENT_"))}
+    base_env = peer_env()
     agent_log = workdir / "agent.log"
     with agent_log.open("wb") as out:
         agent = subprocess.Popen(
@@ -58,15 +49,7 @@ def probed_bridge(workdir: Path, frames: int, log_level: str = "info", floor: bo
             stdout=out,
             stderr=out,
         )
-    env = {
-        **base_env,
-        "AGENT_URL": agent_url(agent_port),
-        "TWILIO_AUTH_TOKEN": token,
-        "STREAM_TOKEN_SECRET": secrets.token_urlsafe(32),
-        "PORT": str(port),
-        "HOST": LOOPBACK,
-        "LOG_LEVEL": log_level,
-    }
+    env = server_env(base_env, agent_port, port, token, log_level)
     log_path = workdir / "bridge.log"
     command = [sys.executable, "-m", "app.devtools.heap_probe", "--dir", str(workdir), "--frames", str(frames)]
     if floor:
@@ -75,13 +58,8 @@ def probed_bridge(workdir: Path, frames: int, log_level: str = "info", floor: bo
         bridge = subprocess.Popen(command, env=env, stdout=out, stderr=out)
     try:
         wait_for_port(agent_port, agent)
-        try:
-            wait_for_port(port, bridge)
-        except RuntimeError as exc:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
-            raise RuntimeError(f"the bridge did not start: {exc}\n{tail}") from exc
+        wait_started("bridge", port, bridge, log_path)
         time.sleep(SETTLE_S)
         yield ProbedBridge(bridge_url(port), token, bridge.pid, ProbeClient(bridge.pid, workdir), log_path)
     finally:
-        _stop(bridge)
-        _stop(agent)
+        stop_all(bridge, agent)
