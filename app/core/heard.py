@@ -36,6 +36,14 @@ class HeardTotals(TypedDict):
     full_ms: int
 
 
+def _count(totals: HeardTotals, record: HeardRecord) -> None:
+    """Add one utterance's record to whole-call totals."""
+    totals["utterances"] += 1
+    totals["interrupted"] += record["interrupted"]
+    totals["heard_ms"] += record["heard_ms"]
+    totals["full_ms"] += record["full_ms"]
+
+
 @dataclass(slots=True)
 class Utterance:
     """One agent utterance as the caller got it: ``heard_ms`` of ``full_ms``."""
@@ -62,8 +70,8 @@ class HeardAudio:
 
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep  # each finished utterance kept for the posted call record (CALL_EVENTS_URL)
-        # utterances finished, interrupted, heard_ms, full_ms: whole-call figures, however long
-        self.totals = [0, 0, 0, 0]
+        # the finished utterances' figures, for the whole call however long
+        self.totals: HeardTotals = {"utterances": 0, "interrupted": 0, "heard_ms": 0, "full_ms": 0}
         self._sent_ms = 0.0  # everything sent (and not cleared), in ms of audio
         self._play_end = 0.0  # when Twilio will have played all of it (clock seconds)
         self._current: Utterance | None = None  # being sent now (no AgentAudioDone yet)
@@ -138,10 +146,13 @@ class HeardAudio:
     def records(self, now: float) -> list[HeardRecord]:
         """Every utterance as the call record shows it. One still playing, or whose mark had
         not come back when the call ended, counts what had been played by ``now``."""
-        out = [u.as_record() for u in self.finished]
-        for u, heard in self._unsettled(self.position_ms(now)):
-            out.append(Utterance(u.offset_ms, u.full_ms, heard).as_record())
-        return out
+        return [u.as_record() for u in self.finished] + self._unsettled_records(now)
+
+    def _unsettled_records(self, now: float) -> list[HeardRecord]:
+        """The records of the utterances still unsettled, as heard by ``now``."""
+        return [
+            Utterance(u.offset_ms, u.full_ms, heard).as_record() for u, heard in self._unsettled(self.position_ms(now))
+        ]
 
     def _unsettled(self, position_ms: float) -> list[tuple[Utterance, float]]:
         """The utterances whose mark has not come back (and the one being sent), oldest first,
@@ -153,19 +164,13 @@ class HeardAudio:
 
     def summary(self, now: float) -> HeardTotals:
         """The whole call's figures (the finished utterances' totals, and those still playing)."""
-        count, interrupted, heard, full = self.totals
-        for utterance, heard_ms in self._unsettled(self.position_ms(now)):
-            record = Utterance(utterance.offset_ms, utterance.full_ms, heard_ms).as_record()
-            count, interrupted = count + 1, interrupted + record["interrupted"]
-            heard, full = heard + record["heard_ms"], full + record["full_ms"]
-        return {"utterances": count, "interrupted": interrupted, "heard_ms": heard, "full_ms": full}
+        totals = self.totals.copy()
+        for record in self._unsettled_records(now):
+            _count(totals, record)
+        return totals
 
     def _finish(self, utterance: Utterance) -> None:
-        record, totals = utterance.as_record(), self.totals
-        totals[0] += 1
-        totals[1] += record["interrupted"]
-        totals[2] += record["heard_ms"]
-        totals[3] += record["full_ms"]
+        _count(self.totals, utterance.as_record())
         if not self.keep:
             return
         self.finished.append(utterance)
