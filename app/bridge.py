@@ -110,6 +110,9 @@ this long; then the agent socket is closed (within a second in all: the teardown
 SERVICE_RESTART = 1012  # the close code uvicorn gives every WebSocket when it shuts down
 MESSAGE_TOO_BIG = 1009  # uvicorn's close for a frame over its ws_max_size
 
+FLUSH_EVERY_TICKS = max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS))
+"""Ticks between two flushes of a call's counters into the metrics."""
+
 REST_IN_FLIGHT: set[asyncio.Future[Any]] = set()
 """Hang-ups and transfers sent to Twilio and not answered yet, whichever call they were for:
 held here so that none is dropped by the garbage collector once its call has ended (each is
@@ -573,7 +576,7 @@ class CallSession:
             self.feed(Tick())
             self._check_peers_reading()
             self._ticks += 1
-            if self._ticks % max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS)) == 0:
+            if self._ticks % FLUSH_EVERY_TICKS == 0:
                 self._flush_metrics()
         except Exception as exc:
             self._crashed("ticker", exc)

@@ -352,7 +352,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             return state.claim_place(session, call_sid)
 
         def token_verified() -> None:
-            state.admission.tokenless.discard(session)
+            state.admission.token_verified(session)
 
         deps = CallDeps(
             tokens=state.tokens,

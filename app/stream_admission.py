@@ -95,7 +95,7 @@ class Admission(Generic[S]):
             except sqlite3.Error as exc:
                 self._shared_file_failed(exc)
         self._expire()
-        if len(self.calls) + len(self.admissions) >= self.max_calls:
+        if self._full():
             return "over_capacity"
         self.admissions[call_sid] = self.clock()
         return None
@@ -111,7 +111,7 @@ class Admission(Generic[S]):
         """``socket`` redeemed the token of ``call_sid``: it leaves the pool and becomes a call,
         in the place its webhook admission held, or in a free one. False: no place (the stream
         is refused as over capacity)."""
-        self.tokenless.discard(socket)
+        self.token_verified(socket)
         if self.load is not None:
             try:
                 taken = self.load.claim(call_sid, self.max_calls, len(self.calls) + 1, refuse_new=self.draining)
@@ -123,10 +123,15 @@ class Admission(Generic[S]):
                 return taken
         self._expire()
         admitted = self.admissions.pop(call_sid, None) is not None
-        if not admitted and (self.draining or len(self.calls) + len(self.admissions) >= self.max_calls):
+        if not admitted and (self.draining or self._full()):
             return False
         self.calls.add(socket)
         return True
+
+    def token_verified(self, socket: S) -> None:
+        """``socket``'s token carries our signature for its CallSid: whatever a shared store
+        says of its single use, it is no longer a token-less socket, and leaves the pool."""
+        self.tokenless.discard(socket)
 
     def waiting(self) -> int:
         """Calls the webhook admitted whose stream has not started yet (their holds not lapsed)."""
@@ -162,6 +167,10 @@ class Admission(Generic[S]):
                 self.load.set_active(len(self.calls))
             except sqlite3.Error as exc:
                 self._shared_file_failed(exc)
+
+    def _full(self) -> bool:
+        """This process's calls and admissions fill MAX_CALLS (without the machine's file)."""
+        return len(self.calls) + len(self.admissions) >= self.max_calls
 
     def _expire(self) -> None:
         now = self.clock()
