@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +38,16 @@ CALL = "CA" + "b" * 32
 SILENCE = b"\xff" * 160  # one 20 ms frame of mu-law silence: what Twilio sends for a quiet caller
 
 
-def live_call(**telephony: object) -> Call:
-    options = CallOptions(agent=AGENT, telephony=Telephony(rest_available=True, **telephony))  # type: ignore[arg-type]
-    call = Call(options, now=0.0)
+def welcomed_call(telephony: Telephony, **options: Any) -> Call:
+    """A call at t=0 whose agent session has sent Welcome (Settings sent, not yet applied)."""
+    call = Call(CallOptions(agent=AGENT, telephony=telephony, **options), now=0.0)
     for event in (TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r")):
         call.handle(event, 0.0)
+    return call
+
+
+def live_call(**telephony: Any) -> Call:
+    call = welcomed_call(Telephony(rest_available=True, **telephony))
     call.handle(AgentSettingsApplied(), 0.0)
     assert call.state is CallState.LIVE
     return call
@@ -85,10 +91,7 @@ def test_a_stream_that_stops_sending_media_is_completed_through_rest_and_ends_as
 
 
 def test_without_rest_credentials_the_dead_stream_still_ends_and_nothing_is_asked_of_twilio() -> None:
-    options = CallOptions(agent=AGENT, telephony=Telephony(rest_available=False, silence_check_in=0))
-    call = Call(options, now=0.0)
-    for event in (TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r")):
-        call.handle(event, 0.0)
+    call = welcomed_call(Telephony(rest_available=False, silence_check_in=0))
     actions = ticks_until(call, 0.0, 20.0)
     assert call.outcome is Outcome.STREAM_LOST  # while still waiting for the agent: watched too
     assert not [a for a in actions if isinstance(a, HangUpCall)]
@@ -117,12 +120,7 @@ def test_the_watchdog_can_be_turned_off_and_waits_for_the_profiles_timeout() -> 
 
 
 def test_a_lost_agent_session_does_not_pause_the_watchdog() -> None:
-    options = CallOptions(
-        agent=AGENT, telephony=Telephony(silence_check_in=0, rest_available=True), reconnect_within=60.0
-    )
-    call = Call(options, now=0.0)
-    for event in (TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected(), AgentWelcome("r")):
-        call.handle(event, 0.0)
+    call = welcomed_call(Telephony(silence_check_in=0, rest_available=True), reconnect_within=60.0)
     call.handle(AgentSettingsApplied(), 0.0)
     media_until(call, 0.0, 5.0)
     call.handle(AgentClosed(1011, "gone"), 5.0)  # reconnecting, with a minute of budget
