@@ -111,7 +111,8 @@ class CallResult:
     parameters: dict[str, str]
     sent: bytearray = field(default_factory=bytearray)  # every caller byte streamed, tail included
     received: bytearray = field(default_factory=bytearray)
-    heard: bytearray = field(default_factory=bytearray)
+    heard: bytearray = field(default_factory=bytearray)  # what played, frame by frame, gaps as silence
+    played: bytearray = field(default_factory=bytearray)  # what played, gaps (underruns) left out
     timeline: list[TimelineEntry] = field(default_factory=list)
     marks_played: list[str] = field(default_factory=list)
     marks_cleared: list[str] = field(default_factory=list)
@@ -613,6 +614,7 @@ class _Stream:
             await asyncio.sleep(max(0.0, tick * FRAME_S - self.now()))
             chunk, due = self.player.tick()
             self.result.heard += chunk + SILENCE * (TWILIO_FRAME_BYTES - len(chunk))
+            self.result.played += chunk
             if chunk and self.agent_talking_since is None:
                 self.agent_talking_since = self.now()
                 self.note("agent", "audio starts playing")

@@ -79,8 +79,9 @@ def test_offline_call_relays_audio_byte_exact_both_ways(
     assert bytes(result.received).startswith(greeting_audio())
     assert session.utterances == 1
     assert len(result.received) > len(greeting_audio())
-    heard = bytes(result.heard)
-    assert greeting_audio() in heard
+    # played in full: on a loaded machine a late chunk leaves a gap (an underrun, as Twilio's
+    # player would), so the check is on what played rather than on the 20 ms timeline
+    assert bytes(result.played).startswith(greeting_audio())
     # each AgentAudioDone became a mark that came back once the audio had played
     assert result.marks_played == ["agent-audio-1", "agent-audio-2"]
     # UserStartedSpeaking always sends clear; here nothing was playing, so nothing was lost
