@@ -30,6 +30,7 @@ from app.core.actions import (
     HangUpCall,
     Log,
     Measure,
+    Notify,
     RedeemStreamToken,
     RedirectCall,
     RunFunction,
@@ -40,6 +41,7 @@ from app.core.actions import (
     TwilioOut,
 )
 from app.core.call import Call
+from app.core.call_control import SteerProblem
 from app.core.events import (
     BridgeFailed,
     BridgeShuttingDown,
@@ -48,6 +50,7 @@ from app.core.events import (
     CallUpdateFailed,
     Event,
     FunctionDone,
+    OperatorCommand,
     OutboxFull,
     RecordingFailed,
     StreamEvicted,
@@ -58,6 +61,7 @@ from app.core.events import (
     TwilioClosed,
     TwilioFrameTooLarge,
     TwilioInvalid,
+    TwilioMedia,
 )
 from app.core.options import (
     METRICS_FLUSH_SECONDS,
@@ -72,6 +76,7 @@ from app.core.vocabulary import (
     Direction,
     DropReason,
     InvalidKind,
+    LiveEventType,
     LogLevel,
     MetricName,
     Outcome,
@@ -79,6 +84,8 @@ from app.core.vocabulary import (
     RejectReason,
     RestResult,
 )
+from app.live.call_view import LiveCall, iso_utc
+from app.live.registry import LiveRegistry
 from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
@@ -88,7 +95,7 @@ from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
 from app.twilio.media_socket import direct_socket, received_data
 from app.twilio.rest import CallUpdater
-from app.twilio.stream_token import StreamTokens
+from app.twilio.stream_token import PROFILE_PARAMETER, StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
 
 REFUSAL_EVENTS = frozenset(
@@ -156,6 +163,8 @@ class CallDeps:
     shutting_down: Callable[[], bool] = lambda: False
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
     us, not by the caller."""
+    live: LiveRegistry | None = None  # the live call API (OPERATOR_TOKEN set): calls show up there
+    worker_id: int = 1  # which worker of ``serve --workers N`` (1 for a single process)
 
 
 class CallSession:
@@ -199,6 +208,7 @@ class CallSession:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._ticks = 0
         self._agent_writer_for: AgentConnection | None = None
+        self.live: LiveCall | None = None  # created once the call is accepted, when the live API is on
 
     # --- feeding the core and performing its actions ---------------------------------------
 
@@ -215,7 +225,13 @@ class CallSession:
                 case SendToAgent(data=data):
                     if self.end is None:
                         self._send_agent(data)
-                case SendMedia() | SendMark():
+                case SendMedia():
+                    if self.end is None:
+                        self._send_twilio(action)
+                        live = self.live
+                        if live is not None and live.listening:
+                            live.agent_media(action.text)
+                case SendMark():
                     if self.end is None:
                         self._send_twilio(action)
                 case ClearTwilio():
@@ -242,6 +258,8 @@ class CallSession:
                         self._spawn(self._redeem_shared(action, self.deps.token_store))
                 case Measure(metric=metric, value=value, label=label):
                     self.metrics.record(metric, value, label)
+                case Notify(type=kind, fields=fields):
+                    self._notify(kind, fields)
                 case EndCall():
                     if self.end is None:
                         self.end = action
@@ -252,6 +270,46 @@ class CallSession:
         if self._overflowed is not None and self.end is None:
             which, self._overflowed = self._overflowed, None
             self._peer_not_reading(which)
+
+    # --- the live call API ---------------------------------------------------------------------
+
+    def _notify(self, kind: LiveEventType, fields: dict[str, Any]) -> None:
+        """A live event for the console; the call shows up in the live API once accepted (a
+        stream without a redeemed token is nobody's business and holds nothing there)."""
+        live = self.live
+        if live is None:
+            registry = self.deps.live
+            if registry is None or not self.call.accepted:
+                return
+            live = self.live = registry.opened(self, self.call.playback.stream_started_at)
+        live.event(kind.value, fields, self.clock())
+
+    def live_summary(self) -> dict[str, Any]:
+        """This call's line in ``GET /api/calls``."""
+        call = self.call
+        parameters = call.custom_parameters
+        return {
+            "call_sid": call.call_sid,
+            "stream_sid": call.stream_sid,
+            "from": parameters.get("from", ""),
+            "to": parameters.get("to", ""),
+            "profile": parameters.get(PROFILE_PARAMETER, "") or "default",
+            "state": call.state.value,
+            "started_at": iso_utc(self.wall_started),
+            "seconds": round(self.clock() - call.playback.stream_started_at, 1),
+            "worker": self.deps.worker_id,
+            "barge_ins": call.stats.barge_ins,
+            "last_response_ms": call.responses.latest_ms,
+        }
+
+    def steer(self, command: OperatorCommand) -> tuple[SteerProblem, str] | None:
+        """An operator's command: refused in words (the API's 400/409), or carried out now."""
+        if self.end is not None:
+            return SteerProblem.NOT_NOW, "the call has ended"
+        refusal = self.call.steer_refusal(command)
+        if refusal is None:
+            self.feed(command)
+        return refusal
 
     def _log(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
         if event in REFUSAL_EVENTS:  # an attacker can cause these at will: bounded per process
@@ -513,7 +571,11 @@ class CallSession:
 
     def _twilio_message(self, message: str | bytes) -> None:
         if isinstance(message, str):
-            self.feed(twilio_msg.parse(message))
+            event = twilio_msg.parse(message)
+            self.feed(event)
+            live = self.live
+            if live is not None and live.listening and type(event) is TwilioMedia and not self.end:
+                live.caller_audio(event.payload)
         else:
             self.feed(TwilioInvalid(InvalidKind.BINARY_FRAME, f"{len(message)} bytes"))
 
@@ -693,6 +755,8 @@ class CallSession:
         self.log.info("call_ended", **summary)
         if self.deps.records is not None:
             self.deps.records.submit(self.record(summary))
+        if self.live is not None and self.deps.live is not None:
+            self.deps.live.closed(self, self.clock())
 
     def record(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The call record for CALL_EVENTS_URL: ids, parties, the summary, maybe the transcript."""

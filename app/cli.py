@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.config import ConfigError, load_settings, resolve
+from app.config import LOOPBACK_HOSTS, ConfigError, load_settings, resolve
 from app.observability import logging as logs
 
 if TYPE_CHECKING:
@@ -32,6 +33,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     logs.register_secrets(config.secrets())
     host, port = args.host or settings.host, args.port or settings.port
+    if config.generated_operator_token and host in LOOPBACK_HOSTS:
+        os.environ["OPERATOR_TOKEN"] = config.generated_operator_token  # workers, if any, share it
+        print(
+            f"callbridge: console at http://{host}:{port}/console  operator token (this run only): "
+            f"{config.generated_operator_token}",
+            file=sys.stderr,
+        )
+    elif config.generated_operator_token:  # --host took it off loopback: no made-up token there
+        config = dataclasses.replace(config, generated_operator_token=None)
     # the offline quickstart stays one process: one stream of logs, one local agent
     count = args.workers or settings.workers or (1 if config.use_local_agent else default_workers())
     if count > 1:

@@ -41,6 +41,7 @@ from app.codecs import (
 from app.core.call_control import END_CALL, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
 from app.core.vocabulary import ConsentMode
+from app.operator_auth import MIN_OPERATOR_TOKEN
 from app.twilio.rest import E164
 from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, Fallback, fallback_twiml
 from app.workers import MAX_WORKERS
@@ -51,6 +52,7 @@ DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
 # lets `callbridge simulate-call` sign its webhook request on a machine with no secrets at all.
 OFFLINE_TWILIO_AUTH_TOKEN = "callbridge-offline-development-token"
 PROMPT_LIMIT = 25_000
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class ConfigError(Exception):
@@ -97,6 +99,12 @@ class Settings(BaseSettings):
     """Calls in one process from which loop batching is on (off again below half of it): from
     40, two caller frames or more arrive per millisecond, so each wake-up saved serves two."""
     redis_url: str | None = None
+    operator_token: SecretStr | None = None
+    """Bearer token of the live call API and the console (``/api/``, ``/console``); unset: both off."""
+    console_transcripts: bool = False
+    """What was said appears in the console and the live API (LOG_TRANSCRIPTS implies it)."""
+    listen_ticket_seconds: float = Field(default=30.0, gt=0, le=600)
+    """A console's ticket to listen to a call (``POST /api/calls/{sid}/listen``) is good this long, once."""
     workers: int | None = Field(default=None, ge=1, le=MAX_WORKERS)
     """Worker processes of ``serve`` (None: app.workers.default_workers, or 1 with the local agent)."""
     prometheus_multiproc_dir: Path | None = None
@@ -123,6 +131,19 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("operator_token", mode="before")
+    @classmethod
+    def _operator_token(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value == ""):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if len(text) < MIN_OPERATOR_TOKEN:
+            raise ValueError(
+                f"must be at least {MIN_OPERATOR_TOKEN} characters "
+                "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
         return value
 
     @field_validator("webhook_signing_secret")
@@ -570,6 +591,13 @@ class RuntimeConfig:
     stream_token_secret: bytes
     warnings: tuple[str, ...]
     profiles: Mapping[str, AgentProfile] = field(default_factory=dict)  # dialled number -> its profile
+    generated_operator_token: str | None = None
+    """Offline quickstart on loopback only: a token made up for this run, so the console works at once."""
+
+    @property
+    def operator_token(self) -> str | None:
+        token = self.settings.operator_token
+        return token.get_secret_value() if token is not None else self.generated_operator_token
 
     def profile_for_number(self, number: str) -> str:
         """The profile name for a dialled number: the number itself when it has one, else ""."""
@@ -594,6 +622,7 @@ class RuntimeConfig:
             self.twilio_auth_token,
             self.stream_token_secret.decode(),
             signing.decode() if signing else None,
+            self.operator_token,
         ]
         return [v for v in values if v]
 
@@ -610,6 +639,7 @@ class RuntimeConfig:
             agent_ready_timeout=bridge.agent_ready_timeout_seconds,
             max_prebuffer_seconds=bridge.max_prebuffer_seconds,
             log_transcripts=self.settings.log_transcripts,
+            console_transcripts=self.settings.log_transcripts or self.settings.console_transcripts,
             start_timeout=self.settings.stream_start_timeout_seconds,
             # what the posted call record carries is all that is kept for it
             record_utterances=self.settings.call_events_url is not None,
@@ -745,6 +775,9 @@ def resolve(settings: Settings) -> RuntimeConfig:
         warnings.append("bridge.recording is set but calls cannot be recorded: needs TWILIO_ACCOUNT_SID")
     if recorded and not settings.public_url:
         warnings.append("bridge.recording is set without PUBLIC_URL: Twilio gets no recording status callback")
+    generated = None
+    if settings.operator_token is None and use_local and settings.host in LOOPBACK_HOSTS:
+        generated = secrets.token_urlsafe(24)  # the offline quickstart's console: this run only
     return RuntimeConfig(
         settings=settings,
         profile=profile,
@@ -754,6 +787,7 @@ def resolve(settings: Settings) -> RuntimeConfig:
         stream_token_secret=secret,
         warnings=tuple(warnings),
         profiles=profiles,
+        generated_operator_token=generated,
     )
 
 

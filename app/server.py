@@ -22,6 +22,9 @@ from app.core.endings import POLICY_VIOLATION
 from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
 from app.devtools.local_agent import LocalAgent
+from app.live.api import ListenTickets, live_routes
+from app.live.bus import broker_path_from_env, bus_for
+from app.live.registry import LiveRegistry
 from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
@@ -59,6 +62,7 @@ class AppState:
     loop: asyncio.AbstractEventLoop | None = None
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
     worker: WorkerContext | None = None  # serve --workers N: this worker's place
+    live: LiveRegistry | None = None  # the live call API (OPERATOR_TOKEN): every call of the instance
 
     @property
     def draining(self) -> bool:
@@ -159,13 +163,22 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         ),
     )
 
+    operator_token = config.operator_token
+    if operator_token:
+        state.live = LiveRegistry(
+            bus_for(settings.redis_url, broker_path_from_env() if worker is not None else None), metrics
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
         state.idle.set()
+        if state.live is not None:
+            await state.live.start()
         for warning in config.warnings:
             log.warning("config_warning", detail=warning)
         state.admission.publish()
+        metrics.max_calls.set(settings.max_calls)
         if config.use_local_agent and worker is not None and worker.local_agent_url:
             state.agent_url = worker.local_agent_url  # the supervisor's, one for all workers
         elif config.use_local_agent:
@@ -187,6 +200,8 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
                 task.cancel()
             await asyncio.gather(*state.sockets, return_exceptions=True)
             await aclose_clients()  # this worker's pooled operator-tool connections
+            if state.live is not None:
+                await state.live.close()
             if call_updater is not None:
                 call_updater.close()
             await state.records.close()
@@ -369,6 +384,8 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             token_verified=token_verified,
             claim_place=claim_place,
             shutting_down=lambda: state.stopping,
+            live=state.live,
+            worker_id=worker.worker_id if worker is not None else 1,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
@@ -385,4 +402,10 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
     # Starlette's own route: FastAPI's would solve dependencies (none here) and keep three exit
     # stacks for the whole call, ~4 KiB a call
     app.router.routes.append(WebSocketRoute(webhook.MEDIA_PATH, twilio_media))
+    tickets = (
+        ListenTickets(operator_token, settings.listen_ticket_seconds, state.tokens, state.token_store)
+        if operator_token
+        else None
+    )
+    app.router.routes.extend(live_routes(state.live, operator_token, tickets, settings.public_url))
     return app

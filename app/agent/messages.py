@@ -152,6 +152,16 @@ def inject_user_message(content: str) -> str:
     return json.dumps({"type": "InjectUserMessage", "content": content}, separators=(",", ":"))
 
 
+def update_prompt(prompt: str) -> str:
+    """Add ``prompt`` to the agent's instructions (answered by PromptUpdated)."""
+    return json.dumps({"type": "UpdatePrompt", "prompt": prompt}, separators=(",", ":"))
+
+
+def update_speak(speak: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """Replace the agent's voice (answered by SpeakUpdated)."""
+    return json.dumps({"type": "UpdateSpeak", "speak": speak}, separators=(",", ":"))
+
+
 def function_call_response(call_id: str, name: str, content: str) -> str:
     return json.dumps(
         {"type": "FunctionCallResponse", "id": call_id, "name": name, "content": content},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.vocabulary import LogLevel, MetricName, Outcome, RejectReason
+from app.core.vocabulary import LiveEventType, LogLevel, MetricName, Outcome, RejectReason
 
 # --- Twilio outbox items -----------------------------------------------------------------
 
@@ -146,6 +146,15 @@ class Measure:
     label: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Tell whoever watches the live call (the console) that this happened: per turn or state
+    change, never per frame. The pump drops it when nobody can watch (no live API)."""
+
+    type: LiveEventType
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 Action = (
     SendMedia
     | SendMark
@@ -161,4 +170,5 @@ Action = (
     | Log
     | BindLogContext
     | Measure
+    | Notify
 )

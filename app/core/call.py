@@ -25,11 +25,12 @@ from app.core.actions import (
     HangUpCall,
     Log,
     Measure,
+    Notify,
     RedeemStreamToken,
     RedirectCall,
 )
 from app.core.agent_link import AgentLink
-from app.core.call_control import CallControl
+from app.core.call_control import CallControl, SteerProblem
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
 from app.core.endings import cannot_heal, close_code, end_reason, ended_by, fallback_reason
@@ -66,6 +67,7 @@ from app.core.events import (
     HangUpDue,
     KeepAliveDue,
     MediaDeadlinePassed,
+    OperatorCommand,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
@@ -96,12 +98,15 @@ from app.core.options import (
 )
 from app.core.playback import Playback
 from app.core.recording import Recording
+from app.core.response_timer import ResponseTimer
 from app.core.states import ACCEPTED_STATES, DEADLINES, TRANSITIONS, CallState, PlaybackState, Target
 from app.core.stats import CallStats
 from app.core.vocabulary import (
+    LATENCY_REPORT_FIELDS,
     FallbackReason,
     HangupReason,
     InvalidKind,
+    LiveEventType,
     LogLevel,
     MetricName,
     Outcome,
@@ -144,6 +149,7 @@ class Call:
         self.conversation = Conversation(options.log_transcripts, stats, now, keep=options.record_transcript)
         self.control = CallControl(options, stats, now)
         self.recording = Recording(options.recording)
+        self.responses = ResponseTimer()
         self.handoff_started_at = 0.0
         self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
         self.transferred_to = ""  # the destination's name, when it transfers
@@ -215,6 +221,10 @@ class Call:
     # --- transitions -----------------------------------------------------------------------
 
     def _enter(self, state: CallState, now: float) -> list[Action]:
+        """Into ``state``: the console hears of it first, then the state's own entry actions."""
+        return [Notify(LiveEventType.STATE, {"state": state.value}), *self._entered(state, now)]
+
+    def _entered(self, state: CallState, now: float) -> list[Action]:
         self.state = state
         self._dispatch = _DISPATCH[state]
         match state:
@@ -273,6 +283,7 @@ class Call:
                 return [
                     Measure(MetricName.ACTIVE_CALLS, -1),
                     Measure(MetricName.CALLS, 1, target.value),
+                    Notify(LiveEventType.ENDED, {"outcome": target.value}),
                     EndCall(target, reason, close_code(target)),
                 ]
             case RejectReason():
@@ -354,6 +365,7 @@ class Call:
 
     def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
         self.last_media_at = now
+        self.responses.caller_frame(event.payload, now)
         if self.state is CallState.LIVE:
             self.agent.last_sent = now
             return self.caller.push(event.payload, relay=True)
@@ -490,23 +502,36 @@ class Call:
         return AgentRetryDue() if now - self.failed_at >= backoff else None
 
     def _on_agent_audio(self, event: AgentAudio, now: float) -> list[Action]:
-        return self.playback.audio(event.data, now)
+        actions = self.playback.audio(event.data, now)
+        response_ms = self.responses.agent_audio(now)
+        if response_ms is None:
+            return actions
+        return [
+            *actions,
+            Measure(MetricName.RESPONSE_LATENCY, response_ms / 1000),
+            Notify(LiveEventType.LATENCY, {"response_ms": response_ms}),
+        ]
 
     def _on_user_started_speaking(self, event: AgentUserStartedSpeaking, now: float) -> list[Action]:
         self.control.activity(now, caller=True)
+        barge_ins = self.stats.barge_ins
         actions, cut = self.playback.barge_in(now)
+        self.responses.reply_ended()
         if cut is not None:
             self.conversation.interrupted(cut)
+        if self.stats.barge_ins > barge_ins:
+            actions.append(Notify(LiveEventType.BARGE_IN))
         return actions + self._announcement_played(now) if self.recording.waiting else actions
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
         self.playback.agent_started_speaking()
         self.control.agent_speaks()
-        return self.conversation.agent_turn(event)
+        return [Notify(LiveEventType.AGENT_SPEAKING), *self.conversation.agent_turn(event)]
 
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
         self.control.activity(now, caller=False)
-        return self.playback.audio_done(now)
+        self.responses.reply_ended()
+        return [Notify(LiveEventType.AGENT_DONE), *self.playback.audio_done(now)]
 
     def _on_conversation_text(self, event: AgentConversationText, now: float) -> list[Action]:
         caller = event.role == "user"
@@ -514,11 +539,24 @@ class Call:
         actions = self.conversation.text(event, now)
         if caller and self.recording.waiting:
             actions += self.recording.said(event.content, now, self.started_at)
+        if self.options.console_transcripts and event.role in ("user", "assistant"):
+            actions.append(Notify(LiveEventType.TRANSCRIPT, {"role": event.role, "text": event.content}))
         return actions
 
     def _on_injection_refused(self, event: AgentInjectionRefused, now: float) -> list[Action]:
-        self.control.injection_refused()
-        return [Log(LogLevel.INFO, "agent_injection_refused", {"message": event.message})]
+        refused = self.control.injection_refused()
+        return [Log(LogLevel.INFO, "agent_injection_refused", {"message": event.message}), *refused]
+
+    # --- the operator --------------------------------------------------------------------
+
+    def steer_refusal(self, command: OperatorCommand) -> tuple[SteerProblem, str] | None:
+        """Can the call take this operator command now? (the live API answers 400 or 409 if not)."""
+        if self.state is not CallState.LIVE:
+            return SteerProblem.NOT_NOW, f"the call is not live (it is {self.state.value})"
+        return self.control.steer_refusal(command)
+
+    def _on_operator_command(self, event: OperatorCommand, now: float) -> list[Action]:
+        return self.control.steer(event, now - self.playback.stream_started_at, now)
 
     def _on_function_done(self, event: FunctionDone, now: float) -> list[Action]:
         self.agent.last_sent = now
@@ -574,9 +612,17 @@ class Call:
         ]
 
     def _on_info(self, event: AgentInfo, now: float) -> list[Action]:
+        actions: list[Action] = [Log(LogLevel.DEBUG, "agent_message", {"type": event.type})]
         if event.type == "History":
             self.conversation.history(event.body)
-        return [Log(LogLevel.DEBUG, "agent_message", {"type": event.type})]
+        elif event.type == "LatencyReport":  # the agent's own figures, each optional
+            for name, value in event.body.items():
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                if name in LATENCY_REPORT_FIELDS and number and 0 <= value < 3600:
+                    actions.append(Measure(MetricName.AGENT_REPORTED_LATENCY, float(value), name))
+        else:
+            actions += self.control.agent_confirmed(event.type)
+        return actions
 
     def _on_unknown(self, event: AgentUnknown, now: float) -> list[Action]:
         if event.type in self._unknown_types or len(self._unknown_types) >= MAX_LOGGED_UNKNOWN_AGENT_TYPES:
@@ -661,7 +707,13 @@ class Call:
         outcome = self.outcome
         record: dict[str, Any] = {
             "outcome": outcome.value if outcome is not None else "in_progress",
-            "ended_by": ended_by(outcome, self.hangup_reason) if isinstance(outcome, Outcome) else None,
+            "ended_by": (
+                ended_by(
+                    outcome, self.hangup_reason, self.control.handoff is not None and self.control.handoff.by_operator
+                )
+                if isinstance(outcome, Outcome)
+                else None
+            ),
             "end_reason": self.end_reason,
             "duration_s": round(now - self.started_at, 3),
             "turns": s.turns,
@@ -700,6 +752,10 @@ class Call:
         heard = self.playback.heard.summary(now)
         if heard["utterances"]:
             record["agent_audio"] = heard
+        if self.responses.responses_ms:
+            record["response_ms"] = list(self.responses.responses_ms)  # per caller turn answered
+        if self.control.steered:
+            record["operator_actions"] = [steered.as_record() for steered in self.control.steered]
         first = self.playback.first_audio_at
         if first is not None:
             record["first_agent_audio_s"] = round(first - self.playback.stream_started_at, 3)
@@ -755,6 +811,7 @@ _HANDLERS: dict[type[Event], _Handler] = {
     BridgeFailed: Call._on_bridge_failed,
     OutboxFull: Call._on_outbox_full,
     BridgeShuttingDown: Call._on_bridge_shutting_down,
+    OperatorCommand: Call._on_operator_command,
     Tick: Call._on_tick,
     StartDeadlinePassed: Call._on_start_deadline,
     AgentReadyDeadlinePassed: Call._on_agent_ready_deadline,

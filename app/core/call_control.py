@@ -12,12 +12,21 @@ left waiting. The states this part leads to (hanging up, transferring) are in ``
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, assert_never
 
 from app.agent import messages as agent_msg
-from app.core.actions import Action, Log, Measure, RunFunction, SendToAgent
-from app.core.events import AgentFunctionCallRequest, FunctionCall, FunctionDone, HangUpDue, TransferDue
+from app.core.actions import Action, Log, Measure, Notify, RunFunction, SendToAgent
+from app.core.events import (
+    AgentFunctionCallRequest,
+    FunctionCall,
+    FunctionDone,
+    HangUpDue,
+    OperatorCommand,
+    TransferDue,
+)
 from app.core.options import (
     GOODBYE_GRACE_SECONDS,
     GOODBYE_TIMEOUT_SECONDS,
@@ -25,12 +34,15 @@ from app.core.options import (
     KEYPAD_PAUSE_SECONDS,
     MAX_FUNCTION_CONTENT,
     MAX_KEYPAD_DIGITS,
+    MAX_OPERATOR_ACTIONS_RECORDED,
     MAX_PENDING_FUNCTIONS,
+    OPERATOR_GOODBYE,
+    OPERATOR_TRANSFER_ANNOUNCEMENT,
     CallOptions,
     Telephony,
 )
 from app.core.stats import CallStats
-from app.core.vocabulary import FunctionResult, HangupReason, LogLevel, MetricName
+from app.core.vocabulary import FunctionResult, HangupReason, LiveEventType, LogLevel, MetricName, OperatorAction
 from app.twilio.webhook import transfer_twiml
 
 END_CALL = "end_call"
@@ -100,10 +112,40 @@ class HandOff:
     destination: str  # the transfer's name in the profile; "" for a hang-up
     requested_at: float
     goodbye_started: bool = False
+    by_operator: bool = False  # an operator's hang_up or transfer, not the agent's or the bridge's
 
     @property
     def is_transfer(self) -> bool:
         return self.reason is None
+
+
+class SteerProblem(StrEnum):
+    """Why an operator's command is refused (the API's 400 and 409)."""
+
+    INVALID = "invalid"  # the command itself is wrong (an unlisted transfer destination)
+    NOT_NOW = "not_now"  # the call cannot take it now (not live, ending already, no REST credentials)
+
+
+CONFIRMED_BY = {"PromptUpdated": OperatorAction.INSTRUCT, "SpeakUpdated": OperatorAction.VOICE}
+"""The agent's answer that confirms an operator action (the others have no answer of their own)."""
+
+
+@dataclass
+class Steered:
+    """One operator action, for the call record (``operator_actions``) and the console."""
+
+    action: OperatorAction
+    action_id: str
+    at: float  # seconds since the stream started
+    result: str  # sent, confirmed, refused_retrying
+    text: str = ""  # only where transcripts may be recorded
+
+    def as_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"action": self.action.value, "action_id": self.action_id, "at": self.at}
+        record["result"] = self.result
+        if self.text:
+            record["text"] = self.text
+        return record
 
 
 @dataclass
@@ -122,11 +164,14 @@ class CallControl:
         "_stats",
         "_telephony",
         "_unsent_injection",
+        "awaiting_confirmation",
         "checked_in",
         "handoff",
         "last_activity",
         "last_injection",
+        "last_say",
         "pending",
+        "steered",
     )
 
     def __init__(self, options: CallOptions, stats: CallStats, now: float) -> None:
@@ -141,6 +186,10 @@ class CallControl:
         self._unsent_injection: str | None = None
         self._digits: list[str] = []
         self._last_digit_at = 0.0
+        # operator actions, the latest MAX_OPERATOR_ACTIONS_RECORDED; those awaiting the agent's answer
+        self.steered: deque[Steered] = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
+        self.awaiting_confirmation: deque[Steered] = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
+        self.last_say: Steered | None = None  # the operator's "say", while it is the injection to retry
 
     # --- functions -----------------------------------------------------------------------
 
@@ -247,6 +296,7 @@ class CallControl:
         actions: list[Action] = [
             SendToAgent(agent_msg.function_call_response(call_id, name, content)),
             Measure(MetricName.FUNCTION_CALLS, 1, result.value),
+            Notify(LiveEventType.FUNCTION, {"name": name[:64], "result": result.value}),
         ]
         if result is not FunctionResult.OK:
             actions.append(
@@ -283,15 +333,96 @@ class CallControl:
         if self.handoff is not None:
             self.handoff.goodbye_started = True
 
-    def injection_refused(self) -> None:
+    def injection_refused(self) -> list[Action]:
         """Deepgram refuses an injection while someone speaks: it goes again at the next quiet moment."""
         if self.last_injection:
             self._unsent_injection = self.last_injection
+        say = self.last_say
+        if say is None:
+            return []
+        say.result = "refused_retrying"
+        return [self._action_event(say)]
 
-    def _inject(self, message: str) -> list[Action]:
+    def _inject(self, message: str, say: Steered | None = None) -> list[Action]:
         self.last_injection = message
+        self.last_say = say  # an injection of the bridge's own makes an earlier "say" history
         self._unsent_injection = None
         return [SendToAgent(agent_msg.inject_agent_message(message))]
+
+    # --- the operator ----------------------------------------------------------------------
+
+    def steer_refusal(self, command: OperatorCommand) -> tuple[SteerProblem, str] | None:
+        """Whether a live call can take ``command`` now, and if not why, in words."""
+        telephony = self._telephony
+        match command.action:
+            case OperatorAction.HANG_UP | OperatorAction.TRANSFER if self.handoff is not None:
+                return SteerProblem.NOT_NOW, "the call is already ending"
+            case OperatorAction.TRANSFER if not telephony.rest_available:
+                return SteerProblem.NOT_NOW, "a transfer needs Twilio REST credentials (TWILIO_ACCOUNT_SID)"
+            case OperatorAction.TRANSFER if telephony.destination(command.destination) is None:
+                allowed = ", ".join(name for name, _ in telephony.transfer) or "(none)"
+                return (
+                    SteerProblem.INVALID,
+                    f"no transfer destination called {command.destination[:64]!r}; listed: {allowed}",
+                )
+            case _:
+                return None
+
+    def steer(self, command: OperatorCommand, at: float, now: float) -> list[Action]:
+        """Carry out an operator's command (``steer_refusal`` said yes); ``at`` is seconds into
+        the stream, for the record. Audited: a log line, a metric, the record and the console."""
+        action = command.action
+        shown = self._options.log_transcripts
+        kept = self._options.record_transcript
+        text = command.text
+        steered = Steered(action, command.action_id, round(at, 3), "sent", text if kept else "")
+        self.steered.append(steered)
+        fields: dict[str, Any] = {"action": action.value, "action_id": command.action_id}
+        if action is OperatorAction.TRANSFER:
+            fields["destination"] = command.destination
+        elif text and shown:
+            fields["text"] = text
+        actions: list[Action] = [
+            Log(LogLevel.INFO, "operator_action", fields),
+            Measure(MetricName.OPERATOR_ACTIONS, 1, action.value),
+        ]
+        match action:
+            case OperatorAction.SAY:
+                actions += self._inject(text, steered)
+            case OperatorAction.INSTRUCT:
+                self.awaiting_confirmation.append(steered)
+                actions.append(SendToAgent(agent_msg.update_prompt(text)))
+            case OperatorAction.AS_CALLER:
+                self.activity(now, caller=True)
+                actions.append(SendToAgent(agent_msg.inject_user_message(text)))
+            case OperatorAction.VOICE:
+                self.awaiting_confirmation.append(steered)
+                actions.append(SendToAgent(agent_msg.update_speak(command.speak or {})))
+            case OperatorAction.HANG_UP:
+                self.handoff = HandOff(HangupReason.OPERATOR, "", now, by_operator=True)
+                actions += self._inject(OPERATOR_GOODBYE)
+            case OperatorAction.TRANSFER:
+                self.handoff = HandOff(None, command.destination, now, by_operator=True)
+                actions += self._inject(OPERATOR_TRANSFER_ANNOUNCEMENT)
+            case _:
+                assert_never(action)
+        actions.append(self._action_event(steered))
+        return actions
+
+    def agent_confirmed(self, answer: str) -> list[Action]:
+        """PromptUpdated or SpeakUpdated: the oldest operator action of that kind took."""
+        kind = CONFIRMED_BY.get(answer)
+        for steered in self.awaiting_confirmation:
+            if steered.action is kind:
+                self.awaiting_confirmation.remove(steered)
+                steered.result = "confirmed"
+                return [self._action_event(steered)]
+        return []
+
+    @staticmethod
+    def _action_event(steered: Steered) -> Notify:
+        fields = {"action": steered.action.value, "action_id": steered.action_id, "result": steered.result}
+        return Notify(LiveEventType.ACTION, fields)
 
     # --- the clock -----------------------------------------------------------------------
 
@@ -318,7 +449,11 @@ class CallControl:
                 fn.announced = True
             actions += self._inject(self._telephony.hold_message)
         elif self._unsent_injection is not None and quiet:
-            actions += self._inject(self._unsent_injection)
+            say = self.last_say
+            actions += self._inject(self._unsent_injection, say)
+            if say is not None:  # the operator's words, tried again
+                say.result = "sent"
+                actions.append(self._action_event(say))
         handoff = self.handoff
         if handoff is None:
             actions += self._limits(now, stream_started_at, quiet)

@@ -62,9 +62,11 @@ def close_code(end: Outcome | RejectReason) -> int:
             assert_never(end)
 
 
-def ended_by(outcome: Outcome, hangup: HangupReason | None = None) -> str:
-    """Who ended the call, for the record: the caller, the agent or the bridge."""
+def ended_by(outcome: Outcome, hangup: HangupReason | None = None, operator: bool = False) -> str:
+    """Who ended the call, for the record: the caller, the agent, an operator or the bridge."""
     match outcome:
+        case Outcome.COMPLETED | Outcome.TRANSFERRED if operator:
+            return "operator"  # hung up or transferred from the console
         case Outcome.CALLER_HANGUP:
             return "caller"
         case Outcome.COMPLETED if hangup is not HangupReason.END_CALL:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.options import CallOptions
-from app.core.vocabulary import HangupReason, InvalidKind, Overflow, RestResult
+from app.core.vocabulary import HangupReason, InvalidKind, OperatorAction, Overflow, RestResult
 
 # --- Twilio side -------------------------------------------------------------------------
 
@@ -290,6 +290,20 @@ class BridgeShuttingDown:
     """This process is stopping and the call cannot continue here."""
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorCommand:
+    """An operator steers the live call (console or ``POST /api/calls/{sid}/actions``). The API
+    has checked the fields' presence and types; ``Call.steer_refusal`` says first whether the
+    call can take it now (the API's 409), so a command that reaches ``handle`` is carried out.
+    ``text`` for say, instruct and as_caller; ``speak`` for voice; ``destination`` for transfer."""
+
+    action: OperatorAction
+    action_id: str
+    text: str = ""
+    speak: dict[str, Any] | None = None
+    destination: str = ""
+
+
 # --- Clock -------------------------------------------------------------------------------
 
 
@@ -399,6 +413,7 @@ BridgeEvent = (
     | BridgeFailed
     | OutboxFull
     | BridgeShuttingDown
+    | OperatorCommand
 )
 TimerEvent = (
     Tick

@@ -106,6 +106,15 @@ MAX_KEYPAD_DIGITS = 64
 MAX_PENDING_FUNCTIONS = 16
 """Operator tools running at once in one call; more in flight are answered "busy"."""
 
+MAX_OPERATOR_ACTIONS_RECORDED = 100
+"""Operator actions a call keeps for its record (``operator_actions``): the latest ones."""
+
+OPERATOR_GOODBYE = "I'm going to end our call now. Thank you for calling, goodbye!"
+"""What the agent says when an operator hangs up (``hang_up``); the call ends once it played."""
+
+OPERATOR_TRANSFER_ANNOUNCEMENT = "Please hold while I transfer your call."
+"""What the agent says when an operator transfers the call; the transfer follows once it played."""
+
 MAX_FUNCTION_CONTENT = 16 * 1024
 """Characters of a tool's answer passed to the agent (the rest is cut, and the agent told)."""
 
@@ -186,6 +195,8 @@ class CallOptions:
     counted. It is kept as Twilio sent it (mu-law, 8 KB a second, whatever the agent's format
     and converted when flushed), so the profile's maximum of 60 s costs 480 KB per call."""
     log_transcripts: bool = False
+    console_transcripts: bool = False
+    """What was said reaches the live call API and console (LOG_TRANSCRIPTS or CONSOLE_TRANSCRIPTS)."""
     reconnect_attempts: int = 3
     reconnect_within: float = 10.0
     """The reconnect budget: a session lost mid-call is reopened at most ``reconnect_attempts``

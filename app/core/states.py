@@ -56,6 +56,7 @@ from app.core.events import (
     HangUpDue,
     KeepAliveDue,
     MediaDeadlinePassed,
+    OperatorCommand,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
@@ -234,7 +235,8 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
             _IN_CALL,
         ),
         _LIVE: _row(
-            _stay(_LIVE, *_TWILIO_AND_CLOCK, KeepAliveDue, *_AGENT_TALKING),  # media relayed now, not buffered
+            # media relayed now, not buffered; an operator steers only a live call (the API says 409 elsewhere)
+            _stay(_LIVE, *_TWILIO_AND_CLOCK, KeepAliveDue, *_AGENT_TALKING, OperatorCommand),
             {HangUpDue: _HANGING_UP, TransferDue: _TRANSFERRING},  # after the goodbye or announcement
             _AGENT_FAILS,  # reconnect with the conversation kept, or the fallback
             _IN_CALL,

@@ -42,6 +42,7 @@ class HangupReason(StrEnum):
     END_CALL = "end_call"  # the agent called end_call
     SILENCE = "silence"  # nobody spoke after a check-in
     MAX_DURATION = "max_duration"  # the profile's max_call_seconds was reached
+    OPERATOR = "operator"  # an operator hung up from the console or the live call API
 
 
 class FunctionResult(StrEnum):
@@ -163,3 +164,44 @@ class MetricName(StrEnum):
     CALL_UPDATES = "call_updates"  # counter by RestResult
     FALLBACKS = "fallbacks"  # counter by FallbackReason
     RECORDINGS = "recordings"  # counter by RecordingResult
+    RESPONSE_LATENCY = "response_latency"  # histogram: caller's end of speech to the reply's first audio out
+    AGENT_REPORTED_LATENCY = "agent_reported_latency"  # histogram by LatencyReport field
+    OPERATOR_ACTIONS = "operator_actions"  # counter by OperatorAction
+
+
+class OperatorAction(StrEnum):
+    """What an operator can do to a live call (``POST /api/calls/{sid}/actions``)."""
+
+    SAY = "say"  # the agent says this now (InjectAgentMessage)
+    INSTRUCT = "instruct"  # added to the agent's prompt (UpdatePrompt): the supervisor's whisper
+    AS_CALLER = "as_caller"  # as if the caller said it (InjectUserMessage)
+    VOICE = "voice"  # another voice (UpdateSpeak)
+    HANG_UP = "hang_up"  # a short goodbye, then Status=completed
+    TRANSFER = "transfer"  # an announcement, then the profile's destination
+
+
+class LiveEventType(StrEnum):
+    """What a live call tells the console (``GET /api/calls/{sid}/events``): per turn, never per frame."""
+
+    STATE = "state"  # the call's state changed (``state``)
+    BARGE_IN = "barge_in"  # the caller talked over the agent and Twilio was told to clear
+    AGENT_SPEAKING = "agent_speaking"  # the agent started an utterance
+    AGENT_DONE = "agent_done"  # the agent finished sending an utterance
+    TRANSCRIPT = "transcript"  # ``role``, ``text``: only where transcripts may be shown
+    FUNCTION = "function"  # a function the agent called was answered: ``name``, ``result``
+    ACTION = "action"  # an operator action: ``action``, ``action_id``, ``result`` (sent, confirmed, refused...)
+    LATENCY = "latency"  # ``response_ms``: the caller's end of speech to the reply's first audio out
+    ENDED = "ended"  # ``outcome``: the last event of a call
+
+
+LATENCY_REPORT_FIELDS = frozenset(
+    {
+        "ttt_token_latency",
+        "ttt_text_latency",
+        "ttt_tool_latency",
+        "ttt_thinking_latency",
+        "tts_latency",
+        "total_latency",
+    }
+)
+"""The fields of the agent's ``LatencyReport`` kept as metrics (label ``field``); others are ignored."""

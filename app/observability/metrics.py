@@ -14,17 +14,35 @@ values are dropped (``mark_process_dead``, see ``active_calls``).
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
 from typing import assert_never
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
-from app.core.vocabulary import MetricName
+from app.core.vocabulary import FallbackReason, MetricName, Outcome, RejectReason
+
+WEBHOOK_RESULTS = ("answered", "bad_request", "bad_signature", "draining", "over_capacity")
+"""Labels of ``callbridge_webhook_requests_total`` (what ``app.server`` counts)."""
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 FAST = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+RESPONSE = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+"""Response latency buckets: people notice a reply after ~1 s; the alert bound (1.5 s) is a bucket edge."""
 SLOW = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 
 AGENT_CODES = frozenset(
@@ -63,6 +81,10 @@ class Metrics:
         # livesum: the calls of the workers alive now, summed; a dead worker's calls ended with it
         self.active_calls = Gauge(
             "callbridge_active_calls", "Calls with an open media stream.", registry=r, multiprocess_mode="livesum"
+        )
+        # the limit, so a dashboard and an alert can compare the two (every worker sets the same)
+        self.max_calls = Gauge(
+            "callbridge_max_calls", "MAX_CALLS: calls this instance takes at once.", registry=r, multiprocess_mode="max"
         )
         self.calls = Counter("callbridge_calls_total", "Calls ended, by outcome.", ["outcome"], registry=r)
         self.webhooks = Counter(
@@ -183,6 +205,44 @@ class Metrics:
             registry=r,
         )
 
+        self.response_latency = Histogram(
+            "callbridge_response_latency_seconds",
+            "Per caller turn: the end of the caller's speech (the bridge's own detector) to the first "
+            "audio of the agent's reply sent to Twilio.",
+            buckets=RESPONSE,
+            registry=r,
+        )
+        self.agent_reported_latency = Histogram(
+            "callbridge_agent_reported_latency_seconds",
+            "The agent's own LatencyReport, by field (ttt_token_latency, tts_latency, total_latency, ...).",
+            ["field"],
+            buckets=SLOW,
+            registry=r,
+        )
+        self.operator_actions = Counter(
+            "callbridge_operator_actions_total",
+            "Operator actions on live calls (say, instruct, as_caller, voice, hang_up, transfer).",
+            ["action"],
+            registry=r,
+        )
+        self.listen_dropped = Counter(
+            "callbridge_listen_frames_dropped_total",
+            "Audio frames not sent to a console listener that was not keeping up (the call is never slowed).",
+            registry=r,
+        )
+
+        # every known label from 0: ``increase()`` misses a series whose first sample is already 1,
+        # so the first refusal after a restart would never fire an alert
+        for outcome in Outcome:
+            self.calls.labels(outcome.value)
+        for reason in RejectReason:
+            self.streams_rejected.labels(reason.value)
+        for fallback in FallbackReason:
+            self.fallbacks.labels(fallback.value)
+        for result in WEBHOOK_RESULTS:
+            self.webhooks.labels(result)
+        ProcessCollector(registry=r)  # one process; with workers, ``exposition`` sums them all
+
     def record(self, name: MetricName, value: float = 1.0, label: str = "") -> None:
         """Apply a core ``Measure``. A metric added to ``MetricName`` and forgotten here is a
         mypy error (``assert_never``), not a silent no-op."""
@@ -213,6 +273,12 @@ class Metrics:
                 self.fallbacks.labels(label).inc(value)
             case MetricName.RECORDINGS:
                 self.recordings.labels(label).inc(value)
+            case MetricName.RESPONSE_LATENCY:
+                self.response_latency.observe(value)
+            case MetricName.AGENT_REPORTED_LATENCY:
+                self.agent_reported_latency.labels(label).observe(value)
+            case MetricName.OPERATOR_ACTIONS:
+                self.operator_actions.labels(label).inc(value)
             case _:
                 assert_never(name)
 
@@ -227,7 +293,35 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        registry.register(WorkersProcessCollector(directory))
         return generate_latest(registry)
 
     def call_status(self, status: str) -> None:
         self.call_status_total.labels(bounded(status, CALL_STATUSES)).inc()
+
+
+_PID_IN_NAME = re.compile(r"_(\d+)\.db$")
+
+
+class WorkersProcessCollector(Collector):
+    """CPU and memory of the whole instance with worker processes: every live worker that has
+    written metrics files (their names end in its pid) is read from /proc and the figures
+    summed, so a dashboard sees the instance whichever worker answers the scrape."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        pids = {int(m.group(1)) for p in self.directory.glob("*.db") if (m := _PID_IN_NAME.search(p.name))}
+        cpu = rss = 0.0
+        for pid in sorted(pids):
+            if not Path(f"/proc/{pid}").exists():
+                continue
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():  # type: ignore[misc]
+                for sample in family.samples:
+                    if sample.name == "process_cpu_seconds_total":
+                        cpu += sample.value
+                    elif sample.name == "process_resident_memory_bytes":
+                        rss += sample.value
+        yield CounterMetricFamily("process_cpu_seconds", "CPU seconds of every worker process, summed.", value=cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of every worker, summed.", value=rss)

@@ -55,6 +55,7 @@ from app.core.events import (
     HangUpDue,
     KeepAliveDue,
     MediaDeadlinePassed,
+    OperatorCommand,
     OutboxFull,
     RecordingFailed,
     RecordingStarted,
@@ -87,7 +88,7 @@ from app.core.states import (
     PlaybackState,
     _row,
 )
-from app.core.vocabulary import HangupReason, InvalidKind, Outcome, Overflow, RejectReason, RestResult
+from app.core.vocabulary import HangupReason, InvalidKind, OperatorAction, Outcome, Overflow, RejectReason, RestResult
 
 SID = "MZ" + "a" * 32
 CALL = "CA" + "b" * 32
@@ -124,6 +125,7 @@ SAMPLES: dict[type[Any], Event] = {
     BridgeFailed: BridgeFailed("internal error: KeyError"),
     OutboxFull: OutboxFull(Overflow.TWILIO_QUEUE),
     BridgeShuttingDown: BridgeShuttingDown(),
+    OperatorCommand: OperatorCommand(OperatorAction.SAY, "op_1", text="One moment."),
     Tick: Tick(),
     StartDeadlinePassed: StartDeadlinePassed(),
     AgentReadyDeadlinePassed: AgentReadyDeadlinePassed(),

@@ -1,0 +1,83 @@
+"""How long the caller waits for an answer, measured by the bridge: from the end of the
+caller's speech to the first audio of the agent's reply leaving for Twilio.
+
+The agent says when the caller starts speaking (``UserStartedSpeaking``), never when they
+stop, so the end of speech comes from a detector of our own on the mu-law the bridge relays.
+It is as cheap as a detector can be: a frame is speech when at least ``LOUD_SAMPLES`` of its
+samples are louder than ``LOUD_LEVEL``, counted in C by deleting the quiet byte values
+(``bytes.translate``), with no decoding and no per-frame allocation beyond that one copy.
+
+What it misses, said plainly (the README repeats it): a caller whose speech is quieter than
+the threshold (a whisper, a bad line) is not seen, so no figure for that turn; loud noise
+(a television, a busy street) counts as speech, so the end of speech is the end of the noise
+and the figure is too short or the turn merges with the next; replies that follow no caller
+speech (the greeting, a check-in, an operator's "say") are not turns and get no figure.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+LOUD_LEVEL = 1000
+"""A sample this loud (16-bit linear, about -30 dBFS) or louder counts as sound: speech on a
+phone line peaks at several thousand; Twilio's silence and line hiss stay well below."""
+LOUD_SAMPLES = 24
+"""Loud samples (of a 20 ms frame's 160) that make a frame speech: 3 ms of it, so a click or a
+single pop is not speech, and the quiet part of a syllable still is."""
+TURN_MIN_FRAMES = 5
+"""Speech frames (100 ms) since the last reply began that make a caller turn: a cough or a
+"mm" alone does not start a measurement."""
+MAX_RESPONSES_RECORDED = 500
+"""Response times the call record keeps (``response_ms``): the latest ones, a turn every few
+seconds for half an hour; the histogram has them all."""
+
+
+def _mulaw_magnitude(byte: int) -> int:
+    """G.711 mu-law byte to the magnitude of its 16-bit linear sample."""
+    inverted = ~byte & 0xFF
+    exponent = (inverted >> 4) & 0x07
+    mantissa = inverted & 0x0F
+    return (((mantissa << 3) + 0x84) << exponent) - 0x84
+
+
+QUIET_BYTES = bytes(b for b in range(256) if _mulaw_magnitude(b) < LOUD_LEVEL)
+"""The mu-law byte values quieter than ``LOUD_LEVEL``: deleted from a frame, the rest is loud."""
+
+
+class ResponseTimer:
+    """Per call: caller frames in, the first audio of each reply out, a response time when
+    that reply answers a caller turn."""
+
+    __slots__ = ("_replying", "_speech_at", "_speech_frames", "latest_ms", "responses_ms")
+
+    def __init__(self) -> None:
+        self._speech_frames = 0  # speech frames since the current reply began
+        self._speech_at = 0.0  # when the latest speech frame arrived: the end of speech so far
+        self._replying = False  # the agent's current reply has sent audio already
+        self.latest_ms: int | None = None
+        self.responses_ms: deque[int] = deque(maxlen=MAX_RESPONSES_RECORDED)
+
+    def caller_frame(self, payload: bytes, now: float) -> None:
+        """Every caller frame (the hot path: one C-level translate and a comparison)."""
+        if len(payload.translate(None, QUIET_BYTES)) >= LOUD_SAMPLES:
+            self._speech_frames += 1
+            self._speech_at = now
+
+    def agent_audio(self, now: float) -> int | None:
+        """Agent audio is leaving for Twilio: the response time in ms if this is the first
+        audio of a reply to a caller turn, else None."""
+        if self._replying:
+            return None
+        self._replying = True
+        if self._speech_frames < TURN_MIN_FRAMES:
+            return None
+        self._speech_frames = 0
+        response_ms = max(0, round((now - self._speech_at) * 1000))
+        self.latest_ms = response_ms
+        self.responses_ms.append(response_ms)
+        return response_ms
+
+    def reply_ended(self) -> None:
+        """The agent finished (``AgentAudioDone``) or was cut short (barge-in): the next audio
+        opens a new reply. Speech heard during the reply counts toward the next turn."""
+        self._replying = False
