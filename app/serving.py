@@ -43,6 +43,7 @@ from app import machine_db, workers
 from app.agent.client import limit_send_buffer
 from app.config import ConfigError, RuntimeConfig, load_settings, resolve
 from app.devtools.local_agent import LocalAgent
+from app.live.bus import ENV_LIVE_BUS, Broker, start_broker
 from app.loop_batching import LoopBatching
 from app.observability import logging as logs
 from app.observability.logging import get_logger
@@ -365,13 +366,19 @@ class Supervisor:
         self._multiproc_dir, ours = prepare_multiproc_dir(str(configured) if configured else None)
         machine_db.create(self._multiproc_dir)
         local_agent: LocalAgent | None = None
+        broker: Broker | None = None
         parent_write = -1
         try:
             if self.config.use_local_agent:
                 local_agent = LocalAgent()
                 await local_agent.start("127.0.0.1", settings.local_agent_port)
+            if self.config.operator_token and not settings.redis_url:
+                # the live call API's bus between the workers (with Redis, Redis is the bus)
+                broker = await start_broker(self._multiproc_dir)
             self._parent_read, parent_write = os.pipe()
             self._env = self.worker_env(local_agent.url if local_agent is not None else None)
+            if broker is not None:
+                self._env[ENV_LIVE_BUS] = str(broker.path)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_signal, sig)
@@ -388,6 +395,8 @@ class Supervisor:
                 self._kill_timer.cancel()
             if local_agent is not None:
                 await local_agent.stop()
+            if broker is not None:
+                await broker.close()
             for fd in (self._parent_read, parent_write):
                 if fd >= 0:
                     os.close(fd)

@@ -285,3 +285,44 @@ def test_worker_count_is_checked(tmp_path: Path) -> None:
         [sys.executable, "-m", "app", "serve", "--workers", "0"], cwd=tmp_path, capture_output=True, timeout=30
     )
     assert proc.returncode == 2 and b"must be between 1 and 64" in proc.stderr
+
+
+def operator_token(instance: Instance) -> str:
+    """The token the offline ``serve`` made up for this run (printed on its stderr)."""
+    for line in instance.log_path.read_text(errors="replace").splitlines():
+        if "operator token (this run only): " in line:
+            return line.rsplit(": ", 1)[1].strip()
+    raise AssertionError("serve printed no operator token")
+
+
+def test_the_live_api_on_either_worker_sees_and_steers_every_workers_calls(instance: Instance) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {operator_token(instance)}"}
+    running = [call_in_thread(instance.base_url, silence=6.0) for _ in range(10)]
+    sids = {caller.call_sid for caller, _, _ in running}
+    # which worker holds each stream, from the logs (10 streams all on one worker: 1 in 512)
+    assert wait_until(lambda: len(instance.events("stream_started")) == 10, timeout=10)
+    holders = {sid: instance.worker_of("stream_started", sid) for sid in sids}
+    assert set(holders.values()) == {1, 2}
+    for _ in range(6):  # each request lands on either worker: every one lists all 10 calls
+        listed = httpx.get(instance.base_url + "/api/calls", headers=headers, timeout=5).json()["calls"]
+        assert {line["call_sid"] for line in listed} == sids
+        assert {line["call_sid"]: line["worker"] for line in listed} == holders
+    for sid in sids:  # an action reaches the worker that holds the call, wherever it was asked
+        answer = httpx.post(
+            f"{instance.base_url}/api/calls/{sid}/actions",
+            headers=headers,
+            json={"action": "instruct", "text": f"Note for {sid}."},
+            timeout=5,
+        )
+        assert answer.status_code == 202, answer.text
+    detail = httpx.get(f"{instance.base_url}/api/calls/{sorted(sids)[0]}", headers=headers, timeout=5).json()
+    assert detail["call_sid"] == sorted(sids)[0] and detail["events"]
+    for _, thread, _ in running:
+        thread.join(30)
+    assert wait_until(
+        lambda: httpx.get(instance.base_url + "/api/calls", headers=headers, timeout=5).json()["calls"] == [], 3.0
+    )
+    audited = {r["call_sid"]: r["worker"] for r in instance.events("operator_action")}
+    assert audited == holders  # each carried out by the call's own worker
