@@ -286,6 +286,9 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.rounds < 1 or args.calls < 1:
         print("callbridge: --rounds and --calls must be at least 1", file=sys.stderr)
         return 2
+    if args.watch and (args.url or not 0 < args.watch <= args.calls):
+        print("callbridge: --watch needs a bridge the load test starts, and at most --calls calls", file=sys.stderr)
+        return 2
     try:
         report = loadtest.run(
             args.calls,
@@ -296,6 +299,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             floor=args.floor,
             workers=args.workers,
             rounds=args.rounds,
+            watch=args.watch,
         )
     except RuntimeError as exc:  # a server or the agent did not start: what it said is in the message
         print(f"callbridge: {exc}", file=sys.stderr)
@@ -492,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first run the same load through the floor (app.devtools.minimal_relay, a relay that does nothing "
         "else) and print every figure of the bridge as a difference and a ratio to it",
+    )
+    load.add_argument(
+        "--watch",
+        type=int,
+        default=0,
+        help="this many of the calls are followed (events) and listened to (both tracks) through the live "
+        "call API while they last, as operators at the console would",
     )
     load.add_argument(
         "--rounds",

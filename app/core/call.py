@@ -754,7 +754,7 @@ class Call:
             record["agent_audio"] = heard
         if self.responses.responses_ms:
             record["response_ms"] = list(self.responses.responses_ms)  # per caller turn answered
-        if self.control.steered:
+        if self.control.steered:  # None or empty: no operator acted
             record["operator_actions"] = [steered.as_record() for steered in self.control.steered]
         first = self.playback.first_audio_at
         if first is not None:

@@ -186,9 +186,10 @@ class CallControl:
         self._unsent_injection: str | None = None
         self._digits: list[str] = []
         self._last_digit_at = 0.0
-        # operator actions, the latest MAX_OPERATOR_ACTIONS_RECORDED; those awaiting the agent's answer
-        self.steered: deque[Steered] = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
-        self.awaiting_confirmation: deque[Steered] = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
+        # operator actions, the latest MAX_OPERATOR_ACTIONS_RECORDED, and those awaiting the agent's
+        # answer; made at the first action (most calls have none, and an empty deque is ~600 bytes)
+        self.steered: deque[Steered] | None = None
+        self.awaiting_confirmation: deque[Steered] | None = None
         self.last_say: Steered | None = None  # the operator's "say", while it is the injection to retry
 
     # --- functions -----------------------------------------------------------------------
@@ -376,7 +377,11 @@ class CallControl:
         kept = self._options.record_transcript
         text = command.text
         steered = Steered(action, command.action_id, round(at, 3), "sent", text if kept else "")
+        if self.steered is None or self.awaiting_confirmation is None:
+            self.steered = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
+            self.awaiting_confirmation = deque(maxlen=MAX_OPERATOR_ACTIONS_RECORDED)
         self.steered.append(steered)
+        awaiting = self.awaiting_confirmation
         fields: dict[str, Any] = {"action": action.value, "action_id": command.action_id}
         if action is OperatorAction.TRANSFER:
             fields["destination"] = command.destination
@@ -390,13 +395,13 @@ class CallControl:
             case OperatorAction.SAY:
                 actions += self._inject(text, steered)
             case OperatorAction.INSTRUCT:
-                self.awaiting_confirmation.append(steered)
+                awaiting.append(steered)
                 actions.append(SendToAgent(agent_msg.update_prompt(text)))
             case OperatorAction.AS_CALLER:
                 self.activity(now, caller=True)
                 actions.append(SendToAgent(agent_msg.inject_user_message(text)))
             case OperatorAction.VOICE:
-                self.awaiting_confirmation.append(steered)
+                awaiting.append(steered)
                 actions.append(SendToAgent(agent_msg.update_speak(command.speak or {})))
             case OperatorAction.HANG_UP:
                 self.handoff = HandOff(HangupReason.OPERATOR, "", now, by_operator=True)
@@ -411,10 +416,10 @@ class CallControl:
 
     def agent_confirmed(self, answer: str) -> list[Action]:
         """PromptUpdated or SpeakUpdated: the oldest operator action of that kind took."""
-        kind = CONFIRMED_BY.get(answer)
-        for steered in self.awaiting_confirmation:
-            if steered.action is kind:
-                self.awaiting_confirmation.remove(steered)
+        kind, awaiting = CONFIRMED_BY.get(answer), self.awaiting_confirmation
+        for steered in awaiting or ():
+            if steered.action is kind and awaiting is not None:
+                awaiting.remove(steered)
                 steered.result = "confirmed"
                 return [self._action_event(steered)]
         return []

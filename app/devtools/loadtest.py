@@ -640,13 +640,17 @@ class Report:
     paths: PathFigures | None = None  # only with the load test's own agent
     floor: Report | None = None  # --floor: the same load through the floor, just before
     rounds: int = 1  # --rounds: runs of ``calls`` concurrent calls whose figures are pooled here
+    watch: int = 0  # --watch: calls followed and listened to through the live call API
+    operator_token: str = ""  # the bridge's OPERATOR_TOKEN (the live call API is on in every bridge run)
 
     @classmethod
     def pooled(cls, runs: list[Report]) -> Report:
         """Several runs of the same load as one report: samples pooled, counts and CPU added,
         memory per call the largest of any run (``calls`` stays the concurrency of each)."""
         first = runs[0]
-        out = cls(first.calls, first.seconds, side=first.side, workers=first.workers, rounds=len(runs))
+        out = cls(
+            first.calls, first.seconds, side=first.side, workers=first.workers, rounds=len(runs), watch=first.watch
+        )
         for run in runs:
             out.results += run.results
             out.failures += run.failures
@@ -736,6 +740,11 @@ class Report:
         ]
         for failure, times in Counter(self.failures).most_common(5):
             rows.append(f"  failure{f' (x{times})' if times > 1 else ''}: {failure}")
+        watched = [r.watched for r in self.results if r.watched]
+        if self.watch and self.side is Side.BRIDGE:
+            rows.append(f"  watched and listened to through the live call API: {len(watched)} calls")
+            for what, times in Counter(w if "events" not in w else "ok" for w in watched).most_common(3):
+                rows.append(f"    {what}{f' (x{times})' if times > 1 else ''}")
         if self.token_source and any("HTTP 403" in f for f in self.failures):
             rows.append(
                 f"  the bridge refused the webhook signatures, signed with {self.token_source}: give it "
@@ -839,10 +848,53 @@ def _cell(value: float | None, kind: FigureKind) -> str:
 # --- running it -----------------------------------------------------------------------------
 
 
-async def _one_call(base_url: str, token: str, audio: bytes, delay: float) -> tuple[CallResult, CallerProbe | None]:
+async def _one_call(
+    base_url: str, token: str, audio: bytes, delay: float, watcher: str | None = None
+) -> tuple[CallResult, CallerProbe | None]:
+    """One call; with ``watcher`` (an OPERATOR_TOKEN), an operator follows its events and
+    listens to it through the live call API for as long as it lasts."""
     await asyncio.sleep(delay)
     caller = ProbedCaller(base_url, token, tail=1.0, max_tail=5.0)
-    return await caller.run(audio), caller.probe
+    watching = asyncio.create_task(watch_call(base_url, watcher, caller.call_sid)) if watcher else None
+    result = await caller.run(audio)
+    if watching is not None:
+        try:
+            result.watched = await asyncio.wait_for(watching, 5.0)
+        except Exception as exc:  # the call's figures stand; the watcher's failure is reported
+            result.watched = f"{type(exc).__name__}: {exc}"
+    return result, caller.probe
+
+
+async def watch_call(base_url: str, operator_token: str, call_sid: str) -> str:
+    """As the console does: wait for the call in ``GET /api/calls``, then follow its events and
+    listen to both tracks until it ends. What was received, in words."""
+    import httpx
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": f"Bearer {operator_token}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(5.0, read=None)) as client:
+        for _ in range(100):
+            listed = (await client.get("/api/calls")).json()["calls"]
+            if any(line["call_sid"] == call_sid for line in listed):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            return "never listed"
+        url = (await client.post(f"/api/calls/{call_sid}/listen")).json()["url"]
+        counts = {"events": 0, "frames": 0}
+
+        async def follow() -> None:
+            async with client.stream("GET", f"/api/calls/{call_sid}/events") as response:
+                async for line in response.aiter_lines():
+                    counts["events"] += line.startswith("data: ")
+
+        async def listen() -> None:
+            async with connect(url) as ws:
+                async for _ in ws:
+                    counts["frames"] += 1
+
+        await asyncio.gather(follow(), listen())
+    return f"{counts['events']} events, {counts['frames']} audio frames"
 
 
 async def _run_calls(report: Report, base_url: str, token: str, ramp: float) -> list[tuple[int, CallerProbe]]:
@@ -856,7 +908,13 @@ async def _run_calls(report: Report, base_url: str, token: str, ramp: float) -> 
 
     sampler = asyncio.create_task(sample(report.process)) if report.process is not None else None
     tasks = [
-        _one_call(base_url, token, stamped_audio(audio, i), ramp * i / max(1, report.calls))
+        _one_call(
+            base_url,
+            token,
+            stamped_audio(audio, i),
+            ramp * i / max(1, report.calls),
+            report.operator_token if i < report.watch else None,
+        )
         for i in range(report.calls)
     ]
     probes = []
@@ -922,6 +980,7 @@ def run(
     floor: bool = False,
     workers: int | None = None,
     rounds: int = 1,
+    watch: int = 0,
 ) -> Report:
     """The load test; with ``floor``, the same load through the floor first (not with ``url``),
     and with ``rounds``, that many times (floor, bridge, floor, bridge...), pooled: the two see
@@ -936,7 +995,7 @@ def run(
         for _ in range(rounds):
             if floor:
                 floors.append(_run_started(Report(calls, seconds, side=Side.FLOOR, workers=workers), Path(tmp), ramp))
-            bridges.append(_run_started(Report(calls, seconds, workers=workers), Path(tmp), ramp))
+            bridges.append(_run_started(Report(calls, seconds, workers=workers, watch=watch), Path(tmp), ramp))
     report = Report.pooled(bridges)
     report.floor = Report.pooled(floors) if floors else None
     return report
@@ -1005,6 +1064,8 @@ def _run_started(report: Report, tmp: Path, ramp: float) -> Report:
         env=base_env,
     )
     env = server_env(base_env, agent_port, port, token, "info")
+    if report.side is Side.BRIDGE:  # the live call API on, as in production: watched or not
+        env["OPERATOR_TOKEN"] = report.operator_token = secrets.token_urlsafe(24)
     command = server_command(report.side, port, agent_port, report.workers)
     with log_path.open("wb") as log_file:  # kept only to explain a server that fails to start
         server = subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file)

@@ -129,6 +129,7 @@ class CallResult:
     keys_pressed: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the stream, digit)
     rest_updates: list[CallUpdate] = field(default_factory=list)  # updates of this call the API accepted
     rest_requests: list[RestRequest] = field(default_factory=list)  # every REST request about this call
+    watched: str = ""  # the load test's operator watching this call: what it received, in words
     redirected_to: str | None = None  # the TwiML (or URL) a redirect/transfer sent the call to
     webhook_s: float = 0.0  # POST to TwiML
     connect_s: float = 0.0  # WebSocket open

@@ -250,16 +250,16 @@ async def bounded_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def sse(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def sse(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
     try:
         async for event in stream:
-            yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            yield b"data: " + event.encode() + b"\n\n"
     finally:
         with contextlib.suppress(Exception):
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def relay_audio(ws: WebSocket, stream: AsyncIterator[dict[str, Any]]) -> None:
+async def relay_audio(ws: WebSocket, stream: AsyncIterator[str]) -> None:
     """Frames to the listener until the call ends or the listener leaves."""
 
     async def until_closed() -> None:
@@ -272,7 +272,7 @@ async def relay_audio(ws: WebSocket, stream: AsyncIterator[dict[str, Any]]) -> N
         async for frame in stream:
             if closed.done():
                 break
-            await ws.send_text(json.dumps(frame, separators=(",", ":")))
+            await ws.send_text(frame)
         with contextlib.suppress(Exception):
             await ws.close(1000)
     except (WebSocketDisconnect, RuntimeError, OSError):

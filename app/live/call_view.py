@@ -9,6 +9,7 @@ that cannot keep up loses messages (counted), the call never slows down for it.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,37 +19,43 @@ MAX_LIVE_EVENTS = 500
 """Events a live call keeps for a console that opens it late (the latest ones): a state change,
 a few per turn, so a long call's start is what goes first. The call record has the totals."""
 
-EventSink = Callable[[dict[str, Any]], None]
+EventSink = Callable[[str, str], None]  # (type, the event as JSON)
 AudioSink = Callable[[str, str], None]  # (track, base64 mu-law)
 
 
 class LiveCall:
-    __slots__ = ("_summary", "audio_sinks", "event_sinks", "events", "listening", "stream_started", "summary_cache")
+    __slots__ = ("_summary", "audio_sinks", "event_sinks", "events", "last_type", "listening", "stream_started")
 
     def __init__(self, summary: Callable[[], dict[str, Any]], stream_started: float) -> None:
         self._summary = summary
         self.stream_started = stream_started  # the pump's clock at the stream's start
-        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_LIVE_EVENTS)
+        # kept as the JSON the API sends (an SSE ``data:`` line): a third of a dict's memory, and
+        # serialised once however many follow the call
+        self.events: deque[str] = deque(maxlen=MAX_LIVE_EVENTS)
+        self.last_type = ""
         self.event_sinks: list[EventSink] = []
         self.audio_sinks: list[AudioSink] = []
         self.listening = False  # someone listens: the pump taps the audio (checked per frame)
-        self.summary_cache: dict[str, Any] = {}
 
     def summary(self) -> dict[str, Any]:
         """The fields of ``GET /api/calls`` for this call, as of now."""
-        self.summary_cache = self._summary()
-        return self.summary_cache
+        return self._summary()
 
     def event(self, kind: str, fields: dict[str, Any], now: float) -> None:
         event = {"type": kind, "at": round(max(0.0, now - self.stream_started), 3), **fields}
-        self.events.append(event)
+        text = json.dumps(event, separators=(",", ":"))
+        self.events.append(text)
+        self.last_type = kind
         for sink in list(self.event_sinks):
-            sink(event)
+            sink(kind, text)
+
+    def events_so_far(self) -> list[dict[str, Any]]:
+        return [json.loads(text) for text in self.events]
 
     def follow(self, sink: EventSink) -> Callable[[], None]:
         """``sink`` gets the events so far, then each new one; returns how to stop."""
-        for event in list(self.events):
-            sink(event)
+        for text in list(self.events):
+            sink(json.loads(text)["type"], text)
         self.event_sinks.append(sink)
         return lambda: self.event_sinks.remove(sink) if sink in self.event_sinks else None
 

@@ -97,6 +97,11 @@ class Pending:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def audio_message(track: str, payload: str) -> str:
+    """What a listener gets for one frame (``payload`` is base64: nothing in it to escape)."""
+    return '{"track":"' + track + '","payload":"' + payload + '"}'
+
+
 def command_from(fields: dict[str, Any], action_id: str) -> OperatorCommand:
     """An ``OperatorCommand`` from fields the API checked (``app.live.api.parse_action``)."""
     speak = fields.get("speak")
@@ -161,11 +166,11 @@ class LiveRegistry:
         live = session.live
         if live is None:
             return
-        summary = live.summary_cache or live.summary()
+        summary = live.summary()
         sid = summary.get("call_sid", "")
         if self.local.get(sid, (None,))[0] is session:
             del self.local[sid]
-        if not live.events or live.events[-1]["type"] != LiveEventType.ENDED.value:
+        if live.last_type != LiveEventType.ENDED.value:
             live.event(LiveEventType.ENDED.value, {"outcome": "unknown"}, now)
         live.event_sinks.clear()
         live.audio_sinks.clear()
@@ -203,7 +208,7 @@ class LiveRegistry:
     async def detail(self, call_sid: str) -> dict[str, Any] | None:
         local = self.local.get(call_sid)
         if local is not None:
-            return {**local[1].summary(), "events": list(local[1].events)}
+            return {**local[1].summary(), "events": local[1].events_so_far()}
         process = self.owner(call_sid)
         if process is None:
             return None
@@ -221,7 +226,7 @@ class LiveRegistry:
             return Answer(504, {"error": "the process holding the call did not answer"})
         return Answer(int(answer.get("status", 500)), dict(answer.get("body", {})))
 
-    def follow(self, call_sid: str) -> AsyncIterator[dict[str, Any]] | None:
+    def follow(self, call_sid: str) -> AsyncIterator[str] | None:
         """The call's events so far, then each new one, ending after ``ended``; None: not live."""
         local = self.local.get(call_sid)
         if local is not None:
@@ -229,7 +234,7 @@ class LiveRegistry:
         process = self.owner(call_sid)
         return None if process is None else self._follow_there(process, call_sid, "follow", FOLLOW_QUEUE)
 
-    def listen(self, call_sid: str) -> AsyncIterator[dict[str, Any]] | None:
+    def listen(self, call_sid: str) -> AsyncIterator[str] | None:
         """The call's audio from now on, both tracks in the order it flowed; None: not live."""
         local = self.local.get(call_sid)
         if local is not None:
@@ -250,12 +255,12 @@ class LiveRegistry:
         problem, words = refusal
         return Answer(400 if problem is SteerProblem.INVALID else 409, {"error": words})
 
-    async def _follow_here(self, live: LiveCall) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(FOLLOW_QUEUE)
+    async def _follow_here(self, live: LiveCall) -> AsyncIterator[str]:
+        queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(FOLLOW_QUEUE)
 
-        def sink(event: dict[str, Any]) -> None:
+        def sink(kind: str, text: str) -> None:
             try:
-                queue.put_nowait(event)
+                queue.put_nowait((kind, text))
             except asyncio.QueueFull:
                 stop()
                 with contextlib.suppress(asyncio.QueueFull):
@@ -268,23 +273,23 @@ class LiveRegistry:
                 event = await queue.get()
                 if event is None:
                     return
-                yield event
-                if event["type"] == LiveEventType.ENDED.value:
+                yield event[1]
+                if event[0] == LiveEventType.ENDED.value:
                     return
         finally:
             stop()
 
-    async def _listen_here(self, live: LiveCall) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(LISTEN_QUEUE)
+    async def _listen_here(self, live: LiveCall) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue(LISTEN_QUEUE)
 
         def sink(track: str, payload: str) -> None:
             try:
-                queue.put_nowait({"track": track, "payload": payload})
+                queue.put_nowait(audio_message(track, payload))
             except asyncio.QueueFull:
                 self.metrics.listen_dropped.inc()
 
-        def ended(event: dict[str, Any]) -> None:
-            if event["type"] == LiveEventType.ENDED.value:
+        def ended(kind: str, text: str) -> None:
+            if kind == LiveEventType.ENDED.value:
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(None)
 
@@ -323,7 +328,7 @@ class LiveRegistry:
         finally:
             self.pending.pop(request_id, None)
 
-    async def _follow_there(self, process: str, call_sid: str, op: str, limit: int) -> AsyncIterator[dict[str, Any]]:
+    async def _follow_there(self, process: str, call_sid: str, op: str, limit: int) -> AsyncIterator[str]:
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(limit)
 
@@ -349,9 +354,9 @@ class LiveRegistry:
                 if answer.get("end") or answer.get("missing"):
                     return
                 item = answer.get("item")
-                if isinstance(item, dict):
+                if isinstance(item, str):
                     yield item
-                    if item.get("type") == LiveEventType.ENDED.value:
+                    if answer.get("kind") == LiveEventType.ENDED.value:
                         return
         finally:
             renew.cancel()
@@ -398,7 +403,7 @@ class LiveRegistry:
             return
         live = local[1]
         if op == "detail":
-            self._send(sender, {"re": request_id, "detail": {**live.summary(), "events": list(live.events)}})
+            self._send(sender, {"re": request_id, "detail": {**live.summary(), "events": live.events_so_far()}})
         elif op == "act":
             answer = self._act_here(call_sid, dict(message.get("fields", {})))
             self._send(sender, {"re": request_id, "status": answer.status, "body": answer.body})
@@ -410,8 +415,8 @@ class LiveRegistry:
             self.watches[request_id] = watch
             if op == "follow":
 
-                def forward(event: dict[str, Any]) -> None:
-                    self._send(sender, {"re": request_id, "item": event})
+                def forward(kind: str, text: str) -> None:
+                    self._send(sender, {"re": request_id, "kind": kind, "item": text})
 
                 watch.stop = live.follow(forward)
             else:
@@ -419,7 +424,7 @@ class LiveRegistry:
                 def forward_audio(track: str, payload: str) -> None:
                     if not self.bus.publish(
                         f"proc.{sender}",
-                        json.dumps({"re": request_id, "item": {"track": track, "payload": payload}}).encode(),
+                        json.dumps({"re": request_id, "item": audio_message(track, payload)}).encode(),
                     ):
                         self.metrics.listen_dropped.inc()
 
