@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     """Calls in one process from which loop batching is on (off again below half of it): from
     40, two caller frames or more arrive per millisecond, so each wake-up saved serves two."""
     redis_url: str | None = None
+    outbound_from: str | None = None
+    """The caller id of calls the bridge places (``POST /api/calls`` without ``from``): a Twilio number, E.164."""
     operator_token: SecretStr | None = None
     """Bearer token of the live call API and the console (``/api/``, ``/console``); unset: both off."""
     console_transcripts: bool = False
@@ -131,6 +133,15 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("outbound_from")
+    @classmethod
+    def _outbound_from(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not E164.fullmatch(value):
+            raise ValueError("must be a phone number in E.164, e.g. +15557654321")
         return value
 
     @field_validator("operator_token", mode="before")
@@ -263,6 +274,8 @@ class TelephonyModel(BaseModel):
     max_call_seconds: float = Field(default=3600.0, gt=0, le=7200)  # Deepgram's session limit is 2 hours
     media_timeout_seconds: float = Field(default=10.0, ge=0, le=3600)
     """No Twilio media this long in a call: the stream is dead and the call completed (0: off)."""
+    dtmf_out: bool = False
+    """Offer the agent ``send_dtmf``: keypad tones sent into the call (a phone menu on the other end)."""
 
     @field_validator("media_timeout_seconds")
     @classmethod
@@ -275,6 +288,16 @@ class TelephonyModel(BaseModel):
     silence_goodbye_message: str | None = Field(default=None, min_length=1, max_length=500)
     time_limit_message: str | None = Field(default=None, min_length=1, max_length=500)
     hold_message: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class OutboundModel(BaseModel):
+    """``bridge.outbound``: calls the bridge places (``POST /api/calls``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    voicemail: str | None = Field(default=None, min_length=1, max_length=2000)
+    """What the agent leaves on an answering machine, after its greeting; may hold {{placeholders}}."""
+    amd_timeout_seconds: float = Field(default=30.0, ge=3, le=59)
+    """Twilio's MachineDetectionTimeout: no verdict by then (plus a few seconds), a person answered."""
 
 
 class FallbackModel(BaseModel):
@@ -369,6 +392,7 @@ class BridgeOptions(BaseModel):
     fallback: FallbackModel = FallbackModel()
     reconnect: ReconnectModel = ReconnectModel()
     recording: RecordingModel | None = None
+    outbound: OutboundModel = OutboundModel()
 
 
 class AgentBlock(BaseModel):
@@ -704,6 +728,7 @@ class RuntimeConfig:
             silence_check_in=telephony.silence_check_in_seconds,
             max_call=telephony.max_call_seconds,
             media_timeout=telephony.media_timeout_seconds,
+            dtmf_out=telephony.dtmf_out,
             tools=tuple(ToolSpec(name, tool.url, tool.timeout_seconds) for name, tool in tools.items()),
             rest_available=self.rest_available,
             **messages,
@@ -792,6 +817,8 @@ def resolve(settings: Settings) -> RuntimeConfig:
 
 
 PROFILE_SUFFIXES = (".json", ".yaml", ".yml")
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A profile file named so is not any number's: outbound calls name it (``"profile"``)."""
 
 
 def load_number_profiles(directory: Path) -> dict[str, AgentProfile]:
@@ -804,10 +831,11 @@ def load_number_profiles(directory: Path) -> dict[str, AgentProfile]:
         if path.suffix not in PROFILE_SUFFIXES or path.name.startswith("."):
             continue
         number = path.stem
-        if not E164.fullmatch(number):
+        if not E164.fullmatch(number) and not PROFILE_NAME.fullmatch(number):
             raise ConfigError(
                 f"AGENT_PROFILES_DIR: {path.name} must be named by the number it answers in E.164, "
-                "e.g. +15551230001.yaml"
+                "e.g. +15551230001.yaml, or by a name for calls placed with it (letters, digits, - and _), "
+                "e.g. reminders.yaml"
             )
         if number in profiles:
             raise ConfigError(f"AGENT_PROFILES_DIR: two profiles for {number}")

@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS used_tokens (nonce TEXT PRIMARY KEY, expires INTEGER 
 CREATE INDEX IF NOT EXISTS used_tokens_by_expiry ON used_tokens (expires);
 CREATE TABLE IF NOT EXISTS worker_calls (worker INTEGER PRIMARY KEY, active INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS admissions (call_sid TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbound_calls (
+    key TEXT PRIMARY KEY, record TEXT NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 

@@ -82,23 +82,46 @@ class Admission(Generic[S]):
 
     # --- the webhook ---------------------------------------------------------------------
 
-    def try_admit(self, call_sid: str) -> str | None:
+    def try_admit(self, call_sid: str, hold: float = ADMISSION_HOLD_SECONDS) -> str | None:
         """Admit a call, or say why not ("draining", "over_capacity"). Calls admitted whose
         stream has not started yet count, so a burst cannot overshoot. With workers, the check
         and the admission are one step in the machine's file; should that file fail, this
-        worker's own calls are checked (and it is logged)."""
+        worker's own calls are checked (and it is logged). ``hold``: how long the place waits
+        for the stream (an outbound call's rings and answering-machine check first)."""
         if self.draining:
             return "draining"
+        extra = max(0.0, hold - ADMISSION_HOLD_SECONDS)
         if self.load is not None:
             try:
-                return None if self.load.admit(call_sid, self.max_calls) else "over_capacity"
+                return None if self.load.admit(call_sid, self.max_calls, extra_hold=extra) else "over_capacity"
             except sqlite3.Error as exc:
                 self._shared_file_failed(exc)
         self._expire()
         if self._full():
             return "over_capacity"
-        self.admissions[call_sid] = self.clock()
+        self.admissions[call_sid] = self.clock() + extra  # expires ``hold`` from now
         return None
+
+    def rekey(self, old: str, new: str) -> None:
+        """An admission made before the call had its CallSid (outbound) now goes by it."""
+        if self.load is not None:
+            try:
+                self.load.rekey(old, new)
+                return
+            except sqlite3.Error as exc:
+                self._shared_file_failed(exc)
+        if old in self.admissions:
+            self.admissions[new] = self.admissions.pop(old)
+
+    def release(self, call_sid: str) -> None:
+        """A call admitted that will never stream (not answered, or not dialled): its place is free."""
+        if self.load is not None:
+            try:
+                self.load.release(call_sid)
+                return
+            except sqlite3.Error as exc:
+                self._shared_file_failed(exc)
+        self.admissions.pop(call_sid, None)
 
     # --- media sockets -------------------------------------------------------------------
 

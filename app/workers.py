@@ -130,7 +130,9 @@ class InstanceLoad:
         self.worker_id = worker_id
         self.hold_seconds = hold_seconds
 
-    def admit(self, call_sid: str, max_calls: int, now: float | None = None) -> bool:
+    def admit(self, call_sid: str, max_calls: int, now: float | None = None, extra_hold: float = 0.0) -> bool:
+        """``extra_hold``: seconds the place is held beyond ``hold_seconds`` (an outbound call rings
+        and is screened for a machine before its stream starts)."""
         now = time.time() if now is None else now
         with machine_db.transaction(self._db) as db:
             db.execute("DELETE FROM admissions WHERE at < ?", (now - self.hold_seconds,))
@@ -138,8 +140,16 @@ class InstanceLoad:
             (admitted,) = db.execute("SELECT COUNT(*) FROM admissions WHERE call_sid != ?", (call_sid,)).fetchone()
             if active + admitted >= max_calls:
                 return False
-            db.execute("INSERT OR REPLACE INTO admissions (call_sid, at) VALUES (?, ?)", (call_sid, now))
+            db.execute("INSERT OR REPLACE INTO admissions (call_sid, at) VALUES (?, ?)", (call_sid, now + extra_hold))
         return True
+
+    def rekey(self, old: str, new: str) -> None:
+        """The admission made under ``old`` (before Twilio gave the call its CallSid) is ``new``'s."""
+        self._db.execute("UPDATE OR REPLACE admissions SET call_sid = ? WHERE call_sid = ?", (new, old))
+
+    def release(self, call_sid: str) -> None:
+        """The call will never stream (not answered, or dialling failed): its place is free."""
+        self._db.execute("DELETE FROM admissions WHERE call_sid = ?", (call_sid,))
 
     def claim(
         self, call_sid: str, max_calls: int, active_after: int, now: float | None = None, *, refuse_new: bool = False

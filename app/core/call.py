@@ -21,6 +21,7 @@ from typing import Any, assert_never
 from app.core.actions import (
     Action,
     BindLogContext,
+    ClearTwilio,
     EndCall,
     HangUpCall,
     Log,
@@ -56,8 +57,10 @@ from app.core.events import (
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
+    AmdVerdict,
     BridgeFailed,
     BridgeShuttingDown,
+    CalleeAnswered,
     CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
@@ -96,6 +99,7 @@ from app.core.options import (
     RECONNECT_BACKOFF_SECONDS,
     CallOptions,
 )
+from app.core.outbound import FAX, MACHINE, Outbound
 from app.core.playback import Playback
 from app.core.recording import Recording
 from app.core.response_timer import ResponseTimer
@@ -150,6 +154,7 @@ class Call:
         self.control = CallControl(options, stats, now)
         self.recording = Recording(options.recording)
         self.responses = ResponseTimer()
+        self.outbound: Outbound | None = None  # a call the bridge placed (options.outbound), once accepted
         self.handoff_started_at = 0.0
         self.hangup_reason: HangupReason | None = None  # set when the bridge hangs up on purpose
         self.transferred_to = ""  # the destination's name, when it transfers
@@ -231,7 +236,7 @@ class Call:
             case CallState.CONNECTING_AGENT:
                 return self.agent.connect(now)
             case CallState.LIVE:
-                actions = [*self.agent.ready(now, self.caller.buffered_bytes), *self.caller.flush()]
+                actions = [*self.agent.ready(now, self.caller.buffered_bytes), *self._first_words(now)]
                 if self.down_since is not None:  # back after a loss: how long the caller waited
                     waited = round(now - self.down_since, 3)
                     self.reconnects += 1
@@ -249,6 +254,10 @@ class Call:
                 if self.down_since is None:
                     self.down_since = now
                 return [Log(LogLevel.WARNING, "agent_lost", {"was_live": self.was_live, "attempts": self.gap_attempts})]
+            case CallState.AWAITING_ANSWER:
+                return [
+                    Log(LogLevel.INFO, "awaiting_answer", {"amd": self.outbound is not None and self.outbound.spec.amd})
+                ]
             case CallState.HANGING_UP | CallState.TRANSFERRING | CallState.ENDING_DEAD_STREAM:
                 self.handoff_started_at = now  # the REST request went with the handler's actions
                 return []
@@ -366,6 +375,15 @@ class Call:
     def _on_media(self, event: TwilioMedia, now: float) -> list[Action]:
         self.last_media_at = now
         self.responses.caller_frame(event.payload, now)
+        outbound = self.outbound
+        if outbound is not None:  # a call we placed: who answered decides where the audio goes
+            if outbound.voicemail:  # a machine records the message: nothing for the agent to hear
+                self.caller.discard(event.payload)
+                return []
+            if self.state is CallState.AWAITING_ANSWER:
+                outbound.callee_frame(event.payload, now)
+            elif self.state is CallState.LIVE and outbound.holding(now):
+                return self.caller.push(event.payload, relay=False)
         if self.state is CallState.LIVE:
             self.agent.last_sent = now
             return self.caller.push(event.payload, relay=True)
@@ -447,6 +465,9 @@ class Call:
             self.recording = Recording(options.recording)
         self.recording.bind(self.call_sid)
         self.last_media_at = now  # the watchdog counts from the start of the call
+        if self.options.outbound is not None:  # a call we placed: who answered, before any agent
+            self.outbound = Outbound(self.options.outbound, now)
+            return [Measure(MetricName.ACTIVE_CALLS, 1), *self._enter(CallState.AWAITING_ANSWER, now)]
         return [Measure(MetricName.ACTIVE_CALLS, 1)]
 
     def _on_token_refused(self, event: StreamTokenRefused, now: float) -> list[Action]:
@@ -502,6 +523,8 @@ class Call:
         return AgentRetryDue() if now - self.failed_at >= backoff else None
 
     def _on_agent_audio(self, event: AgentAudio, now: float) -> list[Action]:
+        if self.outbound is not None and self.outbound.muted:
+            return []  # the rest of a reply to an answering machine: never sent
         actions = self.playback.audio(event.data, now)
         response_ms = self.responses.agent_audio(now)
         if response_ms is None:
@@ -524,6 +547,9 @@ class Call:
         return actions + self._announcement_played(now) if self.recording.waiting else actions
 
     def _on_agent_started_speaking(self, event: AgentStartedSpeaking, now: float) -> list[Action]:
+        outbound = self.outbound
+        if outbound is not None and outbound.muted and outbound.message_sent:
+            outbound.muted = False  # the voicemail message starts: it goes to the machine
         self.playback.agent_started_speaking()
         self.control.agent_speaks()
         return [Notify(LiveEventType.AGENT_SPEAKING), *self.conversation.agent_turn(event)]
@@ -531,7 +557,12 @@ class Call:
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
         self.control.activity(now, caller=False)
         self.responses.reply_ended()
-        return [Notify(LiveEventType.AGENT_DONE), *self.playback.audio_done(now)]
+        actions: list[Action] = [Notify(LiveEventType.AGENT_DONE), *self.playback.audio_done(now)]
+        outbound = self.outbound
+        if outbound is not None and outbound.holding(now):  # the greeting is sent: the callee's words go now
+            outbound.greeting_hold_until = None
+            actions += self.caller.flush()
+        return actions
 
     def _on_conversation_text(self, event: AgentConversationText, now: float) -> list[Action]:
         caller = event.role == "user"
@@ -546,6 +577,70 @@ class Call:
     def _on_injection_refused(self, event: AgentInjectionRefused, now: float) -> list[Action]:
         refused = self.control.injection_refused()
         return [Log(LogLevel.INFO, "agent_injection_refused", {"message": event.message}), *refused]
+
+    # --- a call we placed ----------------------------------------------------------------
+
+    def _first_words(self, now: float) -> list[Action]:
+        """The session is ready: the caller's held audio goes to the agent, except on a call we
+        placed, where a machine gets the message and a person's first words wait for the greeting."""
+        outbound = self.outbound
+        if outbound is None or self.was_live:
+            return self.caller.flush()
+        if outbound.voicemail:
+            return self._leave_message(now)
+        if isinstance(self.options.agent, dict) and self.options.agent.get("greeting"):
+            outbound.hold_greeting(now)
+            return []
+        return self.caller.flush()
+
+    def _leave_message(self, now: float) -> list[Action]:
+        """A machine: the agent says the message; the call is completed once it played."""
+        outbound = self.outbound
+        assert outbound is not None
+        text = outbound.spec.voicemail
+        outbound.message_sent = True
+        return [
+            Log(LogLevel.INFO, "voicemail_message", {"chars": len(text)}),
+            *self.control.leave_message(text, now),
+        ]
+
+    def _on_amd_verdict(self, event: AmdVerdict, now: float) -> list[Action]:
+        outbound = self.outbound
+        if outbound is None or not outbound.verdict(event.answered_by, event.amd_ms):
+            return []  # not a call we placed, or a verdict came already
+        verdict = outbound.answered_by
+        actions: list[Action] = [
+            Log(
+                LogLevel.INFO,
+                "answered_by",
+                {"answered_by": verdict, "amd_ms": event.amd_ms, "state": self.state.value},
+            )
+        ]
+        if self.state in (CallState.HANGING_UP, CallState.TRANSFERRING, CallState.FALLING_BACK):
+            return actions  # ending anyway
+        if verdict == FAX:
+            return actions + self.handle(HangUpDue(HangupReason.FAX), now)
+        if verdict not in MACHINE:
+            if self.state is CallState.AWAITING_ANSWER:
+                return actions + self.handle(CalleeAnswered(f"answering-machine detection: {verdict}"), now)
+            return actions  # a person, as assumed
+        outbound.voicemail = True
+        if not outbound.spec.voicemail:  # nothing to leave: done
+            return actions + self.handle(HangUpDue(HangupReason.VOICEMAIL), now)
+        if self.state is CallState.AWAITING_ANSWER:
+            self.caller.drop_held()  # the machine's greeting is not for the agent
+            return actions + self.handle(CalleeAnswered("a machine: the message follows"), now)
+        outbound.greeting_hold_until = None
+        self.caller.drop_held()
+        if self.state is not CallState.LIVE:  # the session is being (re)opened: the message at LIVE
+            return actions
+        # late: the agent already talks to the machine; that stops now, then the message
+        outbound.muted = True
+        clear, _ = self.playback.barge_in(now)
+        return actions + [a for a in clear if isinstance(a, ClearTwilio)] + self._leave_message(now)
+
+    def _on_callee_answered(self, event: CalleeAnswered, now: float) -> list[Action]:
+        return [Log(LogLevel.INFO, "callee_answered", {"why": event.why})]
 
     # --- the operator --------------------------------------------------------------------
 
@@ -580,6 +675,9 @@ class Call:
 
     def _on_hang_up_due(self, event: HangUpDue, now: float) -> list[Action]:
         self.hangup_reason = event.reason
+        outbound, handoff = self.outbound, self.control.handoff
+        if event.reason is HangupReason.VOICEMAIL and outbound is not None and handoff is not None:
+            outbound.voicemail_left = outbound.message_sent and handoff.played
         return [Log(LogLevel.INFO, "hanging_up", {"reason": event.reason.value}), HangUpCall(self.call_sid)]
 
     def _on_transfer_due(self, event: TransferDue, now: float) -> list[Action]:
@@ -673,7 +771,10 @@ class Call:
         if state is CallState.AGENT_DOWN:
             decided = self._agent_down_next(now)
             return actions + self.handle(decided, now) if decided is not None else actions
-        timer = DEADLINES[state]  # every state that takes Tick watches one
+        if state is CallState.AWAITING_ANSWER:  # its deadline is the callee's: Outbound.due
+            why = self.outbound.due(now) if self.outbound is not None else "not a call we placed"
+            return actions + self.handle(CalleeAnswered(why), now) if why else actions
+        timer = DEADLINES[state]  # every other state that takes Tick watches one
         if timer is KeepAliveDue:
             due = self.agent.keepalive_at()
         elif timer is AgentReadyDeadlinePassed:
@@ -752,6 +853,7 @@ class Call:
         heard = self.playback.heard.summary(now)
         if heard["utterances"]:
             record["agent_audio"] = heard
+        record.update(self.outbound.record() if self.outbound is not None else {"direction": "inbound"})
         if self.responses.responses_ms:
             record["response_ms"] = list(self.responses.responses_ms)  # per caller turn answered
         if self.control.steered:  # None or empty: no operator acted
@@ -812,6 +914,8 @@ _HANDLERS: dict[type[Event], _Handler] = {
     OutboxFull: Call._on_outbox_full,
     BridgeShuttingDown: Call._on_bridge_shutting_down,
     OperatorCommand: Call._on_operator_command,
+    AmdVerdict: Call._on_amd_verdict,
+    CalleeAnswered: Call._on_callee_answered,
     Tick: Call._on_tick,
     StartDeadlinePassed: Call._on_start_deadline,
     AgentReadyDeadlinePassed: Call._on_agent_ready_deadline,

@@ -38,6 +38,7 @@ from app.core.options import (
     MAX_PENDING_FUNCTIONS,
     OPERATOR_GOODBYE,
     OPERATOR_TRANSFER_ANNOUNCEMENT,
+    VOICEMAIL_TIMEOUT_SECONDS,
     CallOptions,
     Telephony,
 )
@@ -113,6 +114,8 @@ class HandOff:
     requested_at: float
     goodbye_started: bool = False
     by_operator: bool = False  # an operator's hang_up or transfer, not the agent's or the bridge's
+    timeout: float = GOODBYE_TIMEOUT_SECONDS  # past this, the hand-off goes ahead, played or not
+    played: bool = False  # it went ahead because the goodbye (or message) played through
 
     @property
     def is_transfer(self) -> bool:
@@ -352,6 +355,11 @@ class CallControl:
 
     # --- the operator ----------------------------------------------------------------------
 
+    def leave_message(self, text: str, now: float) -> list[Action]:
+        """A machine answered a call we placed: the agent says ``text``, then the call is completed."""
+        self.handoff = HandOff(HangupReason.VOICEMAIL, "", now, timeout=VOICEMAIL_TIMEOUT_SECONDS)
+        return self._inject(text)
+
     def steer_refusal(self, command: OperatorCommand) -> tuple[SteerProblem, str] | None:
         """Whether a live call can take ``command`` now, and if not why, in words."""
         telephony = self._telephony
@@ -465,8 +473,9 @@ class CallControl:
             return actions, None
         waited = now - handoff.requested_at
         played = quiet and (handoff.goodbye_started or waited >= GOODBYE_GRACE_SECONDS)
-        if not (played or waited >= GOODBYE_TIMEOUT_SECONDS):
+        if not (played or waited >= handoff.timeout):
             return actions, None
+        handoff.played = played and handoff.goodbye_started
         if handoff.reason is not None:
             return actions, HangUpDue(handoff.reason)
         return actions, TransferDue(handoff.destination, self.transfer_twiml())

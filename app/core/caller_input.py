@@ -52,6 +52,18 @@ class CallerInput:
             return []  # a partial sample, carried by the transcoder into the next frame
         return [SendToAgent(data)]
 
+    def discard(self, payload: bytes) -> None:
+        """A frame counted, not relayed nor held (an answering machine's silence while the agent
+        leaves its message)."""
+        self._stats.caller_frames += 1
+        self._stats.caller_bytes += len(payload)
+
+    def drop_held(self) -> None:
+        """What is held is not for the agent after all (a machine's greeting): forgotten."""
+        self._buffer.clear()
+        self._buffered = 0
+        self._tail = b""
+
     def _hold(self, data: bytes) -> list[Action]:
         self._buffer.append(data)
         self._buffered += len(data)

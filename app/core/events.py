@@ -291,6 +291,24 @@ class BridgeShuttingDown:
 
 
 @dataclass(frozen=True, slots=True)
+class AmdVerdict:
+    """Twilio's answering-machine detection said who answered a call the bridge placed
+    (``AnsweredBy``: human, unknown, machine_end_beep, machine_end_silence, machine_end_other,
+    machine_start, fax), after ``amd_ms`` (``MachineDetectionDuration``)."""
+
+    answered_by: str
+    amd_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CalleeAnswered:
+    """Outbound: time to greet: the callee's first words are over, or AMD said a person (or
+    said nothing in time). ``why`` in words, for the log."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class OperatorCommand:
     """An operator steers the live call (console or ``POST /api/calls/{sid}/actions``). The API
     has checked the fields' presence and types; ``Call.steer_refusal`` says first whether the
@@ -414,6 +432,7 @@ BridgeEvent = (
     | OutboxFull
     | BridgeShuttingDown
     | OperatorCommand
+    | AmdVerdict
 )
 TimerEvent = (
     Tick
@@ -426,5 +445,6 @@ TimerEvent = (
     | HangUpDue
     | TransferDue
     | CallUpdateDeadlinePassed
+    | CalleeAnswered
 )
 Event = TwilioEvent | AgentEvent | BridgeEvent | TimerEvent

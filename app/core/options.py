@@ -106,6 +106,22 @@ MAX_KEYPAD_DIGITS = 64
 MAX_PENDING_FUNCTIONS = 16
 """Operator tools running at once in one call; more in flight are answered "busy"."""
 
+AMD_GRACE_SECONDS = 3.0
+"""After Twilio's MachineDetectionTimeout, this long for its verdict to arrive; then a person."""
+
+CALLEE_QUIET_SECONDS = 0.6
+"""Outbound: the callee's first words ("Hello?") are over after this much quiet; the greeting follows."""
+
+SILENT_CALLEE_SECONDS = 4.0
+"""Outbound without AMD: a callee who says nothing this long after answering is greeted all the same."""
+
+GREETING_HOLD_SECONDS = 15.0
+"""Outbound: the callee's audio is held while the greeting is sent (so their "Hello?" cannot cut it
+short); after this, whatever happened, it flows to the agent again."""
+
+VOICEMAIL_TIMEOUT_SECONDS = 90.0
+"""A voicemail message longer than this (from the verdict) is cut: the call is completed."""
+
 MAX_OPERATOR_ACTIONS_RECORDED = 100
 """Operator actions a call keeps for its record (``operator_actions``): the latest ones."""
 
@@ -141,6 +157,7 @@ class Telephony:
     """No Twilio media for this long in a call: the stream is dead (Twilio sends a frame every
     20 ms, silence included), and the call is completed through the REST API. 0: off."""
     tools: tuple[ToolSpec, ...] = ()
+    dtmf_out: bool = False  # offer send_dtmf: keypad tones into the call (bridge.telephony.dtmf_out)
     rest_available: bool = False  # Twilio REST credentials: needed to transfer
     check_in_message: str = "Are you still there?"
     silence_goodbye_message: str = "I haven't heard from you, so I'll end the call now. Goodbye!"
@@ -174,6 +191,15 @@ class RecordingSpec:
 
 
 @dataclass(frozen=True)
+class OutboundSpec:
+    """A call the bridge placed (``POST /api/calls``): how it meets whoever answers."""
+
+    voicemail: str = ""  # left on a machine after its greeting ("" : none; the call is completed at once)
+    amd: bool = True  # Twilio's asynchronous answering-machine detection runs on the call
+    amd_timeout: float = 30.0  # Twilio's MachineDetectionTimeout; no verdict by then plus AMD_GRACE_SECONDS: a person
+
+
+@dataclass(frozen=True)
 class CallOptions:
     """Per-call settings, derived from the agent profile and the service config."""
 
@@ -195,6 +221,7 @@ class CallOptions:
     counted. It is kept as Twilio sent it (mu-law, 8 KB a second, whatever the agent's format
     and converted when flushed), so the profile's maximum of 60 s costs 480 KB per call."""
     log_transcripts: bool = False
+    outbound: OutboundSpec | None = None  # a call the bridge placed; None for a call it answered
     console_transcripts: bool = False
     """What was said reaches the live call API and console (LOG_TRANSCRIPTS or CONSOLE_TRANSCRIPTS)."""
     reconnect_attempts: int = 3

@@ -45,8 +45,10 @@ from app.core.events import (
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
+    AmdVerdict,
     BridgeFailed,
     BridgeShuttingDown,
+    CalleeAnswered,
     CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
@@ -86,6 +88,7 @@ class CallState(Enum):
 
     AWAITING_START = "awaiting_start"  # socket accepted; Twilio's start not seen (start deadline)
     CHECKING_TOKEN = "checking_token"  # start seen; the one-time stream token is being redeemed
+    AWAITING_ANSWER = "awaiting_answer"  # a call we placed: who answered? (the callee's words, AMD; outbound.py)
     CONNECTING_AGENT = "connecting_agent"  # a call now; the agent socket is being opened
     AWAITING_WELCOME = "awaiting_welcome"  # agent socket open; its Welcome not seen
     AWAITING_SETTINGS_APPLIED = "awaiting_settings_applied"  # Settings sent
@@ -173,6 +176,7 @@ _TWILIO_AND_CLOCK = (
     TwilioInvalid,
     RecordingStarted,
     RecordingFailed,
+    AmdVerdict,  # a call we placed: late verdicts are taken whenever they come (outbound.py)
     Tick,
 )
 
@@ -199,6 +203,7 @@ _AWAITING_SETTINGS, _LIVE = CallState.AWAITING_SETTINGS_APPLIED, CallState.LIVE
 _HANGING_UP, _TRANSFERRING = CallState.HANGING_UP, CallState.TRANSFERRING
 _FALLING_BACK, _AGENT_DOWN = CallState.FALLING_BACK, CallState.AGENT_DOWN
 _ENDING_DEAD_STREAM = CallState.ENDING_DEAD_STREAM
+_AWAITING_ANSWER = CallState.AWAITING_ANSWER
 
 TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     {
@@ -215,6 +220,13 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
                 StreamOverCapacity: RejectReason.OVER_CAPACITY,
             },
             _BEFORE_CALL,
+        ),
+        # outbound only (the token's handler moves there instead of CONNECTING_AGENT): the
+        # callee's audio is held until it is time to greet, or a machine or a fax is known
+        _AWAITING_ANSWER: _row(
+            _stay(_AWAITING_ANSWER, *_TWILIO_AND_CLOCK),
+            {CalleeAnswered: _CONNECTING, HangUpDue: _HANGING_UP},  # a fax, or a machine with no message to leave
+            _IN_CALL,
         ),
         _CONNECTING: _row(
             _stay(_CONNECTING, *_TWILIO_AND_CLOCK),
@@ -324,12 +336,14 @@ DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
         _ENDING_DEAD_STREAM: CallUpdateDeadlinePassed,
     }
 )
-"""The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken).
+"""The one deadline a ``Tick`` checks in each state (none in ENDED, where nothing is taken; in
+AWAITING_ANSWER the time to greet is ``Outbound.due``'s, and leads to ``CalleeAnswered``).
 Besides it, every state with ``MediaDeadlinePassed`` in its row (the call before any hand-off)
 watches the stream: no media for ``Telephony.media_timeout`` seconds (0: never)."""
 
 ACCEPTED_STATES = frozenset(
     {
+        _AWAITING_ANSWER,
         _CONNECTING,
         _AWAITING_WELCOME,
         _AWAITING_SETTINGS,

@@ -43,6 +43,8 @@ class HangupReason(StrEnum):
     SILENCE = "silence"  # nobody spoke after a check-in
     MAX_DURATION = "max_duration"  # the profile's max_call_seconds was reached
     OPERATOR = "operator"  # an operator hung up from the console or the live call API
+    VOICEMAIL = "voicemail"  # outbound: a machine answered; the message was left (or there was none to leave)
+    FAX = "fax"  # outbound: a fax machine answered
 
 
 class FunctionResult(StrEnum):

@@ -43,8 +43,10 @@ from app.core.events import (
     AgentUserStartedSpeaking,
     AgentWarning,
     AgentWelcome,
+    AmdVerdict,
     BridgeFailed,
     BridgeShuttingDown,
+    CalleeAnswered,
     CallGone,
     CallUpdated,
     CallUpdateDeadlinePassed,
@@ -77,7 +79,7 @@ from app.core.events import (
     TwilioStart,
     TwilioStop,
 )
-from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND, CallOptions, Telephony
+from app.core.options import AGENT_BACKLOG_SECONDS, FRAMES_PER_SECOND, CallOptions, OutboundSpec, Telephony
 from app.core.states import (
     ACCEPTED_STATES,
     DEADLINES,
@@ -126,6 +128,8 @@ SAMPLES: dict[type[Any], Event] = {
     OutboxFull: OutboxFull(Overflow.TWILIO_QUEUE),
     BridgeShuttingDown: BridgeShuttingDown(),
     OperatorCommand: OperatorCommand(OperatorAction.SAY, "op_1", text="One moment."),
+    AmdVerdict: AmdVerdict("machine_end_beep", 3200),
+    CalleeAnswered: CalleeAnswered("the callee spoke"),
     Tick: Tick(),
     StartDeadlinePassed: StartDeadlinePassed(),
     AgentReadyDeadlinePassed: AgentReadyDeadlinePassed(),
@@ -160,10 +164,15 @@ LIVE_PATH: list[Event] = [
     AgentWelcome("r"),
     AgentSettingsApplied(),
 ]
+PLACED = CallOptions(
+    agent="id", telephony=Telephony(rest_available=True), outbound=OutboundSpec(voicemail="Please call us back.")
+)
+"""A call the bridge placed (outbound.py): with the options ``call_in`` gives every call."""
 # the events that lead a fresh call to each state, in order
 PATH: dict[CallState, list[Event]] = {
     CallState.AWAITING_START: [],
     CallState.CHECKING_TOKEN: [TwilioStart(SID, CALL)],
+    CallState.AWAITING_ANSWER: [TwilioStart(SID, CALL), StreamTokenAccepted(PLACED)],
     CallState.CONNECTING_AGENT: [TwilioStart(SID, CALL), StreamTokenAccepted()],
     CallState.AWAITING_WELCOME: [TwilioStart(SID, CALL), StreamTokenAccepted(), AgentConnected()],
     CallState.AWAITING_SETTINGS_APPLIED: [
@@ -289,6 +298,8 @@ def test_every_state_event_pair_has_its_defined_outcome(state: CallState, event_
         assert call.state is CallState.ENDING_DEAD_STREAM
     elif event_type is Tick and state is CallState.AGENT_DOWN:  # long after the loss: budget spent
         assert call.state is CallState.FALLING_BACK
+    elif event_type is AmdVerdict and state is CallState.AWAITING_ANSWER:  # a machine: the message follows
+        assert call.state is CallState.CONNECTING_AGENT and call.outbound is not None and call.outbound.voicemail
     elif event_type is Tick:  # a Tick late enough fires the state's own deadline
         expected = TRANSITIONS[state][DEADLINES[state]]
         assert call.state is (expected if isinstance(expected, CallState) else CallState.ENDED)

@@ -186,10 +186,10 @@ def test_profiles_per_dialled_number_are_all_checked_at_start_up(tmp_path: Path)
     assert options.telephony.max_call == 600 and options.telephony.transfer == (("desk", "+15551230009"),)
     assert config.call_options().telephony.max_call == 3600
 
-    (tmp_path / "sales.json").write_text(json.dumps(sales))
-    with pytest.raises(ConfigError, match=r"sales.json must be named by the number it answers in E.164"):
+    (tmp_path / "sales team.json").write_text(json.dumps(sales))  # a name for outbound calls has no space
+    with pytest.raises(ConfigError, match=r"sales team.json must be named by the number it answers in E.164"):
         resolve(settings(agent_profiles_dir=tmp_path))
-    (tmp_path / "sales.json").unlink()
+    (tmp_path / "sales team.json").unlink()
     (tmp_path / "+15551230002.yaml").write_text("agent: {listen: {}}\n")
     with pytest.raises(ConfigError, match=r"\+15551230002.yaml.*agent.think is missing"):
         resolve(settings(agent_profiles_dir=tmp_path))
