@@ -308,7 +308,10 @@ class CallSession:
             return SteerProblem.NOT_NOW, "the call has ended"
         refusal = self.call.steer_refusal(command)
         if refusal is None:
-            self.feed(command)
+            try:
+                self.feed(command)
+            except Exception as exc:  # a bug must end the call loudly, never leave it half-steered
+                self._crashed("operator_command", exc)
         return refusal
 
     def _log(self, level: LogLevel, event: str, fields: dict[str, Any]) -> None:
@@ -721,6 +724,11 @@ class CallSession:
         write the record. Twilio gets nothing more once the call has ended."""
         if self.end is None:  # cancelled from outside (server shutdown)
             self.feed(BridgeShuttingDown())
+        if self.live is not None and self.deps.live is not None:  # gone from the live API at once
+            try:
+                self.deps.live.closed(self, self.clock())
+            except Exception as exc:
+                self.log.error("live_close_failed", exc_info=exc)
         if self.agent_ws is not None:
             # caller audio already queued still reaches the agent (briefly bounded), then close
             if self.agent_ws.state is State.OPEN:
@@ -755,8 +763,6 @@ class CallSession:
         self.log.info("call_ended", **summary)
         if self.deps.records is not None:
             self.deps.records.submit(self.record(summary))
-        if self.live is not None and self.deps.live is not None:
-            self.deps.live.closed(self, self.clock())
 
     def record(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The call record for CALL_EVENTS_URL: ids, parties, the summary, maybe the transcript."""

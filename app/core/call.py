@@ -539,7 +539,7 @@ class Call:
         self.control.activity(now, caller=True)
         barge_ins = self.stats.barge_ins
         actions, cut = self.playback.barge_in(now)
-        self.responses.reply_ended()
+        self.responses.cut_short()
         if cut is not None:
             self.conversation.interrupted(cut)
         if self.stats.barge_ins > barge_ins:
@@ -550,13 +550,13 @@ class Call:
         outbound = self.outbound
         if outbound is not None and outbound.muted and outbound.message_sent:
             outbound.muted = False  # the voicemail message starts: it goes to the machine
+        self.responses.reply_started()
         self.playback.agent_started_speaking()
         self.control.agent_speaks()
         return [Notify(LiveEventType.AGENT_SPEAKING), *self.conversation.agent_turn(event)]
 
     def _on_agent_audio_done(self, event: AgentAudioDone, now: float) -> list[Action]:
         self.control.activity(now, caller=False)
-        self.responses.reply_ended()
         actions: list[Action] = [Notify(LiveEventType.AGENT_DONE), *self.playback.audio_done(now)]
         outbound = self.outbound
         if outbound is not None and outbound.holding(now):  # the greeting is sent: the callee's words go now

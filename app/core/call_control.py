@@ -363,9 +363,9 @@ class CallControl:
     def steer_refusal(self, command: OperatorCommand) -> tuple[SteerProblem, str] | None:
         """Whether a live call can take ``command`` now, and if not why, in words."""
         telephony = self._telephony
+        if self.handoff is not None:  # its goodbye or announcement must not be replaced
+            return SteerProblem.NOT_NOW, "the call is already ending"
         match command.action:
-            case OperatorAction.HANG_UP | OperatorAction.TRANSFER if self.handoff is not None:
-                return SteerProblem.NOT_NOW, "the call is already ending"
             case OperatorAction.TRANSFER if not telephony.rest_available:
                 return SteerProblem.NOT_NOW, "a transfer needs Twilio REST credentials (TWILIO_ACCOUNT_SID)"
             case OperatorAction.TRANSFER if telephony.destination(command.destination) is None:

@@ -25,6 +25,10 @@ single pop is not speech, and the quiet part of a syllable still is."""
 TURN_MIN_FRAMES = 5
 """Speech frames (100 ms) since the last reply began that make a caller turn: a cough or a
 "mm" alone does not start a measurement."""
+TURN_GAP_SECONDS = 1.0
+"""Speech frames further apart than this are not one turn: sparse noise never adds up to one."""
+RESPONSE_WINDOW_SECONDS = 10.0
+"""A reply more than this after the caller's speech answers nothing they said (a check-in)."""
 MAX_RESPONSES_RECORDED = 500
 """Response times the call record keeps (``response_ms``): the latest ones, a turn every few
 seconds for half an hour; the histogram has them all."""
@@ -46,30 +50,36 @@ class ResponseTimer:
     """Per call: caller frames in, the first audio of each reply out, a response time when
     that reply answers a caller turn."""
 
-    __slots__ = ("_replying", "_speech_at", "_speech_frames", "latest_ms", "responses_ms")
+    __slots__ = ("_armed", "_speech_at", "_speech_frames", "latest_ms", "responses_ms")
 
     def __init__(self) -> None:
-        self._speech_frames = 0  # speech frames since the current reply began
-        self._speech_at = 0.0  # when the latest speech frame arrived: the end of speech so far
-        self._replying = False  # the agent's current reply has sent audio already
+        self._speech_frames = 0  # speech frames of the caller's turn so far (none further apart than TURN_GAP)
+        self._speech_at = -TURN_GAP_SECONDS  # when the latest speech frame arrived: the end of speech so far
+        self._armed = False  # the agent started a reply (AgentStartedSpeaking) whose first audio is still to come
         self.latest_ms: int | None = None
         self.responses_ms: list[int] = []  # a list, not a deque: empty, it costs a tenth
 
     def caller_frame(self, payload: bytes, now: float) -> None:
         """Every caller frame (the hot path: one C-level translate and a comparison)."""
         if len(payload.translate(None, QUIET_BYTES)) >= LOUD_SAMPLES:
-            self._speech_frames += 1
+            self._speech_frames = self._speech_frames + 1 if now - self._speech_at <= TURN_GAP_SECONDS else 1
             self._speech_at = now
+
+    def reply_started(self) -> None:
+        """AgentStartedSpeaking: the next agent audio opens a reply."""
+        self._armed = True
 
     def agent_audio(self, now: float) -> int | None:
         """Agent audio is leaving for Twilio: the response time in ms if this is the first
-        audio of a reply to a caller turn, else None."""
-        if self._replying:
+        audio of a reply to a caller turn, else None. Whatever the caller said before a reply
+        began is answered by it (measured or not): the next turn starts afresh."""
+        if not self._armed:
             return None
-        self._replying = True
-        if self._speech_frames < TURN_MIN_FRAMES:
-            return None
+        self._armed = False
+        turn = self._speech_frames >= TURN_MIN_FRAMES and now - self._speech_at <= RESPONSE_WINDOW_SECONDS
         self._speech_frames = 0
+        if not turn:
+            return None
         response_ms = max(0, round((now - self._speech_at) * 1000))
         self.latest_ms = response_ms
         self.responses_ms.append(response_ms)
@@ -77,7 +87,6 @@ class ResponseTimer:
             del self.responses_ms[0]  # once a turn at most: the cost of a shift is nothing here
         return response_ms
 
-    def reply_ended(self) -> None:
-        """The agent finished (``AgentAudioDone``) or was cut short (barge-in): the next audio
-        opens a new reply. Speech heard during the reply counts toward the next turn."""
-        self._replying = False
+    def cut_short(self) -> None:
+        """A barge-in: what still arrives of the interrupted reply is no answer to anything."""
+        self._armed = False

@@ -158,10 +158,12 @@ def live_routes(
             refusals.warn(log, "operator_api_unauthorized", path=request.url.path[:80])
         return problem
 
+    page = CONSOLE_PAGE.read_text(encoding="utf-8") if token else ""  # read once, not per request
+
     async def console(request: Request) -> Response:
         if not token:
             return JSONResponse({"error": "not found"}, status_code=404)
-        return HTMLResponse(CONSOLE_PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def list_calls(request: Request) -> Response:
         problem = guard(request)
@@ -260,7 +262,8 @@ async def sse(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
 
 
 async def relay_audio(ws: WebSocket, stream: AsyncIterator[str]) -> None:
-    """Frames to the listener until the call ends or the listener leaves."""
+    """Frames to the listener until the call ends or the listener leaves, whichever is first
+    (a listener who leaves during a quiet moment is not kept waiting for the next frame)."""
 
     async def until_closed() -> None:
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
@@ -269,12 +272,19 @@ async def relay_audio(ws: WebSocket, stream: AsyncIterator[str]) -> None:
 
     closed = asyncio.create_task(until_closed())
     try:
-        async for frame in stream:
-            if closed.done():
+        while True:
+            following = asyncio.ensure_future(anext(stream))
+            done, _ = await asyncio.wait({following, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if following not in done:
+                following.cancel()
+                break
+            try:
+                frame = following.result()
+            except StopAsyncIteration:
+                with contextlib.suppress(Exception):
+                    await ws.close(1000)
                 break
             await ws.send_text(frame)
-        with contextlib.suppress(Exception):
-            await ws.close(1000)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass
     finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,10 @@ LISTEN_QUEUE = 100
 are dropped for that listener and counted (``callbridge_listen_frames_dropped_total``)."""
 MAX_WATCHES = 200
 """Followers and listeners this process serves for other processes at once."""
+
+
+PROCESS_ID = re.compile(r"[0-9a-f]{16}")
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class SteerableCall(Protocol):
@@ -172,9 +177,7 @@ class LiveRegistry:
             del self.local[sid]
         if live.last_type != LiveEventType.ENDED.value:
             live.event(LiveEventType.ENDED.value, {"outcome": "unknown"}, now)
-        live.event_sinks.clear()
-        live.audio_sinks.clear()
-        live.listening = False
+        live.close()
         for request_id, watch in list(self.watches.items()):
             if watch.call_sid == sid:
                 self._send(watch.to_process, {"re": request_id, "end": True})
@@ -224,6 +227,8 @@ class LiveRegistry:
         answer = await self._ask(process, {"op": "act", "call_sid": call_sid, "fields": fields})
         if answer is None:
             return Answer(504, {"error": "the process holding the call did not answer"})
+        if answer.get("missing"):  # it ended before the directory said so
+            return Answer(404, {"error": "no such live call"})
         return Answer(int(answer.get("status", 500)), dict(answer.get("body", {})))
 
     def follow(self, call_sid: str) -> AsyncIterator[str] | None:
@@ -267,7 +272,12 @@ class LiveRegistry:
                     queue.get_nowait()
                     queue.put_nowait(None)  # cut off: too far behind
 
+        def wake() -> None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
         stop = live.follow(sink)
+        live.end_callbacks.append(wake)
         try:
             while True:
                 event = await queue.get()
@@ -278,6 +288,8 @@ class LiveRegistry:
                     return
         finally:
             stop()
+            if wake in live.end_callbacks:
+                live.end_callbacks.remove(wake)
 
     async def _listen_here(self, live: LiveCall) -> AsyncIterator[str]:
         queue: asyncio.Queue[str | None] = asyncio.Queue(LISTEN_QUEUE)
@@ -288,13 +300,21 @@ class LiveRegistry:
             except asyncio.QueueFull:
                 self.metrics.listen_dropped.inc()
 
+        def wake() -> None:  # the end goes in even when the queue is full: one frame makes room
+            with contextlib.suppress(asyncio.QueueEmpty, asyncio.QueueFull):
+                if queue.full():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+
         def ended(kind: str, text: str) -> None:
             if kind == LiveEventType.ENDED.value:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait(None)
+                wake()
 
+        if live.closed or live.last_type == LiveEventType.ENDED.value:
+            return
         stop_audio = live.listen(sink)
         live.event_sinks.append(ended)
+        live.end_callbacks.append(wake)
         try:
             while True:
                 frame = await queue.get()
@@ -305,6 +325,8 @@ class LiveRegistry:
             stop_audio()
             if ended in live.event_sinks:
                 live.event_sinks.remove(ended)
+            if wake in live.end_callbacks:
+                live.end_callbacks.remove(wake)
 
     # --- there: requests to other processes ----------------------------------------------------
 
@@ -348,8 +370,10 @@ class LiveRegistry:
                 try:
                     answer = await asyncio.wait_for(queue.get(), LEASE_SECONDS)
                 except TimeoutError:
-                    if op == "listen" and self.owner(call_sid) == process:
-                        continue  # a quiet moment: listening carries on while the call does
+                    if self.owner(call_sid) == process:
+                        continue  # a quiet moment: following carries on while the call does
+                    if op == "follow":  # its process is gone, and the call with it
+                        yield '{"type":"ended","at":0,"outcome":"unknown"}'
                     return
                 if answer.get("end") or answer.get("missing"):
                     return
@@ -386,6 +410,8 @@ class LiveRegistry:
 
     def _on_request(self, message: dict[str, Any]) -> None:
         op, request_id, sender = message.get("op"), str(message.get("id", "")), str(message.get("from", ""))
+        if not PROCESS_ID.fullmatch(sender) or not REQUEST_ID.fullmatch(request_id):
+            raise ValueError("a request without a well-formed sender and id")
         call_sid = str(message.get("call_sid", ""))
         local = self.local.get(call_sid)
         if op == "renew":

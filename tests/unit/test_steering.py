@@ -148,6 +148,14 @@ def test_transfer_only_to_a_listed_destination_and_only_with_rest() -> None:
     assert call.summary(13.0)["ended_by"] == "operator"
 
 
+def test_nothing_replaces_a_goodbye_once_the_call_is_ending() -> None:
+    call = live_call()
+    call.handle(command(OperatorAction.HANG_UP), 1.0)
+    for action in (OperatorAction.SAY, OperatorAction.INSTRUCT, OperatorAction.TRANSFER):
+        problem = call.steer_refusal(command(action, text="x", destination="sales"))
+        assert problem == (SteerProblem.NOT_NOW, "the call is already ending")
+
+
 def test_a_call_that_is_not_live_takes_no_command() -> None:
     call = Call(CallOptions(agent=AGENT, telephony=Telephony()), now=0.0)
     problem = call.steer_refusal(command(OperatorAction.SAY, text="x"))
@@ -198,6 +206,7 @@ def test_the_response_time_runs_from_the_end_of_caller_speech_to_the_replys_firs
     for _ in range(30):  # 600 ms of silence: the agent thinks
         call.handle(TwilioMedia(SILENT, sid), t)
         t += 0.02
+    call.handle(AgentStartedSpeaking(None, None, None), t)
     actions = call.handle(AgentAudio(b"\xff" * 320), t)
     expected = round((t - end_of_speech) * 1000)
     assert Measure(MetricName.RESPONSE_LATENCY, expected / 1000) in actions
@@ -205,8 +214,30 @@ def test_the_response_time_runs_from_the_end_of_caller_speech_to_the_replys_firs
     # the rest of the reply is not another response; nor is a reply to no speech
     assert notes(call.handle(AgentAudio(b"\xff" * 320), t + 0.1), LiveEventType.LATENCY) == []
     call.handle(AgentAudioDone(), t + 0.2)
+    call.handle(AgentStartedSpeaking(None, None, None), t + 5.0)
     assert notes(call.handle(AgentAudio(b"\xff" * 320), t + 5.0), LiveEventType.LATENCY) == []
     assert call.summary(t + 6)["response_ms"] == [expected]
+
+
+def test_a_barge_in_or_sparse_noise_makes_no_response_time() -> None:
+    timer = ResponseTimer()
+    timer.reply_started()
+    timer.agent_audio(0.0)  # the greeting
+    for i in range(10):  # the caller talks over it: a barge-in
+        timer.caller_frame(LOUD, 1.0 + i * 0.02)
+    timer.cut_short()
+    assert timer.agent_audio(1.3) is None  # what still arrives of the cut reply answers nothing
+    timer.reply_started()
+    assert timer.agent_audio(2.0) is not None  # the reply to the interruption does
+    for i in range(6):  # a click every few seconds: never a turn
+        timer.caller_frame(LOUD, 10.0 + i * 3.0)
+    timer.reply_started()
+    assert timer.agent_audio(40.0) is None
+    for i in range(TURN_MIN_FRAMES):  # speech long before a check-in: not answered by it
+        timer.caller_frame(LOUD, 50.0 + i * 0.02)
+    timer.reply_started()
+    assert timer.agent_audio(75.0) is None
+    assert timer.responses_ms == [round((2.0 - 1.18) * 1000)]
 
 
 def test_the_detector_ignores_clicks_and_hiss() -> None:
@@ -215,11 +246,12 @@ def test_the_detector_ignores_clicks_and_hiss() -> None:
     click = LOUD[: LOUD_SAMPLES - 1] + SILENT[LOUD_SAMPLES - 1 :]
     for i in range(100):
         timer.caller_frame(hiss if i % 2 else click, i * 0.02)
+    timer.reply_started()
     assert timer.agent_audio(3.0) is None
     assert 90 <= len(QUIET_BYTES) <= 110 and 0xFF in QUIET_BYTES and 0x00 not in QUIET_BYTES
     for i in range(TURN_MIN_FRAMES):
         timer.caller_frame(LOUD, 4.0 + i * 0.02)
-    timer.reply_ended()
+    timer.reply_started()
     assert timer.agent_audio(5.0) == round((5.0 - (4.0 + (TURN_MIN_FRAMES - 1) * 0.02)) * 1000)
 
 
