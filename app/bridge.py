@@ -43,6 +43,7 @@ from app.core.actions import (
 from app.core.call import Call
 from app.core.call_control import SteerProblem
 from app.core.events import (
+    AmdVerdict,
     BridgeFailed,
     BridgeShuttingDown,
     CallGone,
@@ -64,6 +65,7 @@ from app.core.events import (
     TwilioMedia,
 )
 from app.core.options import (
+    AMD_GRACE_SECONDS,
     METRICS_FLUSH_SECONDS,
     PEER_STUCK_SECONDS,
     TICK_SECONDS,
@@ -91,12 +93,21 @@ from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import Metrics
 from app.operator_tools import call_tool
+from app.outbound import (
+    OutboundRecord,
+    OutboundStore,
+    StoreUnavailable,
+    get_record,
+    get_verdict,
+    mark_streamed,
+)
 from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
 from app.twilio.media_socket import direct_socket, received_data
 from app.twilio.rest import CallUpdater
 from app.twilio.stream_token import PROFILE_PARAMETER, StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
+from app.twilio.webhook import DIRECTION_PARAMETER
 
 REFUSAL_EVENTS = frozenset(
     {
@@ -116,6 +127,11 @@ AGENT_DRAIN_SECONDS = 0.25
 this long; then the agent socket is closed (within a second in all: the teardown promise)."""
 SERVICE_RESTART = 1012  # the close code uvicorn gives every WebSocket when it shuts down
 MESSAGE_TOO_BIG = 1009  # uvicorn's close for a frame over its ws_max_size
+
+VERDICT_POLL_SECONDS = 0.25
+"""How often a placed call looks for its answering-machine verdict in the shared store."""
+LATE_VERDICT_SECONDS = 30.0
+"""A verdict is still taken this long after AMD's own timeout (Twilio's callback can be late)."""
 
 FLUSH_EVERY_TICKS = max(1, round(METRICS_FLUSH_SECONDS / TICK_SECONDS))
 """Ticks between two flushes of a call's counters into the metrics."""
@@ -164,6 +180,9 @@ class CallDeps:
     """True once this process is closing its sockets: a Twilio socket closed then was closed by
     us, not by the caller."""
     live: LiveRegistry | None = None  # the live call API (OPERATOR_TOKEN set): calls show up there
+    outbound_store: OutboundStore | None = None  # calls the bridge placed: what every process shares of them
+    outbound_options: Callable[[OutboundRecord], CallOptions | None] = lambda record: None
+    """A placed call's options, from its shared record (profile, variables, voicemail, AMD)."""
     worker_id: int = 1  # which worker of ``serve --workers N`` (1 for a single process)
 
 
@@ -430,10 +449,50 @@ class CallSession:
         if not self.deps.claim_place(call_sid):
             self.feed(StreamOverCapacity())
             return
+        store = self.deps.outbound_store
+        if store is not None and self.call.custom_parameters.get(DIRECTION_PARAMETER) == "outbound":
+            self._spawn(self._outbound_accepted(call_sid, store))  # its record first: maybe another process's
+            return
         options = self.deps.options_for(profile)
         if options is not None:  # nothing was sent to the agent yet: size its queue anew
             self._renew_agent_queue(options.agent_queue_limit)
         self.feed(StreamTokenAccepted(options))
+
+    async def _outbound_accepted(self, call_sid: str, store: OutboundStore) -> None:
+        """A call we placed: its options come from its shared record (the token vouched for the
+        call); then Twilio's answering-machine verdict is watched for."""
+        try:
+            record = await asyncio.wait_for(get_record(store, call_sid), 2.0)
+            await asyncio.wait_for(mark_streamed(store, call_sid), 2.0)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.log.error("outbound_record_unavailable", detail=str(exc)[:200])
+            record = None
+        if self.end is not None:
+            return
+        options = self.deps.outbound_options(record) if record is not None else None
+        if options is None:  # no record: greeted as an inbound call would be (logged)
+            self.log.warning("outbound_record_missing", then="treated as an answered call")
+            options = self.deps.options_for(self.call.custom_parameters.get("profile", ""))
+        else:
+            self._renew_agent_queue(options.agent_queue_limit)
+        self.feed(StreamTokenAccepted(options))
+        spec = options.outbound if options is not None else None
+        if spec is not None and spec.amd:
+            self._spawn(self._watch_verdict(call_sid, store, spec.amd_timeout))
+
+    async def _watch_verdict(self, call_sid: str, store: OutboundStore, amd_timeout: float) -> None:
+        """Twilio's AMD callback may land on any process: its verdict is read from the shared
+        store, every ``VERDICT_POLL_SECONDS``, until it comes or can no longer matter."""
+        deadline = self.clock() + amd_timeout + AMD_GRACE_SECONDS + LATE_VERDICT_SECONDS
+        while self.end is None and self.clock() < deadline:
+            try:
+                verdict = await get_verdict(store, call_sid)
+            except StoreUnavailable:
+                verdict = None
+            if verdict is not None:
+                self.feed(AmdVerdict(*verdict))
+                return
+            await asyncio.sleep(VERDICT_POLL_SECONDS)
 
     async def _redeem_shared(self, redeem: RedeemStreamToken, store: RedisTokenStore) -> None:
         """Single use across replicas. A store that cannot answer does not cost the caller the
@@ -769,6 +828,7 @@ class CallSession:
         call = self.call
         record: dict[str, Any] = {
             "type": "call.ended",
+            "direction": "inbound",
             "call_sid": call.call_sid,
             "stream_sid": call.stream_sid,
             "agent_request_id": call.agent.request_id,

@@ -10,7 +10,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -39,9 +39,10 @@ from app.codecs import (
     load_audio_file,
 )
 from app.core.call_control import END_CALL, TRANSFER_CALL
-from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, RecordingSpec, Telephony, ToolSpec
+from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, OutboundSpec, RecordingSpec, Telephony, ToolSpec
 from app.core.vocabulary import ConsentMode
 from app.operator_auth import MIN_OPERATOR_TOKEN
+from app.outbound import filled_agent
 from app.twilio.rest import E164
 from app.twilio.webhook import DEFAULT_FALLBACK_SAY, RECORDING_STATUS_PATH, Fallback, fallback_twiml
 from app.workers import MAX_WORKERS
@@ -675,6 +676,25 @@ class RuntimeConfig:
             recording=self.recording(profile),
             hold_audio=profile.hold_audio,
             hold_after=bridge.reconnect.hold_after_seconds,
+        )
+
+    def profile_named(self, name: str) -> AgentProfile:
+        return self.profiles[name] if name else self.profile
+
+    def outbound_voicemail(self, name: str) -> str:
+        """The profile's voicemail message, placeholders unfilled ("": none)."""
+        return self.profile_named(name).bridge.outbound.voicemail or ""
+
+    def outbound_call_options(self, name: str, variables: dict[str, str], voicemail: str, amd: bool) -> CallOptions:
+        """A placed call's options: the profile's, with its placeholders filled from
+        ``variables`` (checked complete by the API), and how to meet whoever answers.
+        ``voicemail`` is filled already (the API did it, once)."""
+        options = self.call_options(name)
+        amd_timeout = self.profile_named(name).bridge.outbound.amd_timeout_seconds
+        return replace(
+            options,
+            agent=filled_agent(options.agent, variables),
+            outbound=OutboundSpec(voicemail=voicemail, amd=amd, amd_timeout=amd_timeout),
         )
 
     @staticmethod

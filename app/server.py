@@ -30,6 +30,19 @@ from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.operator_tools import aclose_clients
+from app.outbound import (
+    AMD_STATUSES,
+    FINAL_STATUSES,
+    OutboundRecord,
+    OutboundStore,
+    StoreUnavailable,
+    get_record,
+    put_record,
+    put_verdict,
+    store_for,
+    was_streamed,
+)
+from app.outbound_api import outbound_routes
 from app.stream_admission import ADMISSION_HOLD_SECONDS, Admission
 from app.twilio import webhook
 from app.twilio.messages import SID_PATTERN
@@ -63,6 +76,7 @@ class AppState:
     agent_check: tuple[float, str | None] = (0.0, None)  # (checked at, problem or None)
     worker: WorkerContext | None = None  # serve --workers N: this worker's place
     live: LiveRegistry | None = None  # the live call API (OPERATOR_TOKEN): every call of the instance
+    outbound: OutboundStore | None = None  # calls placed by POST /api/calls (OPERATOR_TOKEN)
 
     @property
     def draining(self) -> bool:
@@ -168,6 +182,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         state.live = LiveRegistry(
             bus_for(settings.redis_url, broker_path_from_env() if worker is not None else None), metrics
         )
+        state.outbound = store_for(settings.redis_url, shared_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -202,6 +217,8 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             await aclose_clients()  # this worker's pooled operator-tool connections
             if state.live is not None:
                 await state.live.close()
+            if state.outbound is not None:
+                await state.outbound.close()
             if call_updater is not None:
                 call_updater.close()
             await state.records.close()
@@ -225,6 +242,12 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
     )
 
     profile_options = {name: config.call_options(name) for name in config.profiles}
+
+    def outbound_options(record: OutboundRecord) -> CallOptions | None:
+        if record.profile and record.profile not in config.profiles:
+            log.warning("profile_unknown_at_stream", profile=record.profile[:40])
+            return None
+        return config.outbound_call_options(record.profile, record.variables, record.voicemail, record.amd)
 
     def options_for(profile: str) -> CallOptions | None:
         if not profile:
@@ -292,10 +315,49 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             return params
         status = params.get("CallStatus", "")
         metrics.call_status(status)
-        log.info(
-            "call_status", call_sid=params.get("CallSid", ""), status=status, duration_s=params.get("CallDuration")
-        )
+        call_sid = params.get("CallSid", "")[:64]
+        log.info("call_status", call_sid=call_sid, status=status, duration_s=params.get("CallDuration"))
+        if status in FINAL_STATUSES and state.outbound is not None and SID_PATTERN.fullmatch(call_sid):
+            await outbound_status(call_sid, status, params)
         return Response(status_code=204)
+
+    async def outbound_status(call_sid: str, status: str, params: dict[str, str]) -> None:
+        """A call we placed will not stream (again): its place is free, and if it never
+        streamed, its record ends here with Twilio's status (no-answer, busy, ...)."""
+        store = state.outbound
+        assert store is not None
+        try:
+            record = await get_record(store, call_sid)
+            streamed = record is not None and await was_streamed(store, call_sid)
+        except StoreUnavailable as exc:
+            log.error("outbound_record_unavailable", call_sid=call_sid, detail=str(exc)[:200])
+            return
+        if record is None:
+            return  # not ours (an inbound call's status)
+        state.admission.release(call_sid)
+        if not streamed:
+            log.info("outbound_ended_unanswered", call_sid=call_sid, status=status)
+            state.records.submit(unanswered_record(record, status, params))
+
+    @app.post(webhook.AMD_PATH)
+    async def twilio_amd(request: Request) -> Response:
+        """Twilio's answering-machine verdict for a call we placed: kept where every process
+        finds it (the call's pump reads it from there). 200 whatever the call, as Twilio wants."""
+        params = await signed_form(request)
+        if isinstance(params, Response):
+            return params
+        call_sid = params.get("CallSid", "")
+        answered_by = params.get("AnsweredBy", "")
+        answered_by = answered_by if answered_by in AMD_STATUSES else "unknown"
+        duration = params.get("MachineDetectionDuration", "")
+        amd_ms = int(duration) if duration.isdigit() and len(duration) < 9 else None
+        log.info("amd_verdict", call_sid=call_sid[:64], answered_by=answered_by, amd_ms=amd_ms)
+        if state.outbound is not None and SID_PATTERN.fullmatch(call_sid):
+            try:
+                await put_verdict(state.outbound, call_sid, answered_by, amd_ms)
+            except StoreUnavailable as exc:
+                log.error("outbound_record_unavailable", call_sid=call_sid, detail=str(exc)[:200])
+        return Response(status_code=200)
 
     @app.post(webhook.RECORDING_STATUS_PATH)
     async def twilio_recording_status(request: Request) -> Response:
@@ -326,6 +388,9 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             metrics.webhooks.labels("bad_request").inc()
             return Response("missing CallSid\n", status_code=400, media_type="text/plain")
         base = webhook.public_base_url(request, settings.public_url)
+        key = request.query_params.get(webhook.OUTBOUND_QUERY)
+        if key is not None:
+            return await outbound_answered(key, call_sid, base, params)
         profile = config.profile_for_number(params.get("To", ""))
         refusal = state.admission.try_admit(call_sid)
         if refusal is not None:  # the caller hears the fallback, never a failed call
@@ -345,6 +410,36 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         log.info(
             "call_answered", call_sid=call_sid, direction=params.get("Direction", ""), profile=profile or "default"
         )
+        metrics.webhooks.labels("answered").inc()
+        return Response(twiml, media_type="application/xml")
+
+    async def outbound_answered(key: str, call_sid: str, base: str, params: dict[str, str]) -> Response:
+        """The callee of a call we placed picked up: its stream (its place in MAX_CALLS was
+        taken when it was dialled). Twilio signed the URL, key included."""
+        store = state.outbound
+        record: OutboundRecord | None = None
+        if store is not None:
+            try:
+                record = await get_record(store, key[:64])
+                if record is not None and not record.call_sid:  # (before the API request heard back)
+                    record.call_sid = call_sid
+                    await put_record(store, record)
+            except StoreUnavailable as exc:
+                log.error("outbound_record_unavailable", call_sid=call_sid, detail=str(exc)[:200])
+        if record is None or record.call_sid != call_sid:
+            state.refusals.warn(log, "outbound_unknown", call_sid=call_sid)
+            metrics.webhooks.labels("bad_request").inc()
+            return Response(webhook.hangup_twiml(), media_type="application/xml")
+        twiml = webhook.connect_twiml(
+            webhook.stream_url(base),
+            state.tokens.mint(call_sid, record.profile),
+            record.from_,
+            record.to,
+            record.profile,
+            then=None,  # a stream that dies ends the call we placed: nobody waits for a fallback
+            outbound=True,
+        )
+        log.info("call_answered", call_sid=call_sid, direction="outbound", profile=record.profile or "default")
         metrics.webhooks.labels("answered").inc()
         return Response(twiml, media_type="application/xml")
 
@@ -386,6 +481,8 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             shutting_down=lambda: state.stopping,
             live=state.live,
             worker_id=worker.worker_id if worker is not None else 1,
+            outbound_store=state.outbound,
+            outbound_options=outbound_options,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()
@@ -408,4 +505,26 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         else None
     )
     app.router.routes.extend(live_routes(state.live, operator_token, tickets, settings.public_url))
+    app.router.routes.extend(
+        outbound_routes(config, operator_token, state.admission, state.outbound, lambda: call_updater)
+    )
     return app
+
+
+def unanswered_record(record: OutboundRecord, status: str, params: dict[str, str]) -> dict[str, object]:
+    """The call record of a call we placed that never streamed (busy, no answer, failed...)."""
+    return {
+        "type": "call.ended",
+        "call_sid": record.call_sid,
+        "direction": "outbound",
+        "from": record.from_,
+        "to": record.to,
+        "profile": record.profile or "default",
+        "outcome": status,
+        "status": status,
+        "answered_by": None,
+        "amd_ms": None,
+        "voicemail_left": False,
+        "duration_s": 0,
+        "ring_s": int(params["CallDuration"]) if params.get("CallDuration", "").isdigit() else None,
+    }

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 
-# The keys: A-D are the keypad's fourth column, which most handsets lack but the standard and
-# many menus still have. Upper-case only: a caller taking keys from a person or a model
-# normalises with ``str.upper()`` before checking.
+# The keys: A-D are the keypad's fourth column, which most handsets lack but the standard
+# defines. Upper-case only: a caller taking keys from a person or a model normalises with
+# ``str.upper()`` before checking.
 DIGITS = "0123456789*#ABCD"
 # Most keys one request may send: a phone number with an extension and a PIN fits, and the
 # audio stays short (32 keys are 5.12 s).
@@ -44,8 +44,8 @@ HIGH_GROUP_HZ: tuple[int, ...] = (1209, 1336, 1477, 1633)
 # The keypad: KEYPAD[row][column] is the key sounding LOW_GROUP_HZ[row] + HIGH_GROUP_HZ[column].
 KEYPAD: tuple[str, ...] = ("123A", "456B", "789C", "*0#D")
 
-TONE_MS = 80  # each key's tone, ramps included (receivers accept 40 ms; 70-100 ms is usual)
-GAP_MS = 80  # silence after each key (receivers accept 40 ms between keys; at least 60 ms here)
+TONE_MS = 80  # each key's tone, ramps included (receivers typically need 40 ms; 70-100 ms is usual)
+GAP_MS = 80  # silence after each key (receivers typically need 40 ms; at least 60 ms here)
 RAMP_MS = 3  # raised-cosine fade in and out, inside TONE_MS: no click, no spectral splatter
 
 # Levels in dBm0 per tone. The pair averages -10 dBm0 with the high tone 1.5 dB above the low

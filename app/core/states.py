@@ -320,6 +320,12 @@ TRANSITIONS: Mapping[CallState, Row] = MappingProxyType(
     }
 )
 
+HANDLER_MOVES: Mapping[tuple[CallState, type[Event]], CallState] = MappingProxyType(
+    {(_CHECKING_TOKEN, StreamTokenAccepted): _AWAITING_ANSWER}
+)
+"""Where a handler leads instead of its row's target, and when: the token of a call the bridge
+placed (``CallOptions.outbound``) leads to AWAITING_ANSWER, not straight to the agent."""
+
 Deadline = StartDeadlinePassed | AgentReadyDeadlinePassed | KeepAliveDue | CallUpdateDeadlinePassed | AgentRetryDue
 DEADLINES: Mapping[CallState, type[Deadline]] = MappingProxyType(
     {

@@ -254,6 +254,14 @@ hang-ups (a proxy that killed many streams at once) waits here, each bounded by 
 15 s timeout, and never delays the next call's agent connection."""
 
 
+class CallNotPlaced(Exception):
+    """Twilio did not create the call; ``bad_request``: it refused what was asked (a 400)."""
+
+    def __init__(self, words: str, bad_request: bool = False) -> None:
+        super().__init__(words)
+        self.bad_request = bad_request
+
+
 class CallUpdater:
     """Hang-ups and transfers of live calls, through the SDK in threads of its own so the event
     loop (every call's audio) never waits on Twilio. Answers are core events; nothing raises."""
@@ -270,6 +278,19 @@ class CallUpdater:
 
     async def start_recording(self, call_sid: str, status_callback_url: str) -> RecordingStarted | RecordingFailed:
         return await self._in_thread(self._record, call_sid, status_callback_url)
+
+    async def place_call(self, request: dict[str, Any]) -> str:
+        """Create an outbound call (``Calls.create``'s keyword arguments): its CallSid, or
+        ``CallNotPlaced`` with Twilio's words (and whether the request itself was at fault)."""
+        return await self._in_thread(self._create, request)
+
+    def _create(self, request: dict[str, Any]) -> str:
+        try:
+            call = _call(self._client, lambda: self._client.calls.create(**request))
+        except (TwilioException, TwilioUnreachable) as exc:
+            bad = isinstance(exc, TwilioRestException) and exc.status == 400
+            raise CallNotPlaced(_request_failed(exc), bad_request=bad) from None
+        return str(call.sid)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)

@@ -15,6 +15,9 @@ from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
+AMD_PATH = "/twilio/amd"  # Twilio's asynchronous answering-machine verdicts for calls we placed
+OUTBOUND_QUERY = "outbound"  # VOICE_PATH?outbound=<key>: the TwiML of a call we placed
+DIRECTION_PARAMETER = "direction"  # "outbound" on the stream of a call we placed
 DEFAULT_FALLBACK_SAY = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 RECORDING_STATUS_PATH = "/twilio/recording-status"
 MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
@@ -75,7 +78,13 @@ class Fallback:
 
 
 def connect_twiml(
-    media_url: str, token: str, caller: str, callee: str, profile: str = "", then: Fallback | None = None
+    media_url: str,
+    token: str,
+    caller: str,
+    callee: str,
+    profile: str = "",
+    then: Fallback | None = None,
+    outbound: bool = False,
 ) -> str:
     """``<Connect><Stream>``, and ``then`` after it: Twilio runs what follows ``<Connect>`` when
     the stream ends without the call having been hung up or redirected, so a bridge that dies
@@ -89,6 +98,8 @@ def connect_twiml(
         stream.parameter(name=PROFILE_PARAMETER, value=profile)
     stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
     stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
+    if outbound:
+        stream.parameter(name=DIRECTION_PARAMETER, value="outbound")
     response.append(connect)
     if then is not None:
         then.append_to(response)
@@ -103,6 +114,12 @@ def _dial(destination: str) -> Dial:
     else:
         dial.number(destination)
     return dial
+
+
+def hangup_twiml() -> str:
+    response = VoiceResponse()
+    response.hangup()
+    return str(response)
 
 
 def transfer_twiml(destination: str) -> str:
