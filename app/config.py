@@ -38,7 +38,7 @@ from app.codecs import (
     agent_sample_rates,
     load_audio_file,
 )
-from app.core.call_control import END_CALL, TRANSFER_CALL
+from app.core.call_control import END_CALL, SEND_DTMF, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, OutboundSpec, RecordingSpec, Telephony, ToolSpec
 from app.core.vocabulary import ConsentMode
 from app.operator_auth import MIN_OPERATOR_TOKEN
@@ -472,7 +472,7 @@ def function_problem(profile: AgentProfile) -> str:
     """Built-in telephony functions and operator tools against what the agent declares."""
     declared = declared_functions(profile)
     telephony, tools = profile.bridge.telephony, profile.bridge.tools
-    builtins = {END_CALL: telephony.end_call, TRANSFER_CALL: bool(telephony.transfer)}
+    builtins = {END_CALL: telephony.end_call, TRANSFER_CALL: bool(telephony.transfer), SEND_DTMF: telephony.dtmf_out}
     for name, offered in builtins.items():
         if offered and name in declared:
             return (

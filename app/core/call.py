@@ -34,6 +34,7 @@ from app.core.agent_link import AgentLink
 from app.core.call_control import CallControl, SteerProblem
 from app.core.caller_input import CallerInput
 from app.core.conversation import Conversation
+from app.core.dtmf import dtmf_ulaw
 from app.core.endings import cannot_heal, close_code, end_reason, ended_by, fallback_reason
 from app.core.events import (
     AgentAudio,
@@ -485,6 +486,8 @@ class Call:
         """The one Settings of this session; after a loss mid-call it carries the conversation
         so far, and no greeting (the caller has been greeted)."""
         history = list(self.conversation.context) if self.was_live else None
+        if history is None and self.outbound is not None and self.outbound.voicemail:
+            history = []  # a machine: no greeting (the message is given at LIVE)
         return self.agent.send_settings(event.request_id, now, history)
 
     def _on_agent_retry_due(self, event: AgentRetryDue, now: float) -> list[Action]:
@@ -695,7 +698,11 @@ class Call:
             "from": self.custom_parameters.get("from", ""),
             "to": self.custom_parameters.get("to", ""),
         }
-        return self.control.functions(event, now, parties)
+        actions = self.control.functions(event, now, parties)
+        digits, self.control.tones_due = self.control.tones_due, ""
+        if digits:  # send_dtmf: the keys go out as media, the agent's next words after them
+            actions += self.playback.tones(dtmf_ulaw(digits), now)
+        return actions
 
     def _on_warning(self, event: AgentWarning, now: float) -> list[Action]:
         return [

@@ -19,6 +19,7 @@ from typing import Any, assert_never
 
 from app.agent import messages as agent_msg
 from app.core.actions import Action, Log, Measure, Notify, RunFunction, SendToAgent
+from app.core.dtmf import MAX_DIGITS, check_digits
 from app.core.events import (
     AgentFunctionCallRequest,
     FunctionCall,
@@ -48,6 +49,7 @@ from app.twilio.webhook import transfer_twiml
 
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"
+SEND_DTMF = "send_dtmf"
 
 
 def builtin_functions(telephony: Telephony) -> list[dict[str, Any]]:
@@ -85,6 +87,24 @@ def builtin_functions(telephony: Telephony) -> list[dict[str, Any]]:
                         "destination": {"type": "string", "enum": names, "description": "Who to transfer to."}
                     },
                     "required": ["destination"],
+                },
+            }
+        )
+    if telephony.dtmf_out:
+        functions.append(
+            {
+                "name": SEND_DTMF,
+                "description": (
+                    "Press keys on the phone keypad, as a person would, to get through a phone menu "
+                    '("press 1 for sales") or enter a number it asks for. Keys: 0-9, *, #, A-D; at most '
+                    f"{MAX_DIGITS} at once. Say nothing while they are pressed."
+                ),
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "digits": {"type": "string", "description": "The keys to press, in order, e.g. 1 or 0042#."}
+                    },
+                    "required": ["digits"],
                 },
             }
         )
@@ -175,6 +195,7 @@ class CallControl:
         "last_say",
         "pending",
         "steered",
+        "tones_due",
     )
 
     def __init__(self, options: CallOptions, stats: CallStats, now: float) -> None:
@@ -194,6 +215,7 @@ class CallControl:
         self.steered: deque[Steered] | None = None
         self.awaiting_confirmation: deque[Steered] | None = None
         self.last_say: Steered | None = None  # the operator's "say", while it is the injection to retry
+        self.tones_due = ""  # keys send_dtmf asked for, for the call to play (then cleared)
 
     # --- functions -----------------------------------------------------------------------
 
@@ -224,6 +246,8 @@ class CallControl:
             return self._end_call(fn, arguments, now)
         if fn.name == TRANSFER_CALL and telephony.transfer and telephony.rest_available:
             return self._transfer(fn, arguments, now)
+        if fn.name == SEND_DTMF and telephony.dtmf_out:
+            return self._send_dtmf(fn, arguments)
         tool = telephony.tool(fn.name)
         if tool is None:
             known = [f["name"] for f in builtin_functions(telephony)] + [t.name for t in telephony.tools]
@@ -279,6 +303,23 @@ class CallControl:
                 f"Transferring the caller to {name} once your announcement has played: tell them in one sentence.",
                 FunctionResult.OK,
             ),
+        ]
+
+    def _send_dtmf(self, fn: FunctionCall, arguments: dict[str, Any]) -> list[Action]:
+        """Keys for a phone menu: checked, then played by the call (``tones_due``) once answered."""
+        digits = arguments.get("digits")
+        digits = digits.strip().upper() if isinstance(digits, str) else ""
+        problem = check_digits(digits)
+        if problem is not None:
+            return self._answer(fn.id, fn.name, f"No keys were pressed: {problem}.", FunctionResult.REFUSED)
+        self.tones_due = digits
+        return [
+            Log(
+                LogLevel.INFO,
+                "dtmf_sent",
+                {"keys": len(digits)} if not self._options.log_transcripts else {"digits": digits},
+            ),
+            *self._answer(fn.id, fn.name, f"Pressed {' '.join(digits)}.", FunctionResult.OK),
         ]
 
     def transfer_twiml(self) -> str:

@@ -106,6 +106,9 @@ MAX_KEYPAD_DIGITS = 64
 MAX_PENDING_FUNCTIONS = 16
 """Operator tools running at once in one call; more in flight are answered "busy"."""
 
+MAX_HELD_DURING_TONES = TWILIO_FORMAT.bytes_for(20.0)
+"""Agent audio held while keypad tones play (send_dtmf: 32 keys take 5 s): past it the oldest goes."""
+
 AMD_GRACE_SECONDS = 3.0
 """After Twilio's MachineDetectionTimeout, this long for its verdict to arrive; then a person."""
 
