@@ -51,6 +51,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, host, port)
 
 
+def cmd_call(args: argparse.Namespace) -> int:
+    """POST /api/calls on a running bridge, and say what it answered."""
+    import urllib.error
+    import urllib.request
+
+    token = os.environ.get("OPERATOR_TOKEN", "")
+    if not token:
+        print("callbridge: set OPERATOR_TOKEN to the bridge's (serve prints it offline)", file=sys.stderr)
+        return 2
+    variables: dict[str, str] = {}
+    for item in args.var:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"callbridge: --var {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        variables[name] = value
+    body: dict[str, object] = {"to": args.to, "variables": variables, "amd": not args.no_amd}
+    for key, value in (("from", args.from_), ("profile", args.profile), ("voicemail", args.voicemail)):
+        if value is not None:
+            body[key] = value
+    url = (args.url or f"http://127.0.0.1:{os.environ.get('PORT', '8080')}").rstrip("/") + "/api/calls"
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read() or b"{}")
+            print(f"callbridge: calling {args.to}: {answer.get('call_sid', '?')} ({answer.get('status', '?')})")
+            return 0
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        print(f"callbridge: the bridge refused the call (HTTP {exc.code}): {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"callbridge: nothing answers at {url} ({reason}): is `callbridge serve` running?", file=sys.stderr)
+        return 1
+
+
 def worker_count(text: str) -> int:
     """argparse type of --workers: 1..MAX_WORKERS."""
     from app.workers import MAX_WORKERS
@@ -559,6 +604,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--frames", type=int, default=5000, help="20 ms frames timed per path (best of 3 runs)")
     bench.set_defaults(func=cmd_bench_audio)
+
+    call = sub.add_parser(
+        "call",
+        help="have a running bridge place a call (POST /api/calls; OPERATOR_TOKEN from the environment)",
+        formatter_class=DefaultsHelp,
+    )
+    call.add_argument("to", help="the number to call, E.164, e.g. +15551234567")
+    call.add_argument(
+        "--var", action="append", default=[], metavar="NAME=VALUE", help="fill {{NAME}} in the profile (repeatable)"
+    )
+    call.add_argument("--from", dest="from_", help="caller id, E.164 (default: the bridge's OUTBOUND_FROM)")
+    call.add_argument("--profile", help="a profile of AGENT_PROFILES_DIR, by its file name without extension")
+    call.add_argument("--voicemail", help="the message left on a machine (default: the profile's)")
+    call.add_argument("--no-amd", action="store_true", help="no answering-machine detection")
+    call.add_argument("--url", help="the bridge (default: http://127.0.0.1:$PORT)")
+    call.set_defaults(func=cmd_call)
 
     twilio = sub.add_parser(
         "twilio", help="Twilio number setup (uses TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, PUBLIC_URL)"
