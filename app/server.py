@@ -335,9 +335,10 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         if record is None:
             return  # not ours (an inbound call's status)
         state.admission.release(call_sid)
-        if not streamed:
-            log.info("outbound_ended_unanswered", call_sid=call_sid, status=status)
-            state.records.submit(unanswered_record(record, status, params))
+        if not streamed:  # never answered: its record ends here, as a call's would at its end
+            ended = unanswered_record(record, status, params)
+            log.info("call_ended", **{k: v for k, v in ended.items() if k != "type"})
+            state.records.submit(ended)
 
     @app.post(webhook.AMD_PATH)
     async def twilio_amd(request: Request) -> Response:

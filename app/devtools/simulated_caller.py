@@ -11,6 +11,10 @@ every frame received, and a timeline of who spoke when, keys pressed and REST up
 
 It can also misbehave the ways a real Twilio socket (or something posing as one) can, for the
 fault tests (``CallerFault``): close abruptly, stop without closing, stop reading, flood.
+
+The REST stand-in's outbound calls reuse it for their media streams: started from a given
+webhook URL and form, or from TwiML already in hand, with a ``CallerVoice`` deciding frame by
+frame what the far end says (a simulated callee reacting to what it hears).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from twilio.request_validator import RequestValidator
@@ -94,6 +98,21 @@ class CallerFault:
 
 class SimulationError(Exception):
     pass
+
+
+class CallerVoice(Protocol):
+    """What a scripted far end says, decided as the call goes, so it can react to what it hears
+    (the outbound callees: a person answering, a voicemail recording, a menu decoding keys)."""
+
+    def next_frame(self) -> bytes | None:
+        """The next 20 ms to send (160 bytes of mu-law), asked every 20 ms in real time; None
+        hangs up (Twilio's ``stop``)."""
+        ...
+
+    def on_played(self, chunk: bytes) -> None:
+        """The bridge's audio that played in the last 20 ms (shorter, or empty, when its
+        buffer ran dry), every 20 ms."""
+        ...
 
 
 @dataclass
@@ -262,6 +281,12 @@ class SimulatedCaller:
         twilio_api: TwilioApiStandIn | None = None,
         fault: CallerFault | None = None,
         start_delay: float = 0.0,
+        webhook_url: str | None = None,
+        webhook_params: dict[str, str] | None = None,
+        twiml: str | None = None,
+        call_sid: str | None = None,
+        account_sid: str | None = None,
+        voice: CallerVoice | None = None,
     ) -> None:
         """``keys``: (seconds after the stream starts, digits) bursts of key presses, each digit
         ``key_gap`` seconds after the previous one; the caller stays on the line until they are
@@ -269,7 +294,14 @@ class SimulatedCaller:
         stand-in's account SID), so the bridge can hang it up or transfer it through the API.
         ``fault``: a misbehaviour of the caller's side (see ``CallerFault``). ``start_delay``:
         seconds between the upgrade and ``connected``/``start``, as a network round trip puts
-        between the bridge's 101 and Twilio's first message."""
+        between the bridge's 101 and Twilio's first message.
+
+        For calls that do not start as an inbound call to ``base_url``'s voice webhook (the REST
+        stand-in's outbound calls): ``webhook_url`` (the whole URL, query string included, that
+        the webhook goes to and is signed over) and ``webhook_params`` (its form, as given);
+        ``twiml``: no webhook at all, this TwiML is followed; ``call_sid`` / ``account_sid``:
+        the call's, instead of made-up ones; ``voice``: what is sent is decided frame by frame
+        by it (``audio``, ``fast`` and the tail are then unused), and it hears what plays."""
         for _, digits in keys:
             check_digits(digits)
         self.base_url = base_url.rstrip("/")
@@ -285,14 +317,23 @@ class SimulatedCaller:
         self.twilio_api = twilio_api
         self.fault = fault
         self.start_delay = start_delay
-        self.call_sid = "CA" + uuid.uuid4().hex
+        self.webhook_url = webhook_url
+        self.webhook_form = dict(webhook_params) if webhook_params is not None else None
+        self.twiml = twiml
+        self.voice = voice
+        self.call_sid = call_sid or "CA" + uuid.uuid4().hex
         self.stream_sid = "MZ" + uuid.uuid4().hex
-        self.account_sid = twilio_api.account_sid if twilio_api is not None else "AC" + uuid.uuid4().hex
+        if account_sid is not None:
+            self.account_sid = account_sid
+        else:
+            self.account_sid = twilio_api.account_sid if twilio_api is not None else "AC" + uuid.uuid4().hex
         self.webhook_s = 0.0
 
     # --- the webhook -------------------------------------------------------------------------
 
     def webhook_params(self) -> dict[str, str]:
+        if self.webhook_form is not None:
+            return dict(self.webhook_form)
         return {
             "CallSid": self.call_sid,
             "AccountSid": self.account_sid,
@@ -305,7 +346,7 @@ class SimulatedCaller:
 
     def post_webhook(self, params: dict[str, str] | None = None, signature: str | None = None) -> tuple[int, str]:
         """Blocking POST, as Twilio sends it; returns (status, body)."""
-        url = f"{self.base_url}{VOICE_PATH}"
+        url = self.webhook_url or f"{self.base_url}{VOICE_PATH}"
         params = self.webhook_params() if params is None else params
         if signature is None:
             signature = self.validator.compute_signature(url, params)
@@ -359,9 +400,13 @@ class SimulatedCaller:
             }
         )
 
-    async def run(self, audio: bytes) -> CallResult:
-        updates: asyncio.Queue[CallUpdate] = asyncio.Queue()
-        if self.twilio_api is not None:
+    async def run(self, audio: bytes, updates: asyncio.Queue[CallUpdate] | None = None) -> CallResult:
+        """The whole call. ``updates``: REST updates of the call (hang-up, redirect) to follow,
+        fed by whoever owns the call at the REST stand-in; without it, the call is registered
+        with ``twilio_api`` (if any) and follows that."""
+        given = updates is not None
+        updates = updates if updates is not None else asyncio.Queue()
+        if self.twilio_api is not None and not given:
             loop = asyncio.get_running_loop()
 
             def notify(update: CallUpdate) -> None:  # on the stand-in's thread
@@ -370,9 +415,12 @@ class SimulatedCaller:
 
             self.twilio_api.register_call(self.call_sid, notify, from_=self.caller, to=self.callee)
         try:
-            status, body = await asyncio.to_thread(self.post_webhook)
-            if status != 200:
-                raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
+            if self.twiml is not None:
+                body = self.twiml
+            else:
+                status, body = await asyncio.to_thread(self.post_webhook)
+                if status != 200:
+                    raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
             url, parameters = parse_twiml(body)
             result = CallResult(self.call_sid, body, url, parameters)
             result.webhook_s = self.webhook_s
@@ -386,7 +434,7 @@ class SimulatedCaller:
                 if result.close_code is None:
                     result.close_code = ws.close_code
         finally:
-            if self.twilio_api is not None:
+            if self.twilio_api is not None and not given:
                 self.twilio_api.end_call(self.call_sid)  # over: later updates answer 20404
         if self.twilio_api is not None:
             result.rest_requests = self.twilio_api.requests_for(self.call_sid)
@@ -561,6 +609,9 @@ class _Stream:
             self.keys_done = True
 
     async def send_audio(self, audio: bytes) -> None:
+        if self.caller.voice is not None:
+            await self.send_voice(self.caller.voice)
+            return
         chunks = frames(audio)
         for i, frame in enumerate(chunks):
             await self.send_frame(frame, i)
@@ -579,6 +630,15 @@ class _Stream:
             await self.send_frame(SILENCE * TWILIO_FRAME_BYTES, i)
             i += 1
             await asyncio.sleep(max(0.0, tail_start + (i - len(chunks) + 1) * FRAME_S - self.now()))
+        await self.send_stop()
+
+    async def send_voice(self, voice: CallerVoice) -> None:
+        """Real time, whatever the voice says, until it hangs up."""
+        i = 0
+        while (frame := voice.next_frame()) is not None:
+            await self.send_frame(frame, i)
+            i += 1
+            await asyncio.sleep(max(0.0, i * FRAME_S - self.now()))
         await self.send_stop()
 
     async def send_frame(self, frame: bytes, index: int) -> None:
@@ -616,6 +676,8 @@ class _Stream:
             chunk, due = self.player.tick()
             self.result.heard += chunk + SILENCE * (TWILIO_FRAME_BYTES - len(chunk))
             self.result.played += chunk
+            if self.caller.voice is not None:
+                self.caller.voice.on_played(chunk)
             if chunk and self.agent_talking_since is None:
                 self.agent_talking_since = self.now()
                 self.note("agent", "audio starts playing")

@@ -10,7 +10,15 @@ time, status answered), and serves what callbridge uses:
   up) or ``Twiml=`` / ``Url=`` (redirect, e.g. a transfer with ``<Dial>``);
 - call recordings: start one (``POST .../Calls/{CallSid}/Recordings.json``); like Twilio, it then
   POSTs the ``in-progress`` status to ``RecordingStatusCallback``, signed with the auth token
-  (``X-Twilio-Signature``), so the receiving end's signature check is exercised for real.
+  (``X-Twilio-Signature``), so the receiving end's signature check is exercised for real;
+- outbound calls (``POST .../Calls.json``, ``calls.create`` in the SDK): answered 201 with a
+  ``queued`` call resource (400 with Twilio's error body for a bad ``To``/``From``/``Url``), then,
+  as Twilio does, the number is "dialled" in the background: a simulated callee chosen by the
+  ``To`` number (``app.devtools.callees``: a person, a voicemail, a phone menu, a fax, busy, ...)
+  rings, answers or not, and the signed status callbacks, the webhook (``Url``, or the ``Twiml``
+  given), the media stream and the asynchronous AMD callback follow, each at the callee's pace.
+  What each callee went through is in ``outbound`` (by CallSid); :meth:`wait_outbound` waits
+  for one to finish.
 
 Calls are known once registered (the simulated caller registers its CallSid, as Twilio knows
 a call before the webhook fires). An update of a known, live call answers 200 with a call
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -36,10 +45,12 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from app.devtools.endpoints import LOOPBACK
+from app.devtools.endpoints import LOCAL_HOSTNAMES, LOOPBACK
 
 if TYPE_CHECKING:
     from twilio.rest import Client
+
+    from app.devtools.callees import Callee, CalleeResult, OutboundDial
 
 API_VERSION = "2010-04-01"
 DEFAULT_ACCOUNT_SID = "AC" + "0" * 32
@@ -51,7 +62,10 @@ NUMBER_FIELDS = {
     "StatusCallbackMethod": "status_callback_method",
 }
 ENDING_STATUSES = frozenset({"completed", "canceled"})
+NOT_YET_ANSWERED = frozenset({"queued", "ringing"})  # an outbound call still being dialled
 MAX_BODY = 64 * 1024
+E164 = re.compile(r"\+[1-9]\d{6,14}")  # what Twilio dials; anything else is error 21211
+CALLBACK_TIMEOUT_S = 5.0  # a callback the receiver does not answer within this counts as failed (0)
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,7 @@ class RestRequest:
     method: str
     path: str  # without the query string
     query: dict[str, str]
-    form: dict[str, str]  # the urlencoded body of a POST
+    form: dict[str, str]  # the urlencoded body of a POST; a repeated field's values joined by " "
     at: float  # time.monotonic() on arrival
     status: int  # what the stand-in answered
 
@@ -96,6 +110,8 @@ class CallState:
     created: float = field(default_factory=time.time)
     ended: float | None = None
     twiml: str | None = None  # the last TwiML (or Url) it was redirected to
+    direction: str = "inbound"  # "outbound-api" for a call placed through Calls.json
+    answered_by: str | None = None  # the AMD verdict of an outbound call, once sent
 
     def resource(self, account_sid: str) -> dict[str, Any]:
         """A call resource shaped like Twilio's JSON (the fields the SDK reads)."""
@@ -116,8 +132,8 @@ class CallState:
             "from_formatted": self.from_,
             "phone_number_sid": None,
             "status": self.status,
-            "direction": "inbound",
-            "answered_by": None,
+            "direction": self.direction,
+            "answered_by": self.answered_by,
             "api_version": API_VERSION,
             "forwarded_from": None,
             "group_sid": None,
@@ -139,6 +155,12 @@ class TwilioApiStandIn:
     and ``number_updates`` the forms of their updates; ``calls`` the registered calls.
     ``fail_call_updates`` (status, Twilio error code, message) makes call updates fail;
     ``call_update_delay`` makes them slow (seconds), both for tests of the bridge's handling.
+
+    Outbound calls: ``callees`` maps a ``To`` number to the simulated callee that answers it
+    (numbers not there: ``app.devtools.callees.DEFAULT_CALLEES``, else ``default_callee``, a
+    person); ``outbound`` holds each outbound call's :class:`~app.devtools.callees.CalleeResult`
+    by CallSid. ``ring_cap_s`` caps how long a call rings unanswered before ``no-answer`` (Twilio
+    rings for ``Timeout``, 60 s by default: tests would wait that long).
     """
 
     def __init__(
@@ -160,6 +182,11 @@ class TwilioApiStandIn:
         self.recordings: list[dict[str, Any]] = []  # recordings started, as answered
         self.recording_callbacks: list[tuple[str, int]] = []  # (status callback URL, HTTP status it answered)
         self.call_update_delay = 0.0
+        self.callees: dict[str, Callee] = {}
+        self.default_callee: Callee | None = None
+        self.outbound: dict[str, CalleeResult] = {}
+        self.ring_cap_s = 3.0
+        self._dials: dict[str, OutboundDial] = {}
         self._lock = threading.Lock()
         self._port = port
         self._server: ThreadingHTTPServer | None = None
@@ -176,6 +203,14 @@ class TwilioApiStandIn:
         return self
 
     def stop(self) -> None:
+        """Stop serving; outbound calls still going are cut short (their callees hang up)."""
+        with self._lock:
+            dials = list(self._dials.values())
+        for dial in dials:
+            dial.abort()
+        deadline = time.monotonic() + 5
+        for dial in dials:
+            dial.wait(max(0.0, deadline - time.monotonic()))
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -250,6 +285,76 @@ class TwilioApiStandIn:
         with self._lock:
             self.calls[call_sid] = CallState(call_sid, from_, to, on_update)
 
+    def post_signed(self, url: str, params: dict[str, str], method: str = "POST") -> int:
+        """Send ``params`` to ``url`` as Twilio sends its callbacks (a form POST, or a GET with
+        them in the query string), signed with the auth token; the HTTP status answered, 0 when
+        nothing answered within ``CALLBACK_TIMEOUT_S``. Blocking."""
+        from twilio.request_validator import RequestValidator
+
+        validator = RequestValidator(self.auth_token)
+        if method.upper() == "GET":
+            url = url + ("&" if urllib.parse.urlsplit(url).query else "?") + urllib.parse.urlencode(params)
+            request = urllib.request.Request(url, headers={"X-Twilio-Signature": validator.compute_signature(url, {})})
+        else:
+            request = urllib.request.Request(
+                url,
+                data=urllib.parse.urlencode(params).encode(),
+                headers={
+                    "X-Twilio-Signature": validator.compute_signature(url, params),
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
+            )
+        local = urllib.parse.urlsplit(url).hostname in LOCAL_HOSTNAMES
+        opener = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({})) if local else urllib.request.build_opener()
+        )
+        try:
+            with opener.open(request, timeout=CALLBACK_TIMEOUT_S) as answer:
+                answer.read()
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code
+        except OSError:
+            return 0
+
+    def wait_outbound(self, call_sid: str, timeout: float = 30.0) -> CalleeResult:
+        """The result of outbound call ``call_sid`` once its callee is done with it (the last
+        status callback answered); TimeoutError if it is not within ``timeout`` seconds."""
+        with self._lock:
+            dial = self._dials.get(call_sid)
+        if dial is None:
+            raise KeyError(f"no outbound call {call_sid}")
+        if not dial.wait(timeout):
+            raise TimeoutError(f"outbound call {call_sid} still going after {timeout} s")
+        return dial.result
+
+    def callee_for(self, number: str) -> Callee:
+        """Who answers ``number``: a callee registered here, else a documented default number's,
+        else ``default_callee`` (a person)."""
+        from app.devtools.callees import DEFAULT_CALLEES, Callee, CalleeKind
+
+        with self._lock:
+            callee = self.callees.get(number)
+        return callee or DEFAULT_CALLEES.get(number) or self.default_callee or Callee(CalleeKind.PERSON)
+
+    def set_call_status(self, call_sid: str, status: str, *, ended: bool = False) -> None:
+        """An outbound call moves on (ringing, in-progress, busy...); a call already ended (hung
+        up through the API) keeps the status it ended with."""
+        with self._lock:
+            call = self.calls.get(call_sid)
+            if call is None or call.ended is not None:
+                return
+            call.status = status
+            if ended:
+                call.ended = time.time()
+
+    def set_answered_by(self, call_sid: str, answered_by: str) -> None:
+        with self._lock:
+            call = self.calls.get(call_sid)
+            if call is not None:
+                call.answered_by = answered_by
+
     def end_call(self, call_sid: str) -> None:
         """The call ended on its own (the caller hung up, or the stream closed): further updates
         answer 404, like Twilio's for a call that is over."""
@@ -296,6 +401,8 @@ class TwilioApiStandIn:
             return 200, self._number_page(path, query.get("PhoneNumber", "")), None
         if rest.startswith("/IncomingPhoneNumbers/") and method == "POST":
             return self._update_number(path, rest.split("/")[2].removesuffix(".json"), form)
+        if rest == "/Calls.json" and method == "POST":
+            return self._create_call(path, form)
         if rest.startswith("/Calls/") and rest.endswith("/Recordings.json") and method == "POST":
             return self._start_recording(path, rest.split("/")[2], form)
         if rest.startswith("/Calls/") and rest.endswith(".json") and rest.count("/") == 2:
@@ -309,16 +416,36 @@ class TwilioApiStandIn:
         return self._not_found(path)
 
     def _not_found(self, path: str) -> tuple[int, dict[str, Any], None]:
-        return (
-            404,
-            {
-                "code": 20404,
-                "message": f"The requested resource {path} was not found",
-                "more_info": "https://www.twilio.com/docs/errors/20404",
-                "status": 404,
-            },
-            None,
-        )
+        return _error(404, 20404, f"The requested resource {path} was not found")
+
+    def _create_call(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any], Callable[[], None] | None]:
+        """Place an outbound call: checked like Twilio checks it, then dialled in the background
+        once the 201 is on its way."""
+        from app.devtools.callees import OutboundDial
+
+        to, from_ = form.get("To", ""), form.get("From", "")
+        if not to:
+            return _error(400, 21201, "No 'To' number is specified")
+        if not E164.fullmatch(to):
+            return _error(400, 21211, f"Invalid 'To' Phone Number: {to}")
+        if not from_:
+            return _error(400, 21603, "A 'From' phone number is required.")
+        if not form.get("Twiml") and not form.get("Url"):
+            return _error(400, 21205, "Url parameter is required.")
+        url = form.get("Url", "")
+        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            return _error(400, 21205, f"Url is not a valid URL: {url}")
+        sid = "CA" + uuid.uuid4().hex
+        call = CallState(sid, from_, to, None, status="queued", direction="outbound-api")
+        dial = OutboundDial(self, call, dict(form), self.callee_for(to))
+        call.on_update = dial.on_update
+        with self._lock:
+            self.calls[sid] = call
+            self._dials[sid] = dial
+            self.outbound[sid] = dial.result
+            body = call.resource(self.account_sid)
+        body |= {"start_time": None, "duration": None}
+        return 201, body, dial.start
 
     def _account(self) -> dict[str, Any]:
         return {
@@ -394,23 +521,11 @@ class TwilioApiStandIn:
         return 201, recording, lambda: self._post_signed(callback, params)
 
     def _post_signed(self, url: str, params: dict[str, str]) -> None:
-        """POST ``params`` to ``url`` as Twilio does its callbacks: form-encoded, signed."""
-        from twilio.request_validator import RequestValidator
-
-        signature = RequestValidator(self.auth_token).compute_signature(url, params)
-        request = urllib.request.Request(
-            url, data=urllib.parse.urlencode(params).encode(), headers={"X-Twilio-Signature": signature}
-        )
+        """POST ``params`` to ``url`` as Twilio does its callbacks (form-encoded, signed), from a
+        thread of its own: the API's answer does not wait for it."""
 
         def post() -> None:
-            try:
-                with urllib.request.urlopen(request, timeout=5) as answer:
-                    status = answer.status
-            except urllib.error.HTTPError as exc:
-                with exc:
-                    status = exc.code
-            except OSError:
-                status = 0
+            status = self.post_signed(url, params)
             with self._lock:
                 self.recording_callbacks.append((url, status))
 
@@ -447,8 +562,12 @@ class TwilioApiStandIn:
                     None,
                 )
             if new_status is not None:
+                outbound = call.direction == "outbound-api"
+                if outbound and new_status == "canceled" and call.status not in NOT_YET_ANSWERED:
+                    # like Twilio: canceling only ends a call not yet answered
+                    return 200, call.resource(self.account_sid), None
                 update = CallUpdate(sid, "hangup", None, None, dict(form), time.monotonic())
-                call.status = "completed"
+                call.status = "canceled" if outbound and call.status in NOT_YET_ANSWERED else "completed"
                 call.ended = time.time()
             elif "Twiml" in form or "Url" in form:
                 update = CallUpdate(sid, "redirect", form.get("Twiml"), form.get("Url"), dict(form), time.monotonic())
@@ -460,6 +579,26 @@ class TwilioApiStandIn:
         return 200, body, (lambda: callback(update)) if callback is not None else None
 
 
+def _error(status: int, code: int, message: str) -> tuple[int, dict[str, Any], None]:
+    """Twilio's error body."""
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return status, body, None
+
+
+def parse_form(body: str) -> dict[str, str]:
+    """A urlencoded form as one string per field: a repeated field (``StatusCallbackEvent``) has
+    its values joined by spaces, the way Twilio's documentation lists them."""
+    form: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(body):
+        form[key] = f"{form[key]} {value}" if key in form else value
+    return form
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: TwilioApiStandIn
     protocol_version = "HTTP/1.1"
@@ -469,7 +608,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, MAX_BODY)) if length else b""
-        form = dict(urllib.parse.parse_qsl(body.decode(errors="replace"))) if method == "POST" else {}
+        form = parse_form(body.decode(errors="replace")) if method == "POST" else {}
         after: Callable[[], None] | None = None
         if not self.api._authorized(self.headers.get("Authorization")):
             status, answer = 401, {"code": 20003, "message": "Authenticate", "more_info": "", "status": 401}
