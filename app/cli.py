@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.config import LOOPBACK_HOSTS, ConfigError, load_settings, resolve
+from app.config import LOOPBACK_HOSTS, ConfigError, RuntimeConfig, load_settings, resolve
 from app.observability import logging as logs
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     elif config.generated_operator_token:  # --host took it off loopback: no made-up token there
         config = dataclasses.replace(config, generated_operator_token=None)
+    if config.generated_operator_token and not config.rest_available:
+        config = offline_dialer(config, host, port)
     # the offline quickstart stays one process: one stream of logs, one local agent
     count = args.workers or settings.workers or (1 if config.use_local_agent else default_workers())
     if count > 1:
@@ -94,6 +96,23 @@ def cmd_call(args: argparse.Namespace) -> int:
         reason = getattr(exc, "reason", exc)
         print(f"callbridge: nothing answers at {url} ({reason}): is `callbridge serve` running?", file=sys.stderr)
         return 1
+
+
+def offline_dialer(config: RuntimeConfig, host: str, port: int) -> RuntimeConfig:
+    """The offline quickstart can place calls too: a Twilio REST stand-in in this process dials
+    simulated callees (a person, a voicemail box, a phone menu... by number: app.devtools.callees)
+    and calls the bridge back on loopback, signed with the offline token, as Twilio would."""
+    from app.devtools.twilio_api import TwilioApiStandIn
+
+    stand_in = TwilioApiStandIn(auth_token=config.twilio_auth_token or "").start()
+    print(
+        f"callbridge: outbound calls go to simulated callees offline (`callbridge call +15550100001`; "
+        f"numbers in app/devtools/callees.py), through a Twilio stand-in at {stand_in.base_url}",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(
+        config, offline_dialer=(stand_in.base_url, stand_in.account_sid, f"http://{host}:{port}")
+    )
 
 
 def worker_count(text: str) -> int:

@@ -54,6 +54,7 @@ DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "default.json"
 OFFLINE_TWILIO_AUTH_TOKEN = "callbridge-offline-development-token"
 PROMPT_LIMIT = 25_000
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+OFFLINE_OUTBOUND_FROM = "+15550000002"  # offline, calls are placed "from" the number simulate-call dials
 
 
 class ConfigError(Exception):
@@ -618,6 +619,17 @@ class RuntimeConfig:
     profiles: Mapping[str, AgentProfile] = field(default_factory=dict)  # dialled number -> its profile
     generated_operator_token: str | None = None
     """Offline quickstart on loopback only: a token made up for this run, so the console works at once."""
+    offline_dialer: tuple[str, str, str] | None = None
+    """Offline quickstart on loopback only: (REST base URL, account SID, public URL) of the Twilio
+    REST stand-in ``serve`` started, which places calls to simulated callees (``callbridge call``).
+    Only calls placed use it; the calls answered behave as without credentials."""
+
+    @property
+    def outbound_from(self) -> str | None:
+        """Caller id of calls placed without ``from``: OUTBOUND_FROM; offline, the simulated number."""
+        if self.settings.outbound_from is None and self.offline_dialer is not None:
+            return OFFLINE_OUTBOUND_FROM
+        return self.settings.outbound_from
 
     @property
     def operator_token(self) -> str | None:

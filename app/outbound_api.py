@@ -61,7 +61,7 @@ def parse_call(raw: bytes, config: RuntimeConfig) -> dict[str, Any]:
     to = body.get("to")
     if not isinstance(to, str) or not E164.fullmatch(to):
         raise BadRequest('"to" must be a phone number in E.164, e.g. +15551234567')
-    sender = body.get("from", config.settings.outbound_from)
+    sender = body.get("from", config.outbound_from)
     if not isinstance(sender, str) or not E164.fullmatch(sender):
         why = "set OUTBOUND_FROM or give" if sender is None else "give"
         raise BadRequest(f'no caller id: {why} "from", a Twilio number in E.164')
@@ -116,7 +116,9 @@ def outbound_routes(
     admission: Admission[Any],
     store: OutboundStore | None,
     updater: Callable[[], CallUpdater | None],
+    public_url: str | None,
 ) -> list[BaseRoute]:
+    """``public_url``: where Twilio reaches this bridge (PUBLIC_URL; offline, the loopback address)."""
     settings = config.settings
 
     async def place(request: Request) -> Response:
@@ -131,7 +133,7 @@ def outbound_routes(
                 body["missing"] = exc.missing
             return JSONResponse(body, status_code=400)
         rest = updater()
-        if rest is None or not settings.public_url or store is None:
+        if rest is None or not public_url or store is None:
             need = "Twilio REST credentials (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN)" if rest is None else "PUBLIC_URL"
             return JSONResponse({"error": f"cannot place calls without {need}"}, status_code=503)
         profile = fields["profile"]
@@ -157,7 +159,7 @@ def outbound_routes(
             )
         try:
             await put_record(store, record)
-            call_sid = await rest.place_call(create_request(record, settings.public_url, amd_timeout))
+            call_sid = await rest.place_call(create_request(record, public_url, amd_timeout))
         except (StoreUnavailable, CallNotPlaced) as exc:
             admission.release(record.key)
             bad = isinstance(exc, CallNotPlaced) and exc.bad_request

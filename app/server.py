@@ -506,8 +506,12 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         else None
     )
     app.router.routes.extend(live_routes(state.live, operator_token, tickets, settings.public_url))
+    dialer, public_url = call_updater, settings.public_url
+    if dialer is None and config.offline_dialer is not None:  # offline: calls placed go to simulated callees
+        base, account, public_url = config.offline_dialer
+        dialer = CallUpdater(account, config.twilio_auth_token or "", base)
     app.router.routes.extend(
-        outbound_routes(config, operator_token, state.admission, state.outbound, lambda: call_updater)
+        outbound_routes(config, operator_token, state.admission, state.outbound, lambda: dialer, public_url)
     )
     return app
 

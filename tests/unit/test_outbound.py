@@ -228,9 +228,7 @@ def test_send_dtmf_plays_the_tones_after_a_clear_and_holds_the_agent_until_they_
     twilio = [a for a in actions if isinstance(a, ClearTwilio | SendMedia | SendMark)]
     assert isinstance(twilio[0], ClearTwilio) and isinstance(twilio[-1], SendMark)
     tones = b"".join(
-        base64.b64decode(json.loads(a.text)["media"]["payload"])
-        for a in twilio
-        if isinstance(a, SendMedia)
+        base64.b64decode(json.loads(a.text)["media"]["payload"]) for a in twilio if isinstance(a, SendMedia)
     )
     assert tones == dtmf_ulaw("12#")
     # the agent's reply meanwhile is held, a barge-in does not clear the tones, then all of it goes
