@@ -269,8 +269,12 @@ class RedisStore:
         )
 
     async def put_value(self, key: str, text: str, expires: float) -> None:
+        ttl_ms = int((expires - time.time()) * 1000)
         try:
-            await self._redis.set(self.PREFIX + key, text, ex=max(1, int(expires - time.time())))
+            if ttl_ms <= 0:  # expired already: as if never written
+                await self._redis.delete(self.PREFIX + key)
+                return
+            await self._redis.set(self.PREFIX + key, text, px=ttl_ms)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from None
 

@@ -239,7 +239,7 @@ def test_ctrl_c_says_what_it_waits_for_and_a_second_one_forces_exit_quietly(
     finally:
         thread.join(20)
     err = err_path.read_text()
-    assert err.splitlines() == [
+    assert started_offline(err.splitlines()) == [
         said,
         "callbridge: stopping now: cutting the 1 call still in progress",
         "callbridge: stopped",
@@ -253,4 +253,13 @@ def test_ctrl_c_with_no_calls_stops_at_once(
     proc, err_path, _ = serve_process()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
-    assert err_path.read_text() == "callbridge: stopping (no calls in progress)\n"
+    assert started_offline(err_path.read_text().splitlines()) == ["callbridge: stopping (no calls in progress)"]
+
+
+def started_offline(lines: list[str]) -> list[str]:
+    """The lines after the two the offline quickstart starts with (the console's address and its
+    token for this run, then where calls placed go), which are checked here."""
+    assert lines[0].startswith("callbridge: console at http://127.0.0.1:"), lines
+    assert "/console  operator token (this run only): " in lines[0] and len(lines[0].rsplit(" ", 1)[1]) >= 24
+    assert lines[1].startswith("callbridge: outbound calls go to simulated callees offline"), lines
+    return lines[2:]
