@@ -665,7 +665,7 @@ class RuntimeConfig:
 
     def call_options(self, profile_name: str = "") -> CallOptions:
         """The options of a call to ``profile_name``'s number ("" for the default profile)."""
-        profile = self.profiles[profile_name] if profile_name else self.profile
+        profile = self.profile_named(profile_name)
         bridge = profile.bridge
         return CallOptions(
             agent=self.announced(profile),
@@ -734,7 +734,7 @@ class RuntimeConfig:
 
     def fallback(self, profile_name: str = "") -> Fallback:
         """The fallback of ``profile_name``'s number ("" for the default profile)."""
-        fallback = (self.profiles[profile_name] if profile_name else self.profile).bridge.fallback
+        fallback = self.profile_named(profile_name).bridge.fallback
         return Fallback(fallback.say, fallback.dial)
 
     def fallback_twiml(self, profile_name: str = "") -> str:

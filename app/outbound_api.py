@@ -11,7 +11,6 @@ signed status callback and asynchronous answering-machine detection.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from app.config import RuntimeConfig
-from app.live.api import bounded_body
+from app.live.api import bounded_body, json_object
 from app.observability.logging import get_logger
 from app.operator_auth import refusal
 from app.outbound import (
@@ -50,14 +49,7 @@ RETRY_AFTER_SECONDS = 10
 
 def parse_call(raw: bytes, config: RuntimeConfig) -> dict[str, Any]:
     """The request's fields, checked; ``BadRequest`` says what is wrong."""
-    if len(raw) > MAX_CALL_BODY:
-        raise BadRequest(f"the body is over {MAX_CALL_BODY} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
+    body = json_object(raw, MAX_CALL_BODY)
     to = body.get("to")
     if not isinstance(to, str) or not E164.fullmatch(to):
         raise BadRequest('"to" must be a phone number in E.164, e.g. +15551234567')

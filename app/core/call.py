@@ -21,7 +21,6 @@ from typing import Any, assert_never
 from app.core.actions import (
     Action,
     BindLogContext,
-    ClearTwilio,
     EndCall,
     HangUpCall,
     Log,
@@ -639,8 +638,8 @@ class Call:
             return actions
         # late: the agent already talks to the machine; that stops now, then the message
         outbound.muted = True
-        clear, _ = self.playback.barge_in(now)
-        return actions + [a for a in clear if isinstance(a, ClearTwilio)] + self._leave_message(now)
+        clear, _ = self.playback.clear(now)  # not a barge-in: nobody talked over the agent
+        return actions + clear + self._leave_message(now)
 
     def _on_callee_answered(self, event: CalleeAnswered, now: float) -> list[Action]:
         return [Log(LogLevel.INFO, "callee_answered", {"why": event.why})]

@@ -87,8 +87,9 @@ class Playback:
             return [send, Measure(MetricName.FIRST_AGENT_AUDIO, now - self.stream_started_at)]
         return [send]
 
-    def _clear_twilio(self, now: float) -> tuple[list[Action], Utterance | None]:
-        """``clear``, and everything the bridge knew of what Twilio was playing forgotten."""
+    def clear(self, now: float) -> tuple[list[Action], Utterance | None]:
+        """``clear``, and everything the bridge knew of what Twilio was playing forgotten: for a
+        barge-in (which also counts it), keypad tones, and a machine's late verdict."""
         if self._to_twilio is not None:
             self._to_twilio.reset()  # the cut-off speech must not open the next utterance
         cut = self.heard.cleared(now)
@@ -106,7 +107,7 @@ class Playback:
         """Keypad tones (``send_dtmf``, mu-law 8 kHz) as ordinary media, after a ``clear`` (the
         keys must not wait behind a sentence), then a mark; agent audio that arrives meanwhile
         is held until the mark comes back, so nothing is said over the tones."""
-        actions, _ = self._clear_twilio(now)
+        actions, _ = self.clear(now)
         sid = self.stream_sid
         for frame in frames(audio):
             self.heard.sent(len(frame), now, agent=False)
@@ -195,7 +196,7 @@ class Playback:
             self._held_done = 0
             self._go(PlaybackInput.BARGE_IN)
             return [], None
-        actions, heard = self._clear_twilio(now)
+        actions, heard = self.clear(now)
         stats = self._stats
         if interrupted:
             stats.barge_ins += 1

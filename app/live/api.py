@@ -27,6 +27,7 @@ from app.live.registry import LiveRegistry
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.operator_auth import refusal
+from app.outbound import BadRequest
 from app.twilio.messages import SID_PATTERN
 from app.twilio.stream_token import StreamTokens, Verified
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
@@ -43,41 +44,43 @@ LISTEN_PROFILE = "listen"  # what a listen ticket is bound to, besides the call 
 FORBIDDEN = 1008  # a WebSocket closed before its accept is answered 403 by the server
 
 
-class BadAction(Exception):
-    """The action's body is wrong: a 400 with these words."""
+def json_object(raw: bytes, limit: int) -> dict[str, Any]:
+    """An operator request's body: a JSON object of at most ``limit`` bytes, or ``BadRequest``."""
+    if len(raw) > limit:
+        raise BadRequest(f"the body is over {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
 
 
 def parse_action(raw: bytes) -> dict[str, Any]:
     """The action's fields, checked for presence and type (what the call can take now is the
     call's to say: ``Call.steer_refusal``)."""
-    if len(raw) > MAX_ACTION_BODY:
-        raise BadAction(f"the body is over {MAX_ACTION_BODY} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadAction("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadAction("the body must be a JSON object")
+    body = json_object(raw, MAX_ACTION_BODY)
     name = body.get("action")
     try:
         action = OperatorAction(str(name))
     except ValueError:
         known = ", ".join(a.value for a in OperatorAction)
-        raise BadAction(f"unknown action {str(name)[:40]!r}; known: {known}") from None
+        raise BadRequest(f"unknown action {str(name)[:40]!r}; known: {known}") from None
     fields: dict[str, Any] = {"action": action.value}
     if action in TEXT_ACTIONS:
         text = body.get("text")
         if not isinstance(text, str) or not text.strip():
-            raise BadAction(f'{action.value} needs a non-empty "text"')
+            raise BadRequest(f'{action.value} needs a non-empty "text"')
         if len(text) > MAX_ACTION_TEXT:
-            raise BadAction(f'"text" is over {MAX_ACTION_TEXT} characters')
+            raise BadRequest(f'"text" is over {MAX_ACTION_TEXT} characters')
         fields["text"] = text
     elif action is OperatorAction.VOICE:
         fields["speak"] = checked_speak(body.get("speak"))
     elif action is OperatorAction.TRANSFER:
         destination = body.get("destination")
         if not isinstance(destination, str) or not destination:
-            raise BadAction('transfer needs a "destination": a name from the profile\'s list')
+            raise BadRequest('transfer needs a "destination": a name from the profile\'s list')
         fields["destination"] = destination[:64]
     return fields
 
@@ -87,11 +90,11 @@ def checked_speak(speak: Any) -> dict[str, Any] | list[dict[str, Any]]:
     (fallbacks), each ``{"provider": {"type": ...}}``."""
     providers = speak if isinstance(speak, list) else [speak]
     if not providers or len(providers) > 5:
-        raise BadAction('voice needs "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}')
+        raise BadRequest('voice needs "speak": {"provider": {"type": "deepgram", "model": "aura-2-thalia-en"}}')
     for one in providers:
         provider = one.get("provider") if isinstance(one, dict) else None
         if not isinstance(provider, dict) or not isinstance(provider.get("type"), str) or not provider["type"]:
-            raise BadAction('each "speak" needs a "provider" object with a "type", e.g. {"type": "deepgram", ...}')
+            raise BadRequest('each "speak" needs a "provider" object with a "type", e.g. {"type": "deepgram", ...}')
     return speak  # type: ignore[no-any-return]
 
 
@@ -211,7 +214,7 @@ def live_routes(
             return JSONResponse({"error": "no such live call"}, status_code=404)
         try:
             fields = parse_action(await bounded_body(request, MAX_ACTION_BODY))
-        except BadAction as exc:
+        except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         answer = await registry.act(call_sid, fields)
         return JSONResponse(answer.body, status_code=answer.status)

@@ -71,6 +71,14 @@ async def exercise(one: OutboundStore, other: OutboundStore) -> None:
     assert await other.get_value("call:gone") is None
 
 
+async def exercise_and_close(one: OutboundStore, other: OutboundStore) -> None:
+    try:
+        await exercise(one, other)
+    finally:
+        await one.close()
+        await other.close()
+
+
 def test_memory_store() -> None:
     store = MemoryStore()
     asyncio.run(exercise(store, store))
@@ -79,28 +87,11 @@ def test_memory_store() -> None:
 def test_two_workers_share_the_machines_file(tmp_path: Path) -> None:
     machine_db.create(tmp_path)
     path = machine_db.path_in(tmp_path)
-    one, other = MachineStore(path), MachineStore(path)
-
-    async def run() -> None:
-        try:
-            await exercise(one, other)
-        finally:
-            await one.close()
-            await other.close()
-
-    asyncio.run(run())
+    asyncio.run(exercise_and_close(MachineStore(path), MachineStore(path)))
 
 
 def test_two_replicas_share_redis(redis_url: str) -> None:
-    async def run() -> None:
-        one, other = RedisStore(redis_url), RedisStore(redis_url)
-        try:
-            await exercise(one, other)
-        finally:
-            await one.close()
-            await other.close()
-
-    asyncio.run(run())
+    asyncio.run(exercise_and_close(RedisStore(redis_url), RedisStore(redis_url)))
 
 
 def test_an_unreachable_redis_is_an_error_the_api_can_answer() -> None:

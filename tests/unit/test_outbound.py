@@ -158,6 +158,7 @@ def test_a_late_machine_verdict_stops_the_agent_and_switches_to_the_message() ->
     late = call.handle(AmdVerdict("machine_end_beep", 5000), 5.0)
     assert isinstance(next(a for a in late if isinstance(a, ClearTwilio | SendToAgent)), ClearTwilio)
     assert {"type": "InjectAgentMessage", "message": MESSAGE} in sent_json(late)
+    assert call.stats.barge_ins == 0  # the verdict cut the agent short: nobody talked over it
     assert call.handle(AgentAudio(b"\xff" * 800), 5.1) == []  # the rest of the reply to the machine: dropped
     call.handle(AgentAudioDone(), 5.2)
     call.handle(AgentStartedSpeaking(None, None, None), 5.5)  # the message
