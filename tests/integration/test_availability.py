@@ -125,11 +125,15 @@ def test_token_less_sockets_held_and_churned_never_keep_real_calls_out(
             return await asyncio.gather(*(c.run(audio) for c in callers), return_exceptions=True)
 
         results: list[CallResult] = []
+        state = bridge.server.config.app.state.bridge  # type: ignore[attr-defined]
         for _ in range(2):  # two rounds of MAX_CALLS real calls, all while the flood goes on
             for result in asyncio.run(four_calls()):
                 assert isinstance(result, CallResult), result
                 assert result.violations == [] and result.ended_by == "caller", result.transcript()
                 results.append(result)
+            # the callers are gone; the bridge frees their places once each call's teardown is
+            # over (the agent's drain): the next round is placed then, not into a full instance
+            assert wait_until(lambda: not state.calls, timeout=5), len(state.calls)
         opened_during_calls = attacker.opened
     finally:
         attacker.stop.set()
