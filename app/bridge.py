@@ -105,9 +105,9 @@ from app.send_queue import SendQueue
 from app.twilio import messages as twilio_msg
 from app.twilio.media_socket import direct_socket, received_data
 from app.twilio.rest import CallUpdater
-from app.twilio.stream_token import PROFILE_PARAMETER, StreamTokens
+from app.twilio.stream_token import StreamTokens
 from app.twilio.token_store import RedisTokenStore, TokenStoreUnavailable
-from app.twilio.webhook import DIRECTION_PARAMETER
+from app.twilio.twiml import DIRECTION_PARAMETER, PROFILE_PARAMETER
 
 REFUSAL_EVENTS = frozenset(
     {

@@ -267,7 +267,7 @@ def bridge_said(url: str, before: MetricsSnapshot | None) -> str:
 
 
 def cmd_simulate_call(args: argparse.Namespace) -> int:
-    from app.codecs import load_audio_file as load_caller_audio
+    from app.audio_files import load_audio_file as load_caller_audio
     from app.devtools.loadtest import signing_token
     from app.devtools.simulated_caller import SimulatedCaller, SimulationError
     from app.devtools.twilio_api import DEFAULT_ACCOUNT_SID, TwilioApiStandIn

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-import wave
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -216,26 +214,3 @@ class Transcoder:
 def frames(data: bytes, frame_bytes: int = TWILIO_FRAME_BYTES) -> list[bytes]:
     """Split ``data`` into ``frame_bytes`` pieces; the last one may be shorter."""
     return [data[i : i + frame_bytes] for i in range(0, len(data), frame_bytes)]
-
-
-RAW_MULAW_SUFFIXES = {".ulaw", ".mulaw", ".raw", ".ul"}
-
-
-def load_audio_file(path: Path) -> bytes:
-    """Any 16-bit PCM WAV (mono or stereo, any rate), or raw mu-law 8 kHz -> mu-law 8 kHz."""
-    if path.suffix.lower() in RAW_MULAW_SUFFIXES:
-        return path.read_bytes()
-    try:
-        with wave.open(str(path), "rb") as wav:
-            channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            pcm = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise ValueError(f"{path}: not a PCM WAV file ({exc}); raw mu-law files need a .ulaw suffix") from exc
-    if width != 2:
-        pcm = audioop.lin2lin(pcm, width, 2)
-    if channels == 2:
-        pcm = audioop.tomono(pcm, 2, 0.5, 0.5)
-    elif channels != 1:
-        raise ValueError(f"{path}: {channels} channels; use mono or stereo")
-    transcoder = Transcoder(AudioFormat("linear16", rate), AudioFormat("mulaw", TWILIO_SAMPLE_RATE))
-    return transcoder.convert(pcm) + transcoder.flush()

@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.audio_files import load_audio_file
 from app.codecs import (
     AGENT_INPUT_ENCODINGS,
     AGENT_OUTPUT_ENCODINGS,
@@ -36,7 +37,6 @@ from app.codecs import (
     TWILIO_SAMPLE_RATE,
     AudioFormat,
     agent_sample_rates,
-    load_audio_file,
 )
 from app.core.call_control import END_CALL, SEND_DTMF, TRANSFER_CALL
 from app.core.options import DEFAULT_CONSENT_WORDS, CallOptions, OutboundSpec, RecordingSpec, Telephony, ToolSpec

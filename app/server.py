@@ -21,7 +21,6 @@ from app.config import RuntimeConfig
 from app.core.endings import POLICY_VIOLATION
 from app.core.options import CallOptions
 from app.core.vocabulary import RejectReason
-from app.devtools.local_agent import LocalAgent
 from app.live.api import ListenTickets, live_routes
 from app.live.bus import broker_path_from_env, bus_for
 from app.live.registry import LiveRegistry
@@ -29,6 +28,7 @@ from app.observability.call_records import CallRecordSender
 from app.observability.log_limit import LogLimiter
 from app.observability.logging import get_logger
 from app.observability.metrics import CONTENT_TYPE, Metrics
+from app.offline_agent import OfflineAgent, start_offline_agent
 from app.operator_tools import aclose_clients
 from app.outbound import (
     AMD_STATUSES,
@@ -66,7 +66,7 @@ class AppState:
     records: CallRecordSender
     admission: Admission[CallSession]
     agent_url: str = ""
-    local_agent: LocalAgent | None = None
+    local_agent: OfflineAgent | None = None
     sockets: set[asyncio.Task[None]] = field(default_factory=set)  # every media socket's task, token or not
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no call is in progress here
     stopping: bool = False  # set when the server starts closing sockets (see serving.py)
@@ -197,8 +197,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         if config.use_local_agent and worker is not None and worker.local_agent_url:
             state.agent_url = worker.local_agent_url  # the supervisor's, one for all workers
         elif config.use_local_agent:
-            state.local_agent = LocalAgent()
-            await state.local_agent.start("127.0.0.1", settings.local_agent_port)
+            state.local_agent = await start_offline_agent("127.0.0.1", settings.local_agent_port)
             state.agent_url = state.local_agent.url
             log.warning(
                 "local_agent_mode",

@@ -42,11 +42,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from app import machine_db, workers
 from app.agent.client import limit_send_buffer
 from app.config import ConfigError, RuntimeConfig, load_settings, resolve
-from app.devtools.local_agent import LocalAgent
 from app.live.bus import ENV_LIVE_BUS, Broker, start_broker
 from app.loop_batching import LoopBatching
 from app.observability import logging as logs
 from app.observability.logging import get_logger
+from app.offline_agent import OfflineAgent, start_offline_agent
 from app.server import AppState, create_app
 from app.twilio.media_socket import MediaSocket
 
@@ -365,13 +365,12 @@ class Supervisor:
         configured = settings.prometheus_multiproc_dir
         self._multiproc_dir, ours = prepare_multiproc_dir(str(configured) if configured else None)
         machine_db.create(self._multiproc_dir)
-        local_agent: LocalAgent | None = None
+        local_agent: OfflineAgent | None = None
         broker: Broker | None = None
         parent_write = -1
         try:
             if self.config.use_local_agent:
-                local_agent = LocalAgent()
-                await local_agent.start("127.0.0.1", settings.local_agent_port)
+                local_agent = await start_offline_agent("127.0.0.1", settings.local_agent_port)
             if self.config.operator_token and not settings.redis_url:
                 # the live call API's bus between the workers (with Redis, Redis is the bus)
                 broker = await start_broker(self._multiproc_dir)

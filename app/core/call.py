@@ -117,8 +117,7 @@ from app.core.vocabulary import (
     RejectReason,
     RestResult,
 )
-from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
-from app.twilio.webhook import fallback_twiml
+from app.twilio.twiml import PROFILE_PARAMETER, TOKEN_PARAMETER, fallback_twiml
 
 _RECONNECTING = frozenset(
     {CallState.AGENT_DOWN, CallState.CONNECTING_AGENT, CallState.AWAITING_WELCOME, CallState.AWAITING_SETTINGS_APPLIED}

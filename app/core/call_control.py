@@ -45,7 +45,7 @@ from app.core.options import (
 )
 from app.core.stats import CallStats
 from app.core.vocabulary import FunctionResult, HangupReason, LiveEventType, LogLevel, MetricName, OperatorAction
-from app.twilio.webhook import transfer_twiml
+from app.twilio.twiml import transfer_twiml
 
 END_CALL = "end_call"
 TRANSFER_CALL = "transfer_call"

@@ -21,8 +21,6 @@ from app.twilio.token_store import MachineTokenStore
 
 log = get_logger(component="stream_tokens")
 
-TOKEN_PARAMETER = "stream_token"
-
 
 @dataclass(frozen=True)
 class Verified:
@@ -30,9 +28,6 @@ class Verified:
 
     nonce: str
     expires: int
-
-
-PROFILE_PARAMETER = "profile"
 
 
 class StreamTokens:

@@ -1,26 +1,30 @@
-"""The voice webhook's pieces: which URL Twilio signed, the signature check, the TwiML."""
+"""The voice webhook's pieces: which URL Twilio signed, the signature check, its paths (the TwiML
+it answers is built in ``app.twilio.twiml``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.requests import HTTPConnection, Request
 from twilio.request_validator import RequestValidator
-from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
-from app.twilio.stream_token import PROFILE_PARAMETER, TOKEN_PARAMETER
+# the TwiML documents live in a module without I/O, which the core imports too
+from app.twilio.twiml import (
+    DEFAULT_FALLBACK_SAY,
+    Fallback,
+    connect_twiml,
+    fallback_twiml,
+    hangup_twiml,
+    transfer_twiml,
+)
 
 MEDIA_PATH = "/twilio/media"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
 AMD_PATH = "/twilio/amd"  # Twilio's asynchronous answering-machine verdicts for calls we placed
 OUTBOUND_QUERY = "outbound"  # VOICE_PATH?outbound=<key>: the TwiML of a call we placed
-DIRECTION_PARAMETER = "direction"  # "outbound" on the stream of a call we placed
-DEFAULT_FALLBACK_SAY = "Sorry, our assistant is not available right now. Please try again later. Goodbye."
 RECORDING_STATUS_PATH = "/twilio/recording-status"
-MAX_PARAMETER_VALUE = 400  # Twilio limits a <Parameter> name+value to 500 characters
 MAX_WEBHOOK_BODY = 64 * 1024  # Twilio's form posts are a few KB; read at most this (413 beyond)
 
 
@@ -61,76 +65,16 @@ def signature_ok(validator: RequestValidator, url: str, params: Mapping[str, str
     return bool(validator.validate(url, dict(params), signature))
 
 
-@dataclass(frozen=True)
-class Fallback:
-    """What a caller hears when the agent cannot take the call: ``say``, then a person at
-    ``dial`` (an E.164 number or ``sip:`` URI) or the end of the call."""
-
-    say: str = DEFAULT_FALLBACK_SAY
-    dial: str | None = None
-
-    def append_to(self, response: VoiceResponse) -> None:
-        response.say(self.say)
-        if self.dial is None:
-            response.hangup()
-        else:
-            response.append(_dial(self.dial))
-
-
-def connect_twiml(
-    media_url: str,
-    token: str,
-    caller: str,
-    callee: str,
-    profile: str = "",
-    then: Fallback | None = None,
-    outbound: bool = False,
-) -> str:
-    """``<Connect><Stream>``, and ``then`` after it: Twilio runs what follows ``<Connect>`` when
-    the stream ends without the call having been hung up or redirected, so a bridge that dies
-    (or drops the stream) leaves the caller with the fallback instead of a dead line. Only with
-    REST credentials: without them, closing the stream is how the bridge hangs up."""
-    response = VoiceResponse()
-    connect = Connect()
-    stream = connect.stream(url=media_url)
-    stream.parameter(name=TOKEN_PARAMETER, value=token)
-    if profile:
-        stream.parameter(name=PROFILE_PARAMETER, value=profile)
-    stream.parameter(name="from", value=caller[:MAX_PARAMETER_VALUE])
-    stream.parameter(name="to", value=callee[:MAX_PARAMETER_VALUE])
-    if outbound:
-        stream.parameter(name=DIRECTION_PARAMETER, value="outbound")
-    response.append(connect)
-    if then is not None:
-        then.append_to(response)
-    return str(response)
-
-
-def _dial(destination: str) -> Dial:
-    """A ``<Dial>`` to an E.164 number, or to a ``sip:`` URI."""
-    dial = Dial()
-    if destination.startswith("sip:"):
-        dial.sip(destination)
-    else:
-        dial.number(destination)
-    return dial
-
-
-def hangup_twiml() -> str:
-    response = VoiceResponse()
-    response.hangup()
-    return str(response)
-
-
-def transfer_twiml(destination: str) -> str:
-    """TwiML that dials ``destination``."""
-    response = VoiceResponse()
-    response.append(_dial(destination))
-    return str(response)
-
-
-def fallback_twiml(say: str = DEFAULT_FALLBACK_SAY, dial: str | None = None) -> str:
-    """The fallback (``Fallback``) as a whole TwiML document."""
-    response = VoiceResponse()
-    Fallback(say, dial).append_to(response)
-    return str(response)
+__all__ = [
+    "DEFAULT_FALLBACK_SAY",
+    "Fallback",
+    "connect_twiml",
+    "fallback_twiml",
+    "hangup_twiml",
+    "public_base_url",
+    "read_form",
+    "signature_ok",
+    "signed_url",
+    "stream_url",
+    "transfer_twiml",
+]
