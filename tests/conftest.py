@@ -45,6 +45,63 @@ OPERATOR_VARIABLES = frozenset(
 )
 
 
+# The test tiers (bin/test runs the quick one, bin/test --all and CI every test). The quick tier
+# is every unit test and the integration tests of the main paths (a call end to end, the
+# sockets, the peers, the commands); these modules only run in the full tier: each spends tens
+# of seconds in real-time scenarios (faults and reconnects, call control, outbound callees,
+# soak and load runs, several processes, a browser, a Prometheus) of features whose logic the
+# quick tier's unit tests already cover. A module named on the command line always runs.
+FULL_TIER_ONLY = frozenset(
+    {
+        "tests/browser/test_console.py",
+        "tests/integration/test_audio_formats.py",
+        "tests/integration/test_availability.py",
+        "tests/integration/test_call_control.py",
+        "tests/integration/test_faults.py",
+        "tests/integration/test_hostile_env.py",
+        "tests/integration/test_live_api.py",
+        "tests/integration/test_loadtest.py",
+        "tests/integration/test_memory_commands.py",
+        "tests/integration/test_outbound.py",
+        "tests/integration/test_peers_callees.py",
+        "tests/integration/test_prometheus.py",
+        "tests/integration/test_recording.py",
+        "tests/integration/test_soak.py",
+        "tests/integration/test_workers.py",
+    }
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--tier",
+        choices=("quick", "all"),
+        default="all",
+        help="quick: leave out the modules of FULL_TIER_ONLY (tests/conftest.py) unless named; all: every test",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [m for m in FULL_TIER_ONLY if not (ROOT / m).is_file()]
+    if missing:  # a renamed module would silently join the quick tier
+        raise pytest.UsageError(f"tests/conftest.py FULL_TIER_ONLY names missing modules: {missing}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("tier") != "quick":
+        return
+    named = {(Path(config.invocation_params.dir) / a.split("::")[0]).resolve() for a in config.args}
+    keep, leave = [], []
+    for item in items:
+        module = item.path.resolve()
+        in_full = module.relative_to(ROOT).as_posix() in FULL_TIER_ONLY
+        (leave if in_full and module not in named else keep).append(item)
+    if leave:
+        config.hook.pytest_deselected(items=leave)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def isolated_from_the_operator(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):

@@ -200,7 +200,7 @@ def test_a_signed_tool_and_an_unknown_function_in_one_request_are_both_answered(
     payload = json.loads(request["body"])
     assert payload["function"] == "lookup_order" and payload["arguments"] == {"order": "42"}
     assert payload["from"] == "+15550000001" and payload["call_sid"].startswith("CA")
-    # the receiver's check from the README accepts it, and would refuse a tampered body
+    # the receiver's check from docs/call-control.md accepts it, and would refuse a tampered body
     timestamp, signature = request["headers"]["X-Callbridge-Timestamp"], request["headers"]["X-Callbridge-Signature"]
     assert signing.verify(SIGNING_SECRET.encode(), timestamp, request["body"], signature)
     assert not signing.verify(SIGNING_SECRET.encode(), timestamp, request["body"].replace(b"42", b"43"), signature)

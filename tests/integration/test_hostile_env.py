@@ -1,4 +1,4 @@
-"""The suite run by a developer who followed the README: a filled-in `.env` in the working
+"""The suite run by a developer who followed docs/deploy.md: a filled-in `.env` in the working
 directory and keys exported in the shell. The tests that start servers or read configuration
 must pass exactly as on a clean machine."""
 

@@ -1,4 +1,4 @@
-"""`callbridge loadtest --url` against an offline `callbridge serve`, as the README's user runs it:
+"""`callbridge loadtest --url` against an offline `callbridge serve`, as docs/capacity.md's user runs it:
 no Twilio token anywhere, the local agent inside the bridge; and `--floor`, the yardstick, in a
 tiny run that still accounts for every frame."""
 

@@ -1,5 +1,5 @@
 """Audio quality of every conversion a profile can ask for, measured on synthetic signals with
-the functions ``callbridge bench-audio`` prints (so README's figures are these tests' method).
+the functions ``callbridge bench-audio`` prints (so docs/audio.md's figures are these tests' method).
 
 - a telephone-band tone comes through within 0.5 dB;
 - going down to 8 kHz, tones above 4 kHz are attenuated by at least 60 dB (no aliases);
