@@ -7,8 +7,8 @@ stream split at arbitrary byte boundaries converts exactly like the unsplit stre
 
 Rate changes go through libsoxr (the ``soxr`` package), a band-limited resampler: unlike
 ``audioop.ratecv``, which has no anti-aliasing filter, it removes what the target rate cannot
-carry instead of folding it back into the telephone band. The figures are in README.md
-("Audio") and come from ``callbridge bench-audio``.
+carry instead of folding it back into the telephone band. The figures are in
+docs/audio.md and come from ``callbridge bench-audio``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ AGENT_INPUT_ENCODINGS: tuple[str, ...] = ("mulaw", "linear16")
 AGENT_OUTPUT_ENCODINGS: tuple[str, ...] = ("mulaw", "alaw", "linear16")
 AGENT_SAMPLE_RATES: tuple[int, ...] = (8000, 16000, 24000, 48000)
 
-# libsoxr's "medium quality" recipe, chosen by measurement (callbridge bench-audio, README
-# "Audio"): flat to 3.6 kHz (the whole telephone band) and more than 100 dB of alias rejection,
+# libsoxr's "medium quality" recipe, chosen by measurement (callbridge bench-audio,
+# docs/audio.md): flat to 3.6 kHz (the whole telephone band) and more than 100 dB of alias rejection,
 # far beyond what mu-law carries, with the least held-back audio of the recipes that keep the
 # telephone band: HQ and VHQ add rejection nobody can hear and hold back up to 175 ms against
 # 118 ms; LQ cuts 3.4 kHz by 8 dB.

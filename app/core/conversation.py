@@ -83,7 +83,7 @@ class Conversation:
         if self._log_text:  # the operator asked to see the conversation: at INFO, with the words
             fields["content"] = event.content
             return [Log(LogLevel.INFO, "conversation_text", fields)]
-        return [Log(LogLevel.DEBUG, "conversation_text", fields)]  # per turn: DEBUG, as the README says
+        return [Log(LogLevel.DEBUG, "conversation_text", fields)]  # per turn: DEBUG, as docs/operations.md says
 
     def history(self, body: dict[str, Any]) -> None:
         """Deepgram's own History message. Its turns are the ConversationText already kept;

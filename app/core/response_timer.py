@@ -7,7 +7,7 @@ It is as cheap as a detector can be: a frame is speech when at least ``LOUD_SAMP
 samples are louder than ``LOUD_LEVEL``, counted in C by deleting the quiet byte values
 (``bytes.translate``), with no decoding and no per-frame allocation beyond that one copy.
 
-What it misses, said plainly (the README repeats it): a caller whose speech is quieter than
+What it misses, said plainly (docs/console.md repeats it): a caller whose speech is quieter than
 the threshold (a whisper, a bad line) is not seen, so no figure for that turn; loud noise
 (a television, a busy street) counts as speech, so the end of speech is the end of the noise
 and the figure is too short or the turn merges with the next; replies that follow no caller

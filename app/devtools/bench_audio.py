@@ -12,7 +12,7 @@ input format, each agent output format back to it), it measures on synthetic ton
   calls one core could convert at that rate (the conversion alone, one direction).
 
 The quality tests (tests/unit/test_audio_quality.py) assert on these same functions, so the
-figures README.md quotes come from the method the tests check.
+figures docs/audio.md quotes come from the method the tests check.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def _level(value: float | None) -> str:
 
 
 def table(reports: Sequence[PathReport]) -> str:
-    """The figures, one line per path: README.md's "Audio" section is a copy of this."""
+    """The figures, one line per path: docs/audio.md is a copy of this."""
     base = next(r.cost_us for r in reports if r.path.src == r.path.dst)
     frame_us = FRAME_MS * 1000
     lines = [

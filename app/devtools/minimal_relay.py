@@ -11,7 +11,7 @@ It runs on the bridge's libraries, used the plain way their documentation shows 
 with the bridge's WebSocket settings and ASGI ``receive``/``send`` through Starlette on the
 Twilio side, the ``websockets`` client's ``send`` and iteration to the agent), so the
 bridge's cost against it is what the bridge adds, less what it saves by going around those
-APIs on the hot path (README, Capacity). There is nothing else: no validation, metrics,
+APIs on the hot path (docs/capacity.md). There is nothing else: no validation, metrics,
 logging, marks, keepalives, reconnects or state machine. It is a yardstick, not a product:
 it trusts its peers completely.
 """

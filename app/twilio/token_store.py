@@ -2,7 +2,7 @@
 (``SET NX`` with the token's own expiry), so a token redeemed on one replica is refused on
 every other. Without ``REDIS_URL``, ``MachineTokenStore`` makes single use hold across the
 worker processes of one machine (``--workers``), a process's own memory for one process
-(README, "Deploy").
+(docs/deploy.md).
 
 The store is asked once per call, at the stream's start. If Redis cannot answer in time the
 bridge does not refuse the call (a caller would meet a dead line): it checks single use in
