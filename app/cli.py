@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.config import LOOPBACK_HOSTS, ConfigError, RuntimeConfig, load_settings, resolve
+from app.config import LOOPBACK_HOSTS, ConfigError, RuntimeConfig, env_file_warnings, load_settings, resolve
 from app.observability import logging as logs
 
 if TYPE_CHECKING:
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.serving import prepare_multiproc_dir, serve, supervise
-    from app.workers import ENV_MULTIPROC_DIR, default_workers
+    from app.serving import EXIT_CANNOT_LISTEN, CannotListen, claim_address
+    from app.workers import default_workers
 
+    env_file_problems = warn_about_env_file()
     try:
         settings = load_settings()
         config = resolve(settings)
@@ -32,7 +33,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level)
     logs.register_secrets(config.secrets())
+    log = logs.get_logger(component="server")
+    if env_file_problems:
+        log.warning("env_file_keys_ignored", detail=env_file_problems)
     host, port = args.host or settings.host, args.port or settings.port
+    # the offline quickstart stays one process: one stream of logs, one local agent
+    count = args.workers or settings.workers or (1 if config.use_local_agent else default_workers())
+    try:
+        claim = claim_address(host, port, workers=count > 1)
+    except CannotListen as exc:
+        log.error("cannot_listen", host=host, port=port, detail=str(exc))
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    try:
+        return run_serve(config, host, port, count)
+    finally:
+        claim.close()
+
+
+def warn_about_env_file() -> list[str]:
+    """Say which keys of .env callbridge does not read (a misspelled setting is otherwise
+    silently ignored), one line each; the sentences, for the log."""
+    problems = env_file_warnings()
+    for problem in problems:
+        print(f"callbridge: {problem}", file=sys.stderr)
+    return problems
+
+
+def run_serve(config: RuntimeConfig, host: str, port: int, count: int) -> int:
+    """``serve`` once its address is claimed: the start-up lines, then one process or a supervisor."""
+    from app.serving import prepare_multiproc_dir, serve, supervise
+    from app.workers import ENV_MULTIPROC_DIR
+
     if config.generated_operator_token and host in LOOPBACK_HOSTS:
         os.environ["OPERATOR_TOKEN"] = config.generated_operator_token  # workers, if any, share it
         print(
@@ -44,8 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, generated_operator_token=None)
     if config.generated_operator_token and not config.rest_available:
         config = offline_dialer(config, host, port)
-    # the offline quickstart stays one process: one stream of logs, one local agent
-    count = args.workers or settings.workers or (1 if config.use_local_agent else default_workers())
+    say_profiles(config)
     if count > 1:
         return supervise(config, host, port, count)
     if os.environ.get(ENV_MULTIPROC_DIR):  # set in the image: one process still reads its metrics there
@@ -53,10 +84,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, host, port)
 
 
+def say_profiles(config: RuntimeConfig) -> None:
+    """Which profile answers which number: in the log always, and on stderr when the operator
+    chose profiles (AGENT_PROFILE, AGENT_PROFILES_DIR), so that a per-number profile's being
+    loaded or not is seen at start-up rather than at the first call."""
+    logs.get_logger(component="server").info(
+        "profiles_loaded",
+        default=str(config.profile.source),
+        numbers=sorted(config.profiles),
+        directory=str(config.settings.agent_profiles_dir) if config.settings.agent_profiles_dir else None,
+    )
+    if config.settings.agent_profile or config.settings.agent_profiles_dir:
+        print(f"callbridge: {config.profiles_loaded()}", file=sys.stderr)
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """POST /api/calls on a running bridge, and say what it answered."""
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit
+
+    from app.twilio.rest import failure_words
 
     token = os.environ.get("OPERATOR_TOKEN", "")
     if not token:
@@ -93,8 +141,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"callbridge: the bridge refused the call (HTTP {exc.code}): {detail}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"callbridge: nothing answers at {url} ({reason}): is `callbridge serve` running?", file=sys.stderr)
+        why = failure_words(exc, urlsplit(url).hostname or "", timeout=30)
+        print(f"callbridge: nothing answers at {url} ({why}): is `callbridge serve` running?", file=sys.stderr)
         return 1
 
 
@@ -164,6 +212,10 @@ def cmd_emulate_agent(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
     return 0
+
+
+SIMULATED_CALLER = "+15550000001"
+SIMULATED_CALLEE = "+15550000002"  # app.config.OFFLINE_OUTBOUND_FROM: offline, calls are placed from it
 
 
 def default_caller_audio() -> bytes:
@@ -269,7 +321,7 @@ def bridge_said(url: str, before: MetricsSnapshot | None) -> str:
 def cmd_simulate_call(args: argparse.Namespace) -> int:
     from app.audio_files import load_audio_file as load_caller_audio
     from app.devtools.loadtest import signing_token
-    from app.devtools.simulated_caller import SimulatedCaller, SimulationError
+    from app.devtools.simulated_caller import BridgeUnreachable, NotConnected, SimulatedCaller, SimulationError
     from app.devtools.twilio_api import DEFAULT_ACCOUNT_SID, TwilioApiStandIn
     from app.devtools.wavio import write_mulaw_as_wav
 
@@ -302,15 +354,33 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
             f"TWILIO_ACCOUNT_SID={account_sid} and the same TWILIO_AUTH_TOKEN)"
         )
     caller = SimulatedCaller(
-        url, token, fast=args.fast, tail=args.tail, keys=args.press or (), key_gap=args.key_gap, twilio_api=api
+        url,
+        token,
+        caller=args.from_,
+        callee=args.to,
+        fast=args.fast,
+        tail=args.tail,
+        keys=args.press or (),
+        key_gap=args.key_gap,
+        twilio_api=api,
     )
     before = bridge_metrics(url)
     print(
-        f"calling {url}/twilio/voice as {caller.caller} (CallSid {caller.call_sid}), "
+        f"calling {url}/twilio/voice from {caller.caller} to {caller.callee} (CallSid {caller.call_sid}), "
         f"{len(audio) / 8000:.1f} s of caller audio{' (fast)' if args.fast else ''}"
     )
     try:
         result = asyncio.run(caller.run(audio))
+    except BridgeUnreachable as exc:
+        print(f"callbridge: {exc}: is `callbridge serve` running?", file=sys.stderr)
+        return 1
+    except NotConnected as exc:
+        print(
+            "callbridge: call not connected: the bridge answered with its fallback instead of a media stream "
+            f"(it is at MAX_CALLS, or stopping: its log says which): {' '.join(exc.twiml.split())}",
+            file=sys.stderr,
+        )
+        return 1
     except (SimulationError, OSError) as exc:
         if isinstance(exc, SimulationError) and "HTTP 403" in str(exc):
             print(
@@ -335,10 +405,12 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
         f"marks played {len(result.marks_played)}, cleared {len(result.marks_cleared)}; "
         f"stream closed with code {result.close_code}; wrote {out}"
     )
+    failed = result.failure()
+    if failed:
+        print(f"callbridge: call failed: {failed}", file=sys.stderr)
     if result.violations:
         print("protocol violations:\n  " + "\n  ".join(result.violations), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or result.violations else 0
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -417,6 +489,7 @@ def cmd_bench_audio(args: argparse.Namespace) -> int:
 def cmd_twilio(args: argparse.Namespace) -> int:
     from app.twilio import rest
 
+    warn_about_env_file()
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -500,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--idle-timeout", type=float, default=10.0, help="seconds of client silence before CLIENT_MESSAGE_TIMEOUT"
     )
-    agent.add_argument("--script", help="JSON file: a list of scripted steps, see README (default: no script)")
+    agent.add_argument(
+        "--script", help="JSON file: a list of scripted steps, see docs/local-test-peers.md (default: no script)"
+    )
     agent.add_argument(
         "--function-reply",
         default="Done.",
@@ -513,8 +588,26 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate-call",
         help="play Twilio: call the bridge with a WAV file",
         formatter_class=DefaultsHelp,
+        epilog="Exit status: 0 when the call went through: the webhook answered <Connect><Stream>, the bridge "
+        "accepted the stream, agent audio came back and the call ended normally (the caller hung up, the bridge "
+        "hung up or transferred it through the REST API, or closed the stream with code 1000 and nothing after "
+        "<Connect>). 1 when it did not: nothing answers at the URL, "
+        "the webhook refused (HTTP 403...) or answered the fallback (MAX_CALLS reached, stopping), the stream "
+        "could not be opened, the bridge closed it with another code (1008: a stream token it refused; 1013: "
+        "full; 1011: its error; 1001: stopping) or ended it into the fallback, no agent audio came back at all "
+        "before the call ended (unless the bridge hung up or transferred it through the REST API, see "
+        "--twilio-api-port); or what the bridge sent broke Twilio's protocol. 2: a bad argument or file.",
     )
     sim.add_argument("--url", help="bridge base URL (default: http://127.0.0.1:$PORT)")
+    sim.add_argument(
+        "--to",
+        default=SIMULATED_CALLEE,
+        metavar="NUMBER",
+        help="the number dialled (Twilio's To): with AGENT_PROFILES_DIR, picks that number's profile",
+    )
+    sim.add_argument(
+        "--from", dest="from_", default=SIMULATED_CALLER, metavar="NUMBER", help="the caller's number (Twilio's From)"
+    )
     sim.add_argument("--wav", help="caller audio: 16-bit PCM WAV, or raw mu-law with a .ulaw suffix")
     sim.add_argument("--out", default="heard.wav", help="where to write what the caller heard")
     sim.add_argument("--fast", action="store_true", help="send caller audio as fast as possible")

@@ -6,6 +6,7 @@ the variable or the profile field, instead of failing the first phone call.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import secrets
@@ -16,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from dotenv import dotenv_values
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -61,8 +63,16 @@ class ConfigError(Exception):
     """A configuration problem, worded for the operator."""
 
 
+ENV_FILE = Path(".env")
+"""Read from the working directory, under the environment (which wins)."""
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # an empty value is unset, in .env and in the environment: `.env.example` copied as it is
+    # leaves the keys to fill empty, and the offline quickstart runs on it
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILE, env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True
+    )
 
     deepgram_api_key: SecretStr | None = None
     agent_url: str | None = None
@@ -74,6 +84,8 @@ class Settings(BaseSettings):
     agent_profiles_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies whose X-Forwarded-* headers uvicorn trusts (comma separated, or *)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_transcripts: bool = False
     stream_token_secret: SecretStr | None = None
@@ -266,7 +278,7 @@ def _destination(destination: str) -> str:
 
 
 class TelephonyModel(BaseModel):
-    """``bridge.telephony``: what the agent may do to the call (README, "Call control")."""
+    """``bridge.telephony``: what the agent may do to the call (docs/call-control.md)."""
 
     model_config = ConfigDict(extra="forbid")
     end_call: bool = True
@@ -363,7 +375,7 @@ class ToolModel(BaseModel):
 
 class RecordingModel(BaseModel):
     """``bridge.recording``: record the call (both channels, by Twilio) after the caller's
-    consent; absent, calls are never recorded (README, "Recording with consent")."""
+    consent; absent, calls are never recorded (docs/recording.md)."""
 
     model_config = ConfigDict(extra="forbid")
     consent: ConsentMode
@@ -413,10 +425,15 @@ class AgentProfile(BaseModel):
     agent: AgentBlock | str
     bridge: BridgeOptions = BridgeOptions()
     _hold_audio: bytes = PrivateAttr(default=b"")  # bridge.reconnect.hold_audio, read by load_profile
+    _source: Path | None = PrivateAttr(default=None)  # the file it was loaded from (load_profile)
 
     @property
     def hold_audio(self) -> bytes:
         return self._hold_audio
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     def agent_payload(self) -> dict[str, Any] | str:
         if isinstance(self.agent, str):
@@ -453,6 +470,7 @@ def load_profile(path: Path, variable: str = "AGENT_PROFILE") -> AgentProfile:
     if problem:
         raise ConfigError(f"{variable} {path}: {problem}")
     profile._hold_audio = load_hold_audio(profile.bridge.reconnect.hold_audio, path.parent)
+    profile._source = path
     return profile
 
 
@@ -693,6 +711,19 @@ class RuntimeConfig:
     def profile_named(self, name: str) -> AgentProfile:
         return self.profiles[name] if name else self.profile
 
+    def profiles_loaded(self) -> str:
+        """Which profile answers which number, in one sentence for the operator at start-up."""
+        default = self.profile.source or DEFAULT_PROFILE
+        fallback = f"the built-in default ({default})" if default == DEFAULT_PROFILE else str(default)
+        if not self.profiles:
+            return f"profile for every number: {fallback}"
+        numbers = [name for name in self.profiles if E164.fullmatch(name)]
+        named = [name for name in self.profiles if not E164.fullmatch(name)]
+        parts = ([f"{', '.join(numbers)} (calls to these numbers)"] if numbers else []) + (
+            [f"{', '.join(named)} (calls placed that name it)"] if named else []
+        )
+        return f"profiles from {self.settings.agent_profiles_dir}: {'; '.join(parts)}; every other number: {fallback}"
+
     def outbound_voicemail(self, name: str) -> str:
         """The profile's voicemail message, placeholders unfilled ("": none)."""
         return self.profile_named(name).bridge.outbound.voicemail or ""
@@ -772,6 +803,41 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError("invalid environment: " + _describe_env(exc)) from exc
+
+
+ENVIRONMENT_ONLY = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "WS_PROXY", "WSS_PROXY"})
+"""Read by the HTTP and WebSocket libraries from the environment itself, never from .env
+(docker compose's ``env_file`` does make them the container's environment)."""
+OTHER_TOOLS = ("COMPOSE_", "DOCKER_")
+"""Prefixes of what docker compose reads from .env for itself (COMPOSE_PROFILES, COMPOSE_PROJECT_NAME...)."""
+CLOSE_MATCH = 0.75
+"""difflib's ratio from which a setting is offered as what an unknown key meant (MAX_CALL: MAX_CALLS)."""
+
+
+def env_file_warnings(path: Path = ENV_FILE) -> list[str]:
+    """One sentence per key of the .env file that callbridge does not read there: not a setting
+    (pydantic-settings ignores it silently; the setting it is closest to is suggested), or a
+    variable only the environment gives. The environment itself is not checked: it holds
+    everything else the machine runs with."""
+    try:
+        keys = list(dotenv_values(path, encoding="utf-8")) if path.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        return []  # unreadable: load_settings says so
+    known = sorted(name.upper() for name in Settings.model_fields)
+    warnings = []
+    for key in keys:
+        name = key.upper()
+        if name in known or name.startswith(OTHER_TOOLS):
+            continue
+        if name in ENVIRONMENT_ONLY:
+            warnings.append(
+                f"{path}: {key} is read from the environment only, not from this file: export it "
+                "(docker compose passes it on)"
+            )
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=CLOSE_MATCH)
+        warnings.append(f"{path}: unknown key {key} ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return warnings
 
 
 def _describe_env(exc: ValidationError) -> str:

@@ -16,17 +16,23 @@ when its webhook and its stream land on different workers: the stream-token secr
 once here when STREAM_TOKEN_SECRET is unset), single use of tokens and the MAX_CALLS count
 (``app.machine_db``, or Redis for tokens with REDIS_URL), and the metrics (prometheus-client's
 multiprocess directory).
+
+A second ``serve`` on an address one already serves is refused before it starts anything
+(``claim_address``), in one sentence: a bind probe finds any program listening there, and a
+lock held for the life of the process covers two ``serve`` started at the same instant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
@@ -226,7 +233,7 @@ def serve(
         ws_max_size=WS_MAX_SIZE,
         ws_per_message_deflate=False,
         proxy_headers=True,
-        forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+        forwarded_allow_ips=config.settings.forwarded_allow_ips,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=10,
@@ -313,6 +320,151 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+# --- one instance per address --------------------------------------------------------------
+
+EXIT_CANNOT_LISTEN = 1
+LOCK_BACKLOG = 128
+"""Refused ``serve`` processes that can still learn the holder's pid (each leaves a connection
+the holder never accepts); later ones are refused all the same, without the pid."""
+
+
+class CannotListen(Exception):
+    """``serve`` cannot have its address, in one sentence for the operator."""
+
+
+def shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class AddressClaim:
+    """Held by ``serve`` for its whole life: the lock that keeps a second ``serve`` off its address."""
+
+    lock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+
+
+def claim_address(host: str, port: int, workers: bool) -> AddressClaim:
+    """Make sure ``host:port`` is this process's to serve, or raise ``CannotListen``.
+
+    The workers bind with SO_REUSEPORT, which lets any later process of the same user bind
+    too: the kernel would then spread Twilio's connections over two instances that do not
+    share a stream-token secret (calls refused as bad_token). So first a lock only one process
+    of this machine can hold (``hold_lock``), then a bind without SO_REUSEPORT (``probe``),
+    which fails when anything at all listens there. PORT 0 (any free port) is never taken."""
+    if port == 0:
+        return AddressClaim()
+    claim = AddressClaim(hold_lock(host, port))
+    try:
+        probe(host, port, workers)
+    except CannotListen:
+        claim.close()
+        raise
+    return claim
+
+
+def hold_lock(host: str, port: int) -> socket.socket | None:
+    """A Linux abstract Unix socket named after the address: bound by one process at a time,
+    freed by the kernel when that process ends (however it ends), and as private to a network
+    namespace as the port itself. None where there are none (not Linux): the probe alone guards."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = f"\0callbridge serve {host}:{port}".encode()
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(name)
+        lock.listen(LOCK_BACKLOG)  # only so that a refused `serve` can ask whose it is
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            return None
+        pid = lock_holder(name)
+        raise CannotListen(
+            f"cannot listen on {shown(host, port)}: another `callbridge serve`{f' (pid {pid})' if pid else ''} "
+            "is serving it; stop it first, or choose another PORT (--port)"
+        ) from None
+    return lock
+
+
+def lock_holder(name: bytes) -> int | None:
+    """The pid of the process holding the lock ``name`` (SO_PEERCRED), if it can be asked."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as asker:
+        asker.settimeout(0.5)
+        try:
+            asker.connect(name)
+            pid, _, _ = struct.unpack("3i", asker.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return None
+    return int(pid) or None
+
+
+def probe(host: str, port: int, workers: bool) -> None:
+    """Bind (without listening) each address ``serve`` will listen on, as it will but without
+    SO_REUSEPORT, then let go: EADDRINUSE when any program listens there. One process: every
+    address HOST resolves to, as uvicorn (asyncio's create_server) binds them; workers: the one
+    address ``bind`` takes."""
+    try:
+        if workers:  # as ``bind``
+            addresses: list[tuple[int, tuple[Any, ...]]] = [
+                (socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
+            ]
+        else:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            addresses = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    except socket.gaierror:
+        raise CannotListen(f"cannot listen on {shown(host, port)}: the name {host} does not resolve (HOST)") from None
+    for family, address in addresses:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT is no obstacle
+            if family == socket.AF_INET6 and not workers:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise CannotListen(cannot_listen(host, port, exc)) from None
+
+
+def cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """Why ``host:port`` cannot be listened on, and what to do, in one sentence."""
+    where = f"cannot listen on {shown(host, port)}"
+    if exc.errno == errno.EADDRINUSE:
+        taken = listeners(port)
+        who = f"another program listens on {', '.join(taken)}" if taken else "the address is already in use"
+        return f"{where}: {who}; stop it first, or choose another PORT (--port)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine (HOST)"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges: choose another PORT)"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def listeners(port: int) -> list[str]:
+    """The addresses TCP sockets listen on with ``port``, from /proc/net/tcp and tcp6 (Linux;
+    elsewhere none are known)."""
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(address)
+            if sys.byteorder == "little":  # the kernel prints each 32-bit word as a number in host order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            host = socket.inet_ntop(family, raw).removeprefix("::ffff:")
+            found.append(shown(host, port))
+    return list(dict.fromkeys(found))
+
+
 def prepare_multiproc_dir(configured: str | None) -> tuple[Path, bool]:
     """PROMETHEUS_MULTIPROC_DIR, emptied of a previous run's metric files (prometheus-client
     would add them to this run's counts), or a new temporary directory; True when it is ours
@@ -360,8 +512,8 @@ class Supervisor:
             self._socks = bind(self.host, self.port, self.count)
         except OSError as exc:
             self.log.error("bind_failed", host=self.host, port=self.port, detail=str(exc))
-            say(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
-            return EXIT_GAVE_UP
+            say(cannot_listen(self.host, self.port, exc))
+            return EXIT_CANNOT_LISTEN
         configured = settings.prometheus_multiproc_dir
         self._multiproc_dir, ours = prepare_multiproc_dir(str(configured) if configured else None)
         machine_db.create(self._multiproc_dir)

@@ -79,7 +79,11 @@ ensure_venv() {
         return 0
     fi
     echo "installing callbridge${extras:+ with [$extras]} into $VENV (versions from constraints.txt)" >&2
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -c constraints.txt -e "$spec") >&2
+    # setuptools tells every editable install of a flat layout (app/ beside pyproject.toml) to
+    # beware of folders named like the package in the working directory, as a warning that
+    # pip (26 and later) shows as a 10-line banner: app/ is that package, so the note is muted
+    # for this install only (PYTHONWARNINGS reaches the build backend pip runs).
+    (cd "$ROOT" && PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install --quiet \
+        --disable-pip-version-check -c constraints.txt -e "$spec") >&2
     echo "$want" > "$stamp"
 }

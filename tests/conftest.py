@@ -58,6 +58,7 @@ FULL_TIER_ONLY = frozenset(
         "tests/integration/test_availability.py",
         "tests/integration/test_call_control.py",
         "tests/integration/test_faults.py",
+        "tests/integration/test_first_run.py",
         "tests/integration/test_hostile_env.py",
         "tests/integration/test_live_api.py",
         "tests/integration/test_loadtest.py",

@@ -39,14 +39,17 @@ from urllib.parse import urlsplit
 
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from app.codecs import FRAME_MS, TWILIO_FRAME_BYTES, frames, to_linear16
 from app.devtools.endpoints import LOCAL_HOSTNAMES, VOICE_PATH
 from app.devtools.speech import SpeechDetector, SpeechEvent
 from app.devtools.twilio_api import CallUpdate, RestRequest, TwilioApiStandIn
+from app.twilio.rest import failure_words
 
 FRAME_S = FRAME_MS / 1000
+WEBHOOK_TIMEOUT_S = 10.0
+STREAM_OPEN_TIMEOUT_S = 10.0
 SILENCE = b"\xff"  # mu-law zero
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
 KEY_GAP_S = 0.15  # between the digits of one burst of key presses
@@ -98,6 +101,39 @@ class CallerFault:
 
 class SimulationError(Exception):
     pass
+
+
+class BridgeUnreachable(SimulationError):
+    """Nothing answered the webhook's POST at all (refused, no such host, timed out)."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"nothing answers at {url} ({why})")
+        self.url = url
+        self.why = why
+
+
+class NotConnected(SimulationError):
+    """The webhook answered TwiML without ``<Connect><Stream>``: the bridge did not take the call."""
+
+    def __init__(self, twiml: str) -> None:
+        super().__init__(f"TwiML has no <Connect><Stream url>: {twiml[:200]}")
+        self.twiml = twiml
+
+
+class StreamNotOpened(SimulationError):
+    """The media stream the TwiML names could not be opened (refused upgrade, nothing there)."""
+
+
+CLOSE_MEANINGS = {
+    1001: "going away: the bridge is stopping",
+    1006: "the connection dropped without a close frame",
+    1008: "refused: a stream token it does not accept (another instance's secret, used or expired), "
+    "or no valid start in time",
+    1009: "a frame too big",
+    1011: "an internal error of the bridge",
+    1013: "refused for now: the bridge is full (MAX_CALLS) or made room for other streams",
+}
+"""What a bridge's close code other than 1000 means for the call (app/core/endings.py)."""
 
 
 class CallerVoice(Protocol):
@@ -163,6 +199,21 @@ class CallResult:
     def transcript(self) -> str:
         return "\n".join(f"[{e.t:7.2f}s] {e.who:<6} {e.text}" for e in self.timeline)
 
+    def failure(self) -> str | None:
+        """Why this call did not go through, in words, or None when it did: the bridge closed the
+        stream with a code other than 1000 (it refused the stream, or cut the call), or closed it
+        and Twilio would have gone on to the fallback after ``<Connect>``, or no agent audio ever
+        came back before the caller hung up or the bridge closed the stream (a hang-up or a
+        transfer through the REST API is the bridge handling the call: it went through)."""
+        if self.ended_by == "bridge" and self.close_code not in (None, 1000):
+            meaning = CLOSE_MEANINGS.get(self.close_code, "not a normal end")
+            return f"the bridge closed the stream with code {self.close_code} ({meaning})"
+        if self.ended_by == "bridge" and self.after_stream:
+            return f"the bridge ended the stream and Twilio would have gone on to the fallback: {self.after_stream}"
+        if not self.received and self.ended_by in ("caller", "bridge"):
+            return "no agent audio came back at all (the bridge's log says why: the agent did not answer?)"
+        return None
+
 
 def parse_keys(spec: str) -> tuple[float, str]:
     """``SECONDS:DIGITS`` (e.g. ``3:1234#``) as (seconds, digits); ValueError when malformed."""
@@ -211,7 +262,7 @@ def parse_twiml(twiml: str) -> tuple[str, dict[str, str]]:
     root = ET.fromstring(twiml)
     stream = root.find("./Connect/Stream")
     if stream is None or not stream.get("url"):
-        raise SimulationError(f"TwiML has no <Connect><Stream url>: {twiml[:200]}")
+        raise NotConnected(twiml)
     params = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
     return stream.get("url", ""), params
 
@@ -359,13 +410,21 @@ class SimulatedCaller:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         began = time.monotonic()
         try:
-            with opener.open(request, timeout=10) as response:
+            with opener.open(request, timeout=WEBHOOK_TIMEOUT_S) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             with exc:
                 return exc.code, exc.read().decode(errors="replace")
         finally:
             self.webhook_s = time.monotonic() - began
+
+    async def answer_webhook(self) -> tuple[int, str]:
+        """``post_webhook`` off the loop; ``BridgeUnreachable`` when nothing answered at all."""
+        try:
+            return await asyncio.to_thread(self.post_webhook)
+        except urllib.error.URLError as exc:  # not an HTTPError: post_webhook returns those
+            url = self.webhook_url or self.base_url
+            raise BridgeUnreachable(url, failure_words(exc, urlsplit(url).hostname or "", WEBHOOK_TIMEOUT_S)) from exc
 
     # --- the stream --------------------------------------------------------------------------
 
@@ -379,7 +438,7 @@ class SimulatedCaller:
             additional_headers=headers,
             compression=None,
             proxy=None if host in LOCAL_HOSTNAMES else True,
-            open_timeout=10,
+            open_timeout=STREAM_OPEN_TIMEOUT_S,
             close_timeout=2,
         )
 
@@ -418,14 +477,22 @@ class SimulatedCaller:
             if self.twiml is not None:
                 body = self.twiml
             else:
-                status, body = await asyncio.to_thread(self.post_webhook)
+                status, body = await self.answer_webhook()
                 if status != 200:
                     raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
             url, parameters = parse_twiml(body)
             result = CallResult(self.call_sid, body, url, parameters)
             result.webhook_s = self.webhook_s
             began = time.monotonic()
-            ws = await self.open_stream(url)
+            try:
+                ws = await self.open_stream(url)
+            except InvalidStatus as exc:
+                raise StreamNotOpened(
+                    f"the media stream {url} refused the upgrade: HTTP {exc.response.status_code}"
+                ) from exc
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                why = failure_words(exc, urlsplit(url).hostname or "", STREAM_OPEN_TIMEOUT_S)
+                raise StreamNotOpened(f"the media stream {url} could not be opened: {why}") from exc
             result.connect_s = time.monotonic() - began
             try:
                 await _Stream(self, ws, result, updates).run(audio, parameters)

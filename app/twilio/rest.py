@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from twilio.rest import Client
 from app.core.events import CallGone, CallUpdated, CallUpdateFailed, RecordingFailed, RecordingStarted
 from app.core.vocabulary import RestResult
 from app.twilio.webhook import STATUS_PATH, VOICE_PATH
+
+HEALTH_PATH = "/healthz"
 
 API_BASE = "https://api.twilio.com"
 E164 = re.compile(r"\+[1-9]\d{6,14}")
@@ -142,7 +145,7 @@ def check_setup(
         checks.append(Check("public_url", False, "PUBLIC_URL is not set"))
     else:
         checks.append(Check("public_url_https", public_url.startswith("https://"), public_url))
-        checks.append(Check("public_url_reachable", *_reachable(public_url + "/healthz")))
+        checks.append(Check("public_url_reachable", *public_url_reachable(public_url)))
     if number and client is not None and public_url:
         name = f"number {number}"
         if not twilio_reachable:
@@ -219,15 +222,57 @@ def _describe(exc: Exception) -> str:
     return " ".join(str(part) for part in exc.args)
 
 
-def _reachable(url: str) -> tuple[bool, str]:
+REACH_TIMEOUT_S = 5
+
+
+def public_url_reachable(public_url: str) -> tuple[bool, str]:
+    """Whether GET PUBLIC_URL/healthz answers 200 from here, and if not why, in words."""
+    url = public_url + HEALTH_PATH
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S) as response:
             return response.status == 200, f"GET {url} answered {response.status}"
     except urllib.error.HTTPError as exc:
         exc.close()
-        return False, f"GET {url} answered {exc.code}"
-    except (OSError, ValueError) as exc:
-        return False, f"GET {url} failed: {exc}"
+        return False, (
+            f"PUBLIC_URL {public_url} answers, but GET {HEALTH_PATH} answered HTTP {exc.code} {exc.reason}: "
+            "is this bridge behind it?"
+        )
+    except (OSError, ValueError) as exc:  # urllib's URLError is an OSError
+        host = urlsplit(url).hostname or ""
+        proxy = urllib.request.getproxies().get(urlsplit(url).scheme)
+        through = ""
+        if proxy and not urllib.request.proxy_bypass(host):
+            through = f" (through the proxy {_without_credentials(proxy)})"
+        return False, f"PUBLIC_URL {public_url} is not reachable{through}: {failure_words(exc, host)}"
+
+
+def failure_words(exc: BaseException, host: str = "", timeout: float = REACH_TIMEOUT_S) -> str:
+    """Why a request to ``host`` (made with ``timeout``) got no answer, in words, never an
+    exception's repr: a refused connection, a name that does not resolve, a TLS certificate
+    not accepted, a timeout..."""
+    causes = list(_causes(exc))
+    for cause in causes:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"its TLS certificate is not accepted: {cause.verify_message or cause.reason}"
+    for cause in causes:
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "the TLS handshake failed: no TLS there (plain http?)"
+        if isinstance(cause, ssl.SSLError):
+            return f"the TLS handshake failed: {cause.reason or cause.strerror or type(cause).__name__}"
+        if isinstance(cause, socket.gaierror):
+            return f"the name {host} does not resolve" if host else "the name does not resolve"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, TimeoutError):
+            return f"no answer within {timeout:g} s"
+        if isinstance(cause, ConnectionResetError):
+            return "the connection was reset"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+        if isinstance(cause, ValueError):
+            return f"not a URL ({cause})"
+    return type(exc).__name__
 
 
 CALL_GONE_CODES = {
