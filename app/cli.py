@@ -301,21 +301,21 @@ def bridge_said(url: str, before: MetricsSnapshot | None) -> str:
     from app.devtools.loadtest import scrape_settled
 
     if before is None:
-        return "bridge: /metrics not readable, no counts"
+        return "bridge counted: nothing (its /metrics is not readable)"
     try:
         change = scrape_settled(url, before, calls=1).minus(before)
     except (OSError, ValueError):
-        return "bridge: /metrics not readable, no counts"
+        return "bridge counted: nothing (its /metrics is not readable)"
     parts = []
     for name, what in (
-        ("callbridge_calls_total", "call ended"),
+        ("callbridge_calls_total", "call outcome"),
         ("callbridge_function_calls_total", "functions answered"),
         ("callbridge_call_updates_total", "Twilio REST updates"),
     ):
         counts = change.by_label(name, "outcome" if name == "callbridge_calls_total" else "result")
         if counts:
             parts.append(what + " " + ", ".join(f"{label} {int(n)}" for label, n in sorted(counts.items())))
-    return "bridge: " + ("; ".join(parts) if parts else "nothing counted")
+    return "bridge counted: " + ("; ".join(parts) if parts else "nothing")
 
 
 def cmd_simulate_call(args: argparse.Namespace) -> int:
@@ -363,6 +363,7 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
         keys=args.press or (),
         key_gap=args.key_gap,
         twilio_api=api,
+        await_agent=True,  # a call without agent audio fails: give a slow agent its time first
     )
     before = bridge_metrics(url)
     print(
@@ -376,8 +377,8 @@ def cmd_simulate_call(args: argparse.Namespace) -> int:
         return 1
     except NotConnected as exc:
         print(
-            "callbridge: call not connected: the bridge answered with its fallback instead of a media stream "
-            f"(it is at MAX_CALLS, or stopping: its log says which): {' '.join(exc.twiml.split())}",
+            "callbridge: call not connected: the bridge answered TwiML without a media stream (its fallback "
+            f"when it is at MAX_CALLS or stopping; its log says why): {' '.join(exc.twiml.split())}",
             file=sys.stderr,
         )
         return 1
@@ -611,7 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--wav", help="caller audio: 16-bit PCM WAV, or raw mu-law with a .ulaw suffix")
     sim.add_argument("--out", default="heard.wav", help="where to write what the caller heard")
     sim.add_argument("--fast", action="store_true", help="send caller audio as fast as possible")
-    sim.add_argument("--tail", type=float, default=3.0, help="seconds to stay on the line after the audio")
+    sim.add_argument(
+        "--tail",
+        type=float,
+        default=3.0,
+        help="seconds of quiet to stay on the line after the audio, once the agent has spoken (its first audio "
+        "is waited for up to 30 s)",
+    )
     sim.add_argument(
         "--auth-token",
         help="Twilio auth token to sign with (default: TWILIO_AUTH_TOKEN from the environment or .env, "

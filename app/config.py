@@ -810,6 +810,8 @@ ENVIRONMENT_ONLY = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROX
 (docker compose's ``env_file`` does make them the container's environment)."""
 OTHER_TOOLS = ("COMPOSE_", "DOCKER_")
 """Prefixes of what docker compose reads from .env for itself (COMPOSE_PROFILES, COMPOSE_PROJECT_NAME...)."""
+DEPLOY_KEYS = frozenset({"DOMAIN"})
+"""Keys our deploy files read from the same .env (deploy/vm: Caddy's site name)."""
 CLOSE_MATCH = 0.75
 """difflib's ratio from which a setting is offered as what an unknown key meant (MAX_CALL: MAX_CALLS)."""
 
@@ -827,7 +829,7 @@ def env_file_warnings(path: Path = ENV_FILE) -> list[str]:
     warnings = []
     for key in keys:
         name = key.upper()
-        if name in known or name.startswith(OTHER_TOOLS):
+        if name in known or name in DEPLOY_KEYS or name.startswith(OTHER_TOOLS):
             continue
         if name in ENVIRONMENT_ONLY:
             warnings.append(
@@ -873,6 +875,13 @@ def resolve(settings: Settings) -> RuntimeConfig:
 
     if settings.stream_token_secret is not None:
         secret = settings.stream_token_secret.get_secret_value().encode()
+    elif settings.redis_url:
+        # REDIS_URL means replicas: each would make up its own secret and refuse the others'
+        # tokens (calls lost as bad_token), so an unset or empty secret stops start-up here
+        raise ConfigError(
+            "STREAM_TOKEN_SECRET is required with REDIS_URL (several replicas): set the same value, "
+            "16+ characters, on every replica"
+        )
     else:
         secret = secrets.token_urlsafe(32).encode()
         warnings.append(

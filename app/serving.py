@@ -381,7 +381,11 @@ def hold_lock(host: str, port: int) -> socket.socket | None:
         lock.close()
         if exc.errno != errno.EADDRINUSE:
             return None
-        pid = lock_holder(name)
+        holder = lock_holder(name)
+        if holder is not None and holder[1] != os.getuid():
+            # not a serve of ours: another user may not keep us off a port; the probe decides
+            return None
+        pid = holder[0] if holder is not None else None
         raise CannotListen(
             f"cannot listen on {shown(host, port)}: another `callbridge serve`{f' (pid {pid})' if pid else ''} "
             "is serving it; stop it first, or choose another PORT (--port)"
@@ -389,16 +393,16 @@ def hold_lock(host: str, port: int) -> socket.socket | None:
     return lock
 
 
-def lock_holder(name: bytes) -> int | None:
-    """The pid of the process holding the lock ``name`` (SO_PEERCRED), if it can be asked."""
+def lock_holder(name: bytes) -> tuple[int, int] | None:
+    """The pid and uid of the process holding the lock ``name`` (SO_PEERCRED), if it can be asked."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as asker:
         asker.settimeout(0.5)
         try:
             asker.connect(name)
-            pid, _, _ = struct.unpack("3i", asker.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            pid, uid, _ = struct.unpack("3i", asker.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         except OSError:
             return None
-    return int(pid) or None
+    return (int(pid), int(uid)) if pid else None
 
 
 def probe(host: str, port: int, workers: bool) -> None:
@@ -416,15 +420,30 @@ def probe(host: str, port: int, workers: bool) -> None:
             addresses = list(dict.fromkeys((info[0], info[4]) for info in infos))
     except socket.gaierror:
         raise CannotListen(f"cannot listen on {shown(host, port)}: the name {host} does not resolve (HOST)") from None
+    usable: OSError | None = None  # why the last address could not be bound, while none could
+    bound = False
     for family, address in addresses:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # a family this machine lacks (IPv6 off): asyncio skips it too
+            usable = exc
+            continue
+        with sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT is no obstacle
             if family == socket.AF_INET6 and not workers:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
             except OSError as exc:
+                # asyncio's create_server (uvicorn) skips an address it cannot assign (``localhost``
+                # resolving to ::1 in a container without IPv6) and serves the others
+                if exc.errno == errno.EADDRNOTAVAIL and not workers:
+                    usable = exc
+                    continue
                 raise CannotListen(cannot_listen(host, port, exc)) from None
+            bound = True
+    if not bound and usable is not None:
+        raise CannotListen(cannot_listen(host, port, usable))
 
 
 def cannot_listen(host: str, port: int, exc: OSError) -> str:

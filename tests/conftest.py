@@ -41,7 +41,7 @@ STREAM_SECRET = "test-stream-token-secret-0123456789"
 # Read by the service (see Settings) or by the libraries it sends requests with.
 OPERATOR_VARIABLES = frozenset(
     {name.upper() for name in Settings.model_fields}
-    | {"FORWARDED_ALLOW_IPS", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "WS_PROXY", "WSS_PROXY"}
+    | {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "WS_PROXY", "WSS_PROXY"}
 )
 
 
@@ -89,6 +89,16 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"tests/conftest.py FULL_TIER_ONLY names missing modules: {missing}")
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Said on the controller too: with xdist the workers deselect, and nobody reports it."""
+    if config.getoption("tier") != "quick":
+        return None
+    return (
+        f"quick tier: the {len(FULL_TIER_ONLY)} modules of FULL_TIER_ONLY (tests/conftest.py) run only when "
+        "named; bin/test --all runs every test"
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("tier") != "quick":
         return
@@ -96,7 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, leave = [], []
     for item in items:
         module = item.path.resolve()
-        in_full = module.relative_to(ROOT).as_posix() in FULL_TIER_ONLY
+        in_full = module.is_relative_to(ROOT) and module.relative_to(ROOT).as_posix() in FULL_TIER_ONLY
         (leave if in_full and module not in named else keep).append(item)
     if leave:
         config.hook.pytest_deselected(items=leave)

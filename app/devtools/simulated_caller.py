@@ -338,6 +338,7 @@ class SimulatedCaller:
         call_sid: str | None = None,
         account_sid: str | None = None,
         voice: CallerVoice | None = None,
+        await_agent: bool = False,
     ) -> None:
         """``keys``: (seconds after the stream starts, digits) bursts of key presses, each digit
         ``key_gap`` seconds after the previous one; the caller stays on the line until they are
@@ -352,7 +353,11 @@ class SimulatedCaller:
         the webhook goes to and is signed over) and ``webhook_params`` (its form, as given);
         ``twiml``: no webhook at all, this TwiML is followed; ``call_sid`` / ``account_sid``:
         the call's, instead of made-up ones; ``voice``: what is sent is decided frame by frame
-        by it (``audio``, ``fast`` and the tail are then unused), and it hears what plays."""
+        by it (``audio``, ``fast`` and the tail are then unused), and it hears what plays.
+
+        ``await_agent``: the tail counts as quiet only once some agent audio has come (waiting up
+        to ``max_tail``), so an agent slow to answer (a loaded machine, a real Deepgram) is waited
+        for, not taken for a call that failed; ``callbridge simulate-call`` judges calls so."""
         for _, digits in keys:
             check_digits(digits)
         self.base_url = base_url.rstrip("/")
@@ -362,6 +367,7 @@ class SimulatedCaller:
         self.fast = fast
         self.tail = tail
         self.max_tail = max_tail
+        self.await_agent = await_agent
         self.sign_upgrade = sign_upgrade
         self.keys = sorted(keys)
         self.key_gap = key_gap
@@ -479,7 +485,7 @@ class SimulatedCaller:
             else:
                 status, body = await self.answer_webhook()
                 if status != 200:
-                    raise SimulationError(f"webhook answered HTTP {status}: {body[:200]}")
+                    raise SimulationError(f"webhook answered HTTP {status}: {first_line(body)}")
             url, parameters = parse_twiml(body)
             result = CallResult(self.call_sid, body, url, parameters)
             result.webhook_s = self.webhook_s
@@ -691,7 +697,8 @@ class _Stream:
         tail_start = self.now()
         while True:
             waited = self.now() - tail_start
-            quiet = self.player.idle and self.keys_done
+            heard_agent = bool(self.result.received) or not self.caller.await_agent
+            quiet = self.player.idle and self.keys_done and heard_agent
             if waited >= self.caller.max_tail or (waited >= self.caller.tail and quiet):
                 break
             await self.send_frame(SILENCE * TWILIO_FRAME_BYTES, i)
@@ -831,3 +838,10 @@ class _Stream:
         if not sid_ok:
             return f"wrong streamSid in {event} (31951)"
         return None
+
+
+def first_line(body: str, limit: int = 120) -> str:
+    """The first non-blank line of a response body, cut to ``limit``: an error page from
+    something that is not callbridge stays one line."""
+    line = next((line.strip() for line in body.splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[:limit] + "..."

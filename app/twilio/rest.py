@@ -144,11 +144,19 @@ def check_setup(
     if not public_url:
         checks.append(Check("public_url", False, "PUBLIC_URL is not set"))
     else:
-        checks.append(Check("public_url_https", public_url.startswith("https://"), public_url))
+        https = public_url.startswith("https://")
+        checks.append(
+            Check("public_url_https", https, public_url if https else f"{public_url}: Twilio needs an https:// URL")
+        )
         checks.append(Check("public_url_reachable", *public_url_reachable(public_url)))
-    if number and client is not None and public_url:
+    if number:
         name = f"number {number}"
-        if not twilio_reachable:
+        if client is None or not public_url:
+            needs = " and ".join(
+                what for what, missing in (("credentials", client is None), ("PUBLIC_URL", not public_url)) if missing
+            )
+            checks.append(Check(name, False, f"not checked: needs {needs}", skipped=True))
+        elif not twilio_reachable:
             checks.append(Check(name, False, "not checked: the Twilio API could not be reached", skipped=True))
         else:
             try:
@@ -223,6 +231,11 @@ def _describe(exc: Exception) -> str:
 
 
 REACH_TIMEOUT_S = 5
+PLAIN_HTTP_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+"""What OpenSSL says when the other end answers TLS in plain text (3.0 says the first; 3.2 and
+later often the second)."""
 
 
 def public_url_reachable(public_url: str) -> tuple[bool, str]:
@@ -255,7 +268,7 @@ def failure_words(exc: BaseException, host: str = "", timeout: float = REACH_TIM
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"its TLS certificate is not accepted: {cause.verify_message or cause.reason}"
     for cause in causes:
-        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+        if isinstance(cause, ssl.SSLError) and cause.reason in PLAIN_HTTP_REASONS:
             return "the TLS handshake failed: no TLS there (plain http?)"
         if isinstance(cause, ssl.SSLError):
             return f"the TLS handshake failed: {cause.reason or cause.strerror or type(cause).__name__}"

@@ -209,8 +209,8 @@ def test_simulate_call_fails_when_the_bridge_answers_its_fallback(
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith(
-        "callbridge: call not connected: the bridge answered with its fallback instead of a media stream "
-        "(it is at MAX_CALLS, or stopping: its log says which): <?xml"
+        "callbridge: call not connected: the bridge answered TwiML without a media stream (its fallback "
+        "when it is at MAX_CALLS or stopping; its log says why): <?xml"
     ), err
     assert len(err.splitlines()) == 1 and "<Say" in err
     assert bridge.wait_for("call_not_admitted")["reason"] == "over_capacity"

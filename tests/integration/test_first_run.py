@@ -5,6 +5,7 @@ flat layout, which pip 26 shows as a 10-line warning)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,8 +29,15 @@ def test_the_first_run_installs_in_one_line(tmp_path: Path) -> None:
         ).strip()
     )
     (site / "callbridge-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # a copy of the project as a clone has it: the install writes its build files there, not
+    # into the tree the other tests run from
+    clone = tmp_path / "clone"
+    for name in ("bin", "app"):
+        shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "constraints.txt", "README.md"):
+        shutil.copy(ROOT / name, clone / name)
     done = subprocess.run(
-        [ROOT / "bin" / "callbridge", "--help"],
+        [clone / "bin" / "callbridge", "--help"],
         env={**os.environ, "CALLBRIDGE_VENV": str(venv)},
         capture_output=True,
         text=True,

@@ -98,4 +98,10 @@ def test_check_reports_each_problem(
     monkeypatch.setenv("PUBLIC_URL", bridge.base_url)
     assert main(["twilio", "check"]) == 1
     out = capsys.readouterr().out
-    assert "ok   public_url_reachable" in out and "FAIL public_url_https" in out
+    assert "ok   public_url_reachable" in out
+    assert f"FAIL public_url_https: {bridge.base_url}: Twilio needs an https:// URL" in out
+    # without credentials or PUBLIC_URL the number is not checked, and the line says why
+    monkeypatch.delenv("PUBLIC_URL")
+    monkeypatch.delenv("TWILIO_AUTH_TOKEN")
+    assert main(["twilio", "check", "--number", NUMBER]) == 1
+    assert f"skip number {NUMBER}: not checked: needs credentials and PUBLIC_URL" in capsys.readouterr().out

@@ -29,6 +29,7 @@ def test_a_misspelled_setting_is_named_with_the_setting_it_is_closest_to(tmp_pat
 
 def test_settings_in_any_case_and_what_compose_reads_are_not_warned_about(tmp_path: Path) -> None:
     text = "max_calls=3\nexport PORT=8081\nFORWARDED_ALLOW_IPS=*\nCOMPOSE_PROFILES=live\nCOMPOSE_PROJECT_NAME=cb\n"
+    text += "DOMAIN=bridge.example.com\n"  # deploy/vm's Caddy
     assert warnings_for(tmp_path, text + "# MAX_CALL=commented out\nPUBLIC_URL=\n") == []
 
 
@@ -59,6 +60,17 @@ def test_empty_values_are_unset(tmp_path: Path) -> None:
     path.write_text("STREAM_TOKEN_SECRET=short\n")
     with pytest.raises(ConfigError, match="STREAM_TOKEN_SECRET: must be at least 16 characters"):
         load_settings(_env_file=path)
+
+
+def test_replicas_sharing_redis_must_share_a_stream_token_secret_even_an_empty_one_is_refused(tmp_path: Path) -> None:
+    # empty means unset, and unset with REDIS_URL would give each replica its own secret: every
+    # stream whose webhook another replica answered would be refused (bad_token)
+    path = tmp_path / ".env"
+    path.write_text("STREAM_TOKEN_SECRET=\nREDIS_URL=redis://redis:6379/0\n")
+    with pytest.raises(ConfigError, match="STREAM_TOKEN_SECRET is required with REDIS_URL"):
+        resolve(Settings(_env_file=path))  # type: ignore[call-arg]
+    path.write_text("STREAM_TOKEN_SECRET=0123456789abcdef-shared\nREDIS_URL=redis://redis:6379/0\n")
+    assert resolve(Settings(_env_file=path)).stream_token_secret == b"0123456789abcdef-shared"  # type: ignore[call-arg]
 
 
 def test_env_example_copied_as_it_is_loads_offline_without_a_warning(tmp_path: Path) -> None:
