@@ -97,6 +97,7 @@ from app.outbound import (
     OutboundRecord,
     OutboundStore,
     StoreUnavailable,
+    VerdictBell,
     get_record,
     get_verdict,
     mark_streamed,
@@ -184,6 +185,7 @@ class CallDeps:
     outbound_options: Callable[[OutboundRecord], CallOptions | None] = lambda record: None
     """A placed call's options, from its shared record (profile, variables, voicemail, AMD)."""
     worker_id: int = 1  # which worker of ``serve --workers N`` (1 for a single process)
+    verdict_bell: VerdictBell | None = None  # the AMD callback landed here: look now, not at the next poll
 
 
 class CallSession:
@@ -482,17 +484,26 @@ class CallSession:
 
     async def _watch_verdict(self, call_sid: str, store: OutboundStore, amd_timeout: float) -> None:
         """Twilio's AMD callback may land on any process: its verdict is read from the shared
-        store, every ``VERDICT_POLL_SECONDS``, until it comes or can no longer matter."""
+        store, every ``VERDICT_POLL_SECONDS``, or at once when it lands in this process (the
+        bell), until it comes or can no longer matter."""
         deadline = self.clock() + amd_timeout + AMD_GRACE_SECONDS + LATE_VERDICT_SECONDS
-        while self.end is None and self.clock() < deadline:
-            try:
-                verdict = await get_verdict(store, call_sid)
-            except StoreUnavailable:
-                verdict = None
-            if verdict is not None:
-                self.feed(AmdVerdict(*verdict))
-                return
-            await asyncio.sleep(VERDICT_POLL_SECONDS)
+        bell = self.deps.verdict_bell
+        rung = bell.listen(call_sid) if bell is not None else asyncio.Event()
+        try:
+            while self.end is None and self.clock() < deadline:
+                try:
+                    verdict = await get_verdict(store, call_sid)
+                except StoreUnavailable:
+                    verdict = None
+                if verdict is not None:
+                    self.feed(AmdVerdict(*verdict))
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rung.wait(), VERDICT_POLL_SECONDS)
+                rung.clear()
+        finally:
+            if bell is not None:
+                bell.forget(call_sid)
 
     async def _redeem_shared(self, redeem: RedeemStreamToken, store: RedisTokenStore) -> None:
         """Single use across replicas. A store that cannot answer does not cost the caller the

@@ -16,6 +16,7 @@ agent in Settings' JSON and in InjectAgentMessage only).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -199,6 +200,27 @@ async def get_verdict(store: OutboundStore, call_sid: str) -> tuple[str, int | N
         return None
     value = json.loads(text)
     return str(value["answered_by"]), value["amd_ms"]
+
+
+class VerdictBell:
+    """Wakes a placed call's verdict watcher the moment Twilio's AMD callback lands in the same
+    process, instead of at its next poll of the store: the verdict races the greeting (a
+    machine's quiet after its beep looks like a person's). Watchers in other processes still
+    find it by polling. One entry per call whose watcher is waiting, removed when it stops."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Event] = {}
+
+    def listen(self, call_sid: str) -> asyncio.Event:
+        return self._waiting.setdefault(call_sid, asyncio.Event())
+
+    def forget(self, call_sid: str) -> None:
+        self._waiting.pop(call_sid, None)
+
+    def ring(self, call_sid: str) -> None:
+        event = self._waiting.get(call_sid)
+        if event is not None:
+            event.set()
 
 
 async def mark_streamed(store: OutboundStore, call_sid: str) -> None:

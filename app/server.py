@@ -36,6 +36,7 @@ from app.outbound import (
     OutboundRecord,
     OutboundStore,
     StoreUnavailable,
+    VerdictBell,
     get_record,
     put_record,
     put_verdict,
@@ -77,6 +78,7 @@ class AppState:
     worker: WorkerContext | None = None  # serve --workers N: this worker's place
     live: LiveRegistry | None = None  # the live call API (OPERATOR_TOKEN): every call of the instance
     outbound: OutboundStore | None = None  # calls placed by POST /api/calls (OPERATOR_TOKEN)
+    verdict_bell: VerdictBell = field(default_factory=VerdictBell)  # AMD verdicts, to this process's calls
 
     @property
     def draining(self) -> bool:
@@ -355,6 +357,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
         if state.outbound is not None and SID_PATTERN.fullmatch(call_sid):
             try:
                 await put_verdict(state.outbound, call_sid, answered_by, amd_ms)
+                state.verdict_bell.ring(call_sid)
             except StoreUnavailable as exc:
                 log.error("outbound_record_unavailable", call_sid=call_sid, detail=str(exc)[:200])
         return Response(status_code=200)
@@ -483,6 +486,7 @@ def create_app(config: RuntimeConfig, worker: WorkerContext | None = None) -> Fa
             worker_id=worker.worker_id if worker is not None else 1,
             outbound_store=state.outbound,
             outbound_options=outbound_options,
+            verdict_bell=state.verdict_bell,
         )
         session = CallSession(ws, config.call_options(), deps)
         task = asyncio.current_task()

@@ -380,7 +380,7 @@ class Call:
                 self.caller.discard(event.payload)
                 return []
             if self.state is CallState.AWAITING_ANSWER:
-                outbound.callee_frame(event.payload, now)
+                outbound.callee_frame(event.payload)
             elif self.state is CallState.LIVE and outbound.holding(now):
                 return self.caller.push(event.payload, relay=False)
         if self.state is CallState.LIVE:

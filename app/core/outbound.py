@@ -5,7 +5,8 @@ with ``POST /api/calls`` waits (``AWAITING_ANSWER``, see ``states.py``) with the
 held, until one of these, whichever comes first:
 
 - the callee's first words are over ("Hello?": speech, then ``CALLEE_QUIET_SECONDS`` of quiet,
-  by the same cheap detector as ``response_timer``);
+  by the same cheap detector as ``response_timer``; quiet counted in the callee's frames, so a
+  pause in their delivery is not taken for the end of a machine's greeting);
 - Twilio's answering-machine detection says ``human`` or ``unknown``;
 - it says nothing within its timeout (plus ``AMD_GRACE_SECONDS``); or, without AMD, the callee
   says nothing for ``SILENT_CALLEE_SECONDS``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.codecs import FRAME_MS
 from app.core.options import (
     AMD_GRACE_SECONDS,
     CALLEE_QUIET_SECONDS,
@@ -31,6 +33,9 @@ from app.core.options import (
 )
 from app.core.response_timer import LOUD_SAMPLES, QUIET_BYTES, TURN_MIN_FRAMES
 
+QUIET_FRAMES = round(CALLEE_QUIET_SECONDS * 1000 / FRAME_MS)
+"""``CALLEE_QUIET_SECONDS`` as quiet frames received (30 of 20 ms)."""
+
 MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other"})
 PERSON = frozenset({"human", "unknown"})
 FAX = "fax"
@@ -38,7 +43,7 @@ FAX = "fax"
 
 class Outbound:
     __slots__ = (
-        "_speech_at",
+        "_quiet_frames",
         "_speech_frames",
         "amd_ms",
         "answered_at",
@@ -62,17 +67,19 @@ class Outbound:
         self.muted = False  # a late verdict: the agent's reply to the machine is dropped until the message
         self.greeting_hold_until: float | None = None  # the callee's audio is held until the greeting is sent
         self._speech_frames = 0
-        self._speech_at = 0.0
+        self._quiet_frames = 0  # received since the latest speech frame
 
-    def callee_frame(self, payload: bytes, now: float) -> None:
+    def callee_frame(self, payload: bytes) -> None:
         """Before anyone is greeted: is the callee saying something?"""
         if len(payload.translate(None, QUIET_BYTES)) >= LOUD_SAMPLES:
             self._speech_frames += 1
-            self._speech_at = now
+            self._quiet_frames = 0
+        else:
+            self._quiet_frames += 1
 
     def due(self, now: float) -> str | None:
         """In ``AWAITING_ANSWER``: why it is time to greet a person now, or None."""
-        if self._speech_frames >= TURN_MIN_FRAMES and now - self._speech_at >= CALLEE_QUIET_SECONDS:
+        if self._speech_frames >= TURN_MIN_FRAMES and self._quiet_frames >= QUIET_FRAMES:
             return "the callee spoke"
         waited = now - self.answered_at
         if self.spec.amd and waited >= self.spec.amd_timeout + AMD_GRACE_SECONDS:

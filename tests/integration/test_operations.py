@@ -171,7 +171,9 @@ def test_sigterm_drains_calls_in_progress_then_exits(start_agent: Callable[..., 
     base = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: _listening(port), timeout=20), log_path.read_text()
-        pcm = synth.silence(3.0) + synth.speech_like("still talking") + synth.silence(0.6)
+        # long enough that the call is still on when the test, however starved of CPU (CI runs
+        # this inside another pytest, beside other workers), asks /readyz during the drain
+        pcm = synth.silence(8.0) + synth.speech_like("still talking") + synth.silence(0.6)
         caller = SimulatedCaller(base, TWILIO_TOKEN, tail=0.5)
         outcome: dict[str, Any] = {}
         thread = threading.Thread(

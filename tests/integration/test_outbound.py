@@ -72,7 +72,11 @@ def record_of(bridge: BridgeHandle, call_sid: str) -> dict[str, Any]:
 
 
 def injected(agent: AgentHandle) -> list[str]:
-    return [i.text for s in agent.agent.sessions for i in s.injections if i.kind == "InjectAgentMessage"]
+    """What the agent was given to say and said: a refused injection (someone was speaking, as
+    a box's greeting can still be on a loaded machine) is retried by the bridge, and counts once."""
+    return [
+        i.text for s in agent.agent.sessions for i in s.injections if i.kind == "InjectAgentMessage" and not i.refused
+    ]
 
 
 @pytest.fixture

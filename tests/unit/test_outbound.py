@@ -92,6 +92,21 @@ def sent_audio(actions: list[Action]) -> bytes:
     return b"".join(a.data for a in actions if isinstance(a, SendToAgent) and isinstance(a.data, bytes))
 
 
+def test_a_pause_in_the_callees_frames_is_not_quiet() -> None:
+    """A machine's greeting whose frames stop arriving for a while (a stalled network, a busy
+    sender) is not over: only quiet frames received count, so its verdict can still come first."""
+    call = placed()
+    media(call, LOUD, 0.0, 1.0)  # "You've reached..."
+    call.handle(Tick(), 1.0 + 3 * CALLEE_QUIET_SECONDS)  # no frames at all for 1.8 s
+    assert call.state is CallState.AWAITING_ANSWER
+    media(call, SILENT, 2.8, CALLEE_QUIET_SECONDS - 0.02)  # one frame short of the quiet it takes
+    call.handle(Tick(), 2.8 + CALLEE_QUIET_SECONDS)
+    assert call.state is CallState.AWAITING_ANSWER
+    media(call, SILENT, 2.8 + CALLEE_QUIET_SECONDS, 0.02)
+    call.handle(Tick(), 2.82 + CALLEE_QUIET_SECONDS)
+    assert call.state is CallState.CONNECTING_AGENT
+
+
 def test_the_greeting_follows_the_callees_hello_which_reaches_the_agent_after_it() -> None:
     call = placed()
     assert media(call, SILENT, 0.0, 1.0) == []  # an empty line: nobody is greeted
