@@ -405,6 +405,11 @@ def lock_holder(name: bytes) -> tuple[int, int] | None:
     return (int(pid), int(uid)) if pid else None
 
 
+ASYNCIO_SKIPS_UNASSIGNABLE = sys.version_info >= (3, 13)
+"""Python 3.13's create_server skips an address that cannot be assigned (EADDRNOTAVAIL); before
+it, the whole start fails, and the probe says so first, in words."""
+
+
 def probe(host: str, port: int, workers: bool) -> None:
     """Bind (without listening) each address ``serve`` will listen on, as it will but without
     SO_REUSEPORT, then let go: EADDRINUSE when any program listens there. One process: every
@@ -436,8 +441,8 @@ def probe(host: str, port: int, workers: bool) -> None:
                 sock.bind(address)
             except OSError as exc:
                 # asyncio's create_server (uvicorn) skips an address it cannot assign (``localhost``
-                # resolving to ::1 in a container without IPv6) and serves the others
-                if exc.errno == errno.EADDRNOTAVAIL and not workers:
+                # resolving to ::1 in a container without IPv6) and serves the others, from 3.13
+                if exc.errno == errno.EADDRNOTAVAIL and not workers and ASYNCIO_SKIPS_UNASSIGNABLE:
                     usable = exc
                     continue
                 raise CannotListen(cannot_listen(host, port, exc)) from None
