@@ -137,7 +137,13 @@ def test_a_voicemail_box_records_the_message_after_its_beep_then_the_call_is_com
     result = call(bridge, api, CalleeKind.VOICEMAIL)
     assert injected(agent) == ["Hello Ada, the clinic here: please call us back about Tuesday."]
     session = agent.agent.sessions[0]
-    assert session.settings is not None and "greeting" not in session.settings["agent"]
+    assert session.settings is not None
+    if "greeting" in session.settings["agent"]:
+        # the verdict lost its race with the box's quiet after the beep (0.6 s; on a loaded machine
+        # the callback can take longer): then the late path, the greeting cut short for the message.
+        # That a verdict in time opens the session without the greeting is the core's unit test's.
+        why = [r.get("why") for r in bridge.records("callee_answered")]
+        assert why == ["the callee spoke"] and result.streams[0].clears, why
     assert len(result.message) > 8000  # the message, after the beep, as the box recorded it
     assert result.ended == "bridge_rest_hangup"
     assert [u.form.get("Status") for u in result.rest_updates] == ["completed"]
