@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -303,3 +304,14 @@ def start_serve(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subpro
             stderr=subprocess.STDOUT,
         )
     return proc, log_path
+
+
+def stop_serve(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Stop a ``serve`` from ``start_serve`` as an operator would (SIGTERM), killed if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

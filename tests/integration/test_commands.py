@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from app.cli import main
 from app.devtools.endpoints import free_port
 from app.devtools.simulated_caller import SimulatedCaller
 from app.twilio import rest
-from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, get, start_serve, wait_until
+from tests.conftest import TWILIO_TOKEN, AgentHandle, BridgeHandle, get, start_serve, stop_serve, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 REPO = Path(__file__).resolve().parents[2]
@@ -65,13 +64,7 @@ def serving(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[byt
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_serve(proc)
 
 
 def _answers(base: str) -> bool:

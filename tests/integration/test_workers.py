@@ -29,7 +29,7 @@ from app.codecs import TWILIO_FORMAT
 from app.devtools import synth
 from app.devtools.endpoints import free_port
 from app.devtools.simulated_caller import CallResult, SimulatedCaller, parse_twiml
-from tests.conftest import get, metric_value, start_serve, wait_until
+from tests.conftest import get, metric_value, start_serve, stop_serve, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 OFFLINE_TOKEN = "callbridge-offline-development-token"  # the offline mode's own (no TWILIO_AUTH_TOKEN)
@@ -100,13 +100,7 @@ def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Instan
     finally:
         server.shutdown()
         server.server_close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_serve(proc)
         for pid in handle.worker_pids().values():  # none should be left; never leave one behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
